@@ -1,0 +1,40 @@
+"""Argument checks shared by every op. Each raises with the argument's name and what was expected.
+They look at shapes, dtypes and devices only, never at values, so none synchronises with the host."""
+from __future__ import annotations
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_bits(bits, name: str = "bits", lo: int = 2, hi: int = 8) -> int:
+    if isinstance(bits, bool) or not isinstance(bits, int) or not lo <= bits <= hi:
+        raise ValueError(f"{name}: expected an integer in {lo}..{hi}, got {bits!r}")
+    return bits
+
+
+def check_float_tensor(x, name: str) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name}: expected a float32, float16 or bfloat16 tensor, got {x.dtype}")
+    return x
+
+
+def check_param(p, name: str, like: torch.Tensor, numel: int | None = None) -> torch.Tensor:
+    """A learnable parameter of an op: a float tensor on `like`'s device, of `numel` elements."""
+    if not isinstance(p, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(p).__name__}")
+    if not p.is_floating_point():
+        raise TypeError(f"{name}: expected a floating-point tensor, got {p.dtype}")
+    if p.device != like.device:
+        raise ValueError(f"{name}: is on {p.device} but the input is on {like.device}")
+    if numel is not None and p.numel() != numel:
+        raise ValueError(f"{name}: expected {numel} element(s), got shape {tuple(p.shape)}")
+    return p
+
+
+def check_axis(axis, ndim: int, name: str = "axis") -> int:
+    if isinstance(axis, bool) or not isinstance(axis, int) or not -ndim <= axis < ndim:
+        raise ValueError(f"{name}: expected an integer in [{-ndim}, {ndim}) for a {ndim}-d input, got {axis!r}")
+    return axis % ndim

@@ -1,0 +1,80 @@
+"""The public functional API: argument checks, then the backend (_backend.resolve) picks the fused
+Triton op or the eager reference. Every nn module calls these."""
+from __future__ import annotations
+
+import torch
+
+from . import _backend
+from . import reference as ref
+from ._validate import check_axis, check_bits, check_float_tensor, check_param
+from .ops import dorefa as _dorefa  # noqa: F401  (registers q2kernels::dorefa_weight)
+from .ops import fake_quant as _fq
+
+
+def _check_scale_param(p, name, x, axis):
+    numel = 1 if axis is None else x.size(axis)
+    check_param(p, name, x, numel)
+    if p.dtype != torch.float32:
+        raise TypeError(f"{name}: expected a float32 parameter, got {p.dtype}")
+    return p
+
+
+def _grad_scale(grad_scale, x, s, qp):
+    if grad_scale == "auto":
+        return ref.lsq_grad_scale(x.numel() // s.numel(), qp)
+    if grad_scale is None:
+        return 1.0
+    if isinstance(grad_scale, bool) or not isinstance(grad_scale, (int, float)):
+        raise TypeError(f"grad_scale: expected 'auto', None or a number, got {grad_scale!r}")
+    return float(grad_scale)
+
+
+def lsq_quantize(x, s, bits: int = 4, mode: str = "signed", axis: int | None = None,
+                 grad_scale="auto", beta=None):
+    """LSQ fake quantisation (MATH.md 1); with `beta`, LSQ+ (MATH.md 2).
+
+    x: float32/float16/bfloat16, any layout. s (and beta): float32, 1 element, or size(axis)
+    elements for per-channel. mode: "unsigned" | "signed" | "symmetric". grad_scale: "auto"
+    (1/sqrt(N*Qp), N = elements per step), a number, or None (no scaling).
+    """
+    check_float_tensor(x, "x")
+    check_bits(bits)
+    if axis is not None:
+        axis = check_axis(axis, x.dim())
+    qn, qp = ref.qrange(bits, mode)
+    _check_scale_param(s, "s", x, axis)
+    if beta is not None:
+        _check_scale_param(beta, "beta", x, axis)
+    gs = _grad_scale(grad_scale, x, s, qp)
+    if _backend.resolve(x) == "triton":
+        kind = _fq.LSQ if beta is None else _fq.LSQ_PLUS
+        return torch.ops.q2kernels.fake_quant(x, s, beta, kind, float(qn), float(qp), axis, gs)
+    return ref.lsq_fake_quant(x, s, bits=bits, mode=mode, axis=axis, grad_scale=gs, beta=beta)
+
+
+def lsq_plus_quantize(x, s, beta, bits: int = 4, mode: str = "unsigned", axis: int | None = None,
+                      grad_scale="auto"):
+    """LSQ+ (MATH.md 2): y = R(clip((x - beta)/s, Qn, Qp))*s + beta, learnable s and beta."""
+    if beta is None:
+        raise ValueError("beta: LSQ+ needs an offset tensor, got None")
+    return lsq_quantize(x, s, bits=bits, mode=mode, axis=axis, grad_scale=grad_scale, beta=beta)
+
+
+def pact_quantize(x, alpha, bits: int = 4):
+    """PACT activation quantisation (MATH.md 3): clip to [0, alpha], 2^bits - 1 uniform steps."""
+    check_float_tensor(x, "x")
+    check_bits(bits)
+    _check_scale_param(alpha, "alpha", x, None)
+    n = float(2**bits - 1)
+    if _backend.resolve(x) == "triton":
+        return torch.ops.q2kernels.fake_quant(x, alpha, None, _fq.PACT, 0.0, n, None, 1.0)
+    return ref.pact_fake_quant(x, alpha, bits=bits)
+
+
+def dorefa_weight_quantize(w, bits: int = 4):
+    """DoReFa weight quantisation (MATH.md 3): tanh, normalise by max|tanh|, 2^bits levels in [-1, 1]."""
+    check_float_tensor(w, "w")
+    check_bits(bits)
+    if _backend.resolve(w) == "triton":
+        return torch.ops.q2kernels.dorefa_weight(w, float(2**bits - 1))
+    return ref.dorefa_weight_fake_quant(w, bits=bits)

@@ -1,0 +1,23 @@
+"""Small @triton.jit helpers shared by the kernels."""
+import triton
+import triton.language as tl
+
+# 1.5 * 2^23: adding and subtracting it rounds an fp32 |v| <= 2^22 to the nearest integer, ties to
+# even, in the hardware's default rounding mode — exactly torch.round / rintf, on every backend
+# (libdevice's rint is not available to the Triton interpreter).
+_RINT_MAGIC: tl.constexpr = tl.constexpr(12582912.0)
+
+
+@triton.jit
+def clip(v, lo, hi):
+    """min(max(v, lo), hi) that keeps NaN, as torch.clamp does."""
+    return tl.minimum(tl.maximum(v, lo, propagate_nan=tl.PropagateNan.ALL), hi, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def round_clip(v, lo, hi):
+    """R(clip(v, lo, hi)), R = round half to even. The clip comes first for two reasons: it bounds
+    |v| for the magic-number rounding, and it stands between the multiply that produced v and the
+    rounding add, so the compiler cannot contract them into an fma that would round x*inv only once
+    and flip decisions at ties."""
+    return (clip(v, lo, hi) + _RINT_MAGIC) - _RINT_MAGIC

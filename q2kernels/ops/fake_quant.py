@@ -1,0 +1,184 @@
+"""Fused LSQ / LSQ+ / PACT fake quantisation (MATH.md sections 1-3): one Triton kernel pair.
+
+Forward: one read of x, one write of y. Backward: one read of x and g, one write of dx, and every
+parameter gradient (ds, dbeta, dalpha; per channel where per-channel) reduced in the same pass into
+fp32 per-program partials, then summed over programs by a column sum — deterministic, no atomics,
+no host sync. Which quantizer is a tl.constexpr (KIND), so the three share one kernel source.
+
+Layout: the kernels walk x in memory order through the (OUTER, C, INNER) view of _layout.py, so
+NCHW, channels_last and permuted weights are all read in place. A program owns a [BLOCK_K, BLOCK_C]
+tile: BLOCK_K elements of each of BLOCK_C channels. Per tensor (C = 1) and for per-channel tensors
+whose channels are not innermost, BLOCK_C = 1 and the tile is a contiguous run; when the channels
+are innermost (channels_last activations), BLOCK_C spans neighbouring channels so loads stay
+coalesced along C.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ..reference.fake_quant import SCALE_FLOOR
+from . import _layout
+from ._triton_utils import clip, round_clip
+
+LSQ, LSQ_PLUS, PACT = 0, 1, 2
+
+_SCALE_FLOOR: tl.constexpr = tl.constexpr(SCALE_FLOOR)
+
+# Elements per program. 4096 fp32 elements are 16 per thread at 8 warps: four 16-byte vectors in
+# flight per thread, enough to cover DRAM latency on an H100 while keeping the partial-sum buffer
+# (one fp32 per program and channel) under 0.1% of the traffic.
+BLOCK_ELEMS = 4096
+NUM_WARPS = 8
+
+
+@triton.jit
+def _tile(pid_k, pid_c, N_K, C, INNER, PER_CHANNEL: tl.constexpr, BLOCK_K: tl.constexpr,
+          BLOCK_C: tl.constexpr, INT64: tl.constexpr):
+    """Memory offsets [BLOCK_K, BLOCK_C], their mask, and the channel indices [BLOCK_C] of a tile."""
+    if INT64:
+        pid_k = pid_k.to(tl.int64)
+    k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    if PER_CHANNEL:
+        offs = ((k // INNER) * C * INNER + k % INNER)[:, None] + (c * INNER)[None, :]
+    else:
+        offs = k[:, None] + c[None, :]
+    mask = (k < N_K)[:, None] & (c < C)[None, :]
+    return offs, mask, c
+
+
+@triton.jit
+def _fake_quant_fwd_kernel(x_ptr, y_ptr, s_ptr, beta_ptr, N_K, C, INNER, qn, qp,
+                           KIND: tl.constexpr, PER_CHANNEL: tl.constexpr, BLOCK_K: tl.constexpr,
+                           BLOCK_C: tl.constexpr, INT64: tl.constexpr):
+    offs, mask, c = _tile(tl.program_id(0), tl.program_id(1), N_K, C, INNER,
+                          PER_CHANNEL, BLOCK_K, BLOCK_C, INT64)
+    x = tl.load(x_ptr + offs, mask=mask).to(tl.float32)
+    s = tl.load(s_ptr + c, mask=c < C, other=1.0)[None, :]
+    if KIND == 2:  # PACT: s is the clip alpha, qp = 2^k - 1
+        q = round_clip(clip(x, 0.0, s) * tl.math.div_rn(qp, s), 0.0, qp)
+        y = q * tl.math.div_rn(s, qp)
+    else:
+        s = tl.maximum(s, _SCALE_FLOOR)
+        inv_s = tl.math.div_rn(1.0, s)
+        if KIND == 1:  # LSQ+
+            beta = tl.load(beta_ptr + c, mask=c < C, other=0.0)[None, :]
+            y = round_clip((x - beta) * inv_s, qn, qp) * s + beta
+        else:
+            y = round_clip(x * inv_s, qn, qp) * s
+    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _fake_quant_bwd_kernel(x_ptr, g_ptr, dx_ptr, s_ptr, beta_ptr, ds_part_ptr, dbeta_part_ptr,
+                           N_K, C, INNER, qn, qp, grad_scale,
+                           KIND: tl.constexpr, PER_CHANNEL: tl.constexpr, BLOCK_K: tl.constexpr,
+                           BLOCK_C: tl.constexpr, INT64: tl.constexpr):
+    pid_k = tl.program_id(0)
+    offs, mask, c = _tile(pid_k, tl.program_id(1), N_K, C, INNER, PER_CHANNEL, BLOCK_K, BLOCK_C, INT64)
+    # Masked lanes load x = g = 0, which contributes 0 to every sum below.
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    s = tl.load(s_ptr + c, mask=c < C, other=1.0)[None, :]
+    part = pid_k * C + c
+    if KIND == 2:  # PACT
+        inside = (x >= 0.0) & (x < s)
+        dalpha = tl.sum(tl.where(x >= s, g, 0.0), axis=0)
+        tl.store(ds_part_ptr + part, dalpha, mask=c < C)
+    else:
+        s_clamped = tl.maximum(s, _SCALE_FLOOR)
+        inv_s = tl.math.div_rn(1.0, s_clamped)
+        if KIND == 1:
+            beta = tl.load(beta_ptr + c, mask=c < C, other=0.0)[None, :]
+            v = (x - beta) * inv_s
+        else:
+            v = x * inv_s
+        inside = (v >= qn) & (v <= qp)
+        q = round_clip(v, qn, qp)
+        ds_elem = g * tl.where(inside, q - v, tl.where(v < qn, qn, qp))
+        # max(s, 1e-8) passes the gradient only where s is at or above the floor.
+        s_live = tl.where(s >= _SCALE_FLOOR, grad_scale, 0.0)
+        ds = tl.sum(ds_elem * s_live, axis=0)
+        tl.store(ds_part_ptr + part, ds, mask=c < C)
+        if KIND == 1:
+            dbeta = tl.sum(tl.where(inside, 0.0, g), axis=0) * grad_scale
+            tl.store(dbeta_part_ptr + part, dbeta, mask=c < C)
+    tl.store(dx_ptr + offs, tl.where(inside, g, 0.0).to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+def _launch_geometry(x: torch.Tensor, axis: Optional[int]):
+    C, inner = _layout.channel_view(x, axis)
+    per_channel = C > 1
+    block_c = min(triton.next_power_of_2(C), 128) if (per_channel and inner == 1) else 1
+    block_k = BLOCK_ELEMS // block_c
+    n_k = x.numel() // C
+    grid = (triton.cdiv(n_k, block_k), triton.cdiv(C, block_c))
+    meta = dict(PER_CHANNEL=per_channel, BLOCK_K=block_k, BLOCK_C=block_c,
+                INT64=_layout.needs_int64(x), num_warps=NUM_WARPS)
+    return (n_k, C, inner), grid, meta
+
+
+@torch.library.custom_op("q2kernels::fake_quant", mutates_args=())
+def fake_quant(x: torch.Tensor, s: torch.Tensor, beta: Optional[torch.Tensor], kind: int,
+               qn: float, qp: float, axis: Optional[int], grad_scale: float) -> torch.Tensor:
+    """y = fake-quant(x). kind: LSQ / LSQ_PLUS / PACT. grad_scale is used by the backward only."""
+    x = _layout.dense(x)
+    y = torch.empty_like(x)
+    if x.numel() == 0:
+        return y
+    sizes, grid, meta = _launch_geometry(x, axis)
+    _fake_quant_fwd_kernel[grid](x, y, s, s if beta is None else beta, *sizes, float(qn), float(qp),
+                                 KIND=kind, **meta)
+    return y
+
+
+@fake_quant.register_fake
+def _(x, s, beta, kind, qn, qp, axis, grad_scale):
+    return torch.empty_like(_layout.dense(x))
+
+
+@torch.library.custom_op("q2kernels::fake_quant_backward", mutates_args=())
+def fake_quant_backward(g: torch.Tensor, x: torch.Tensor, s: torch.Tensor, beta: Optional[torch.Tensor],
+                        kind: int, qn: float, qp: float, axis: Optional[int],
+                        grad_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, ds, dbeta); ds is dalpha for PACT; dbeta has 0 elements unless kind is LSQ_PLUS."""
+    x = _layout.dense(x)
+    g = _layout.like(x, g)
+    dx = torch.empty_like(x, dtype=g.dtype)
+    sizes, grid, meta = _launch_geometry(x, axis)
+    n_programs = grid[0] if x.numel() else 0
+    ds_part = torch.empty((n_programs, s.numel()), device=x.device, dtype=torch.float32)
+    dbeta_part = torch.empty((n_programs, s.numel()) if kind == LSQ_PLUS else (0,),
+                             device=x.device, dtype=torch.float32)
+    if x.numel():
+        _fake_quant_bwd_kernel[grid](x, g, dx, s, s if beta is None else beta, ds_part, dbeta_part,
+                                     *sizes, float(qn), float(qp), float(grad_scale), KIND=kind, **meta)
+    ds = ds_part.sum(dim=0).reshape(s.shape)
+    dbeta = dbeta_part.sum(dim=0).reshape(beta.shape) if kind == LSQ_PLUS else dbeta_part
+    return dx, ds, dbeta
+
+
+@fake_quant_backward.register_fake
+def _(g, x, s, beta, kind, qn, qp, axis, grad_scale):
+    x = _layout.dense(x)
+    dbeta = torch.empty_like(beta, dtype=torch.float32) if kind == LSQ_PLUS else x.new_empty((0,), dtype=torch.float32)
+    return torch.empty_like(x, dtype=g.dtype), torch.empty_like(s, dtype=torch.float32), dbeta
+
+
+def _setup_context(ctx, inputs, output):
+    x, s, beta, *args = inputs
+    ctx.save_for_backward(x, s, beta)
+    ctx.args = args
+
+
+def _backward(ctx, g):
+    x, s, beta = ctx.saved_tensors
+    dx, ds, dbeta = torch.ops.q2kernels.fake_quant_backward(g, x, s, beta, *ctx.args)
+    return dx, ds, (dbeta if beta is not None else None), None, None, None, None, None
+
+
+fake_quant.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,175 @@
+"""Eager reference of LSQ, LSQ+, PACT and DoReFa fake quantisation (MATH.md sections 1-3).
+
+Written for clarity: each quantizer is a torch.autograd.Function whose backward is the closed form of
+MATH.md, computed with plain PyTorch ops in fp32. This is the CPU backend and the oracle the fused
+kernels are tested against; it never imports from q2kernels.ops.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+SCALE_FLOOR = 1e-8  # s' = max(s, 1e-8)
+
+QRANGE_MODES = ("unsigned", "signed", "symmetric")
+
+
+def qrange(bits: int, mode: str) -> tuple[int, int]:
+    """(Qn, Qp) of a b-bit grid: unsigned [0, 2^b-1], signed [-2^(b-1), 2^(b-1)-1],
+    symmetric [-(2^(b-1)-1), 2^(b-1)-1]."""
+    if mode == "unsigned":
+        return 0, 2**bits - 1
+    if mode == "signed":
+        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    if mode == "symmetric":
+        return -(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1
+    raise ValueError(f"mode: expected one of {QRANGE_MODES}, got {mode!r}")
+
+
+def lsq_grad_scale(numel_per_scale: int, qp: int) -> float:
+    """LSQ's default step-size gradient scale 1/sqrt(N*Qp); 1 for an empty tensor (ds is 0 then)."""
+    return 1.0 / math.sqrt(numel_per_scale * qp) if numel_per_scale > 0 else 1.0
+
+
+def _per_channel_view(p: torch.Tensor, x: torch.Tensor, axis: int | None) -> torch.Tensor:
+    """p (1 or C elements) shaped to broadcast against x along `axis`."""
+    if axis is None:
+        return p.reshape(())
+    shape = [1] * x.dim()
+    shape[axis] = -1
+    return p.reshape(shape)
+
+
+def _reduce_like(t: torch.Tensor, p: torch.Tensor, axis: int | None) -> torch.Tensor:
+    """Sum t over every element that shares an entry of p (per tensor, or per channel on `axis`)."""
+    if axis is None:
+        return t.sum().reshape(p.shape)
+    dims = [d for d in range(t.dim()) if d != axis]
+    return t.sum(dim=dims).reshape(p.shape)
+
+
+class _LSQ(torch.autograd.Function):
+    """LSQ (beta is None) and LSQ+ (learnable offset beta), per tensor or per channel."""
+
+    @staticmethod
+    def forward(ctx, x, s, beta, qn, qp, axis, grad_scale):
+        xf = x.float()
+        s_ = _per_channel_view(s.float(), x, axis).clamp_min(SCALE_FLOOR)
+        inv_s = 1.0 / s_
+        b = 0.0 if beta is None else _per_channel_view(beta.float(), x, axis)
+        q = torch.round(((xf - b) * inv_s).clamp(qn, qp))
+        y = q * s_ + b
+        ctx.save_for_backward(x, s, beta)
+        ctx.qn, ctx.qp, ctx.axis, ctx.grad_scale = qn, qp, axis, grad_scale
+        return y.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, s, beta = ctx.saved_tensors
+        qn, qp, axis = ctx.qn, ctx.qp, ctx.axis
+        gf = g.float()
+        s_raw = _per_channel_view(s.float(), x, axis)
+        s_ = s_raw.clamp_min(SCALE_FLOOR)
+        inv_s = 1.0 / s_
+        b = 0.0 if beta is None else _per_channel_view(beta.float(), x, axis)
+        v = (x.float() - b) * inv_s
+        inside = (v >= qn) & (v <= qp)
+        q = torch.round(v.clamp(qn, qp))
+        dx = torch.where(inside, gf, torch.zeros_like(gf))
+        ds_elem = gf * torch.where(inside, q - v, torch.where(v < qn, float(qn), float(qp)))
+        # clamp_min passes the gradient only where s >= the floor, as autograd of max(s, 1e-8) does.
+        ds = _reduce_like(ds_elem, s, axis) * ctx.grad_scale * (s.float() >= SCALE_FLOOR)
+        dbeta = None
+        if beta is not None:
+            dbeta = _reduce_like(torch.where(inside, torch.zeros_like(gf), gf), beta, axis) * ctx.grad_scale
+            dbeta = dbeta.to(beta.dtype)
+        return dx.to(x.dtype), ds.to(s.dtype), dbeta, None, None, None, None
+
+
+def lsq_fake_quant(x, s, bits=4, mode="signed", axis=None, grad_scale="auto", beta=None):
+    """LSQ (MATH.md 1) or, with `beta`, LSQ+ (MATH.md 2). `s` (and `beta`) hold 1 element per
+    tensor, or one per channel of `axis`. grad_scale: "auto" = 1/sqrt(N*Qp), a float, or None (1)."""
+    qn, qp = qrange(bits, mode)
+    if grad_scale == "auto":
+        grad_scale = lsq_grad_scale(x.numel() // max(s.numel(), 1), qp)
+    elif grad_scale is None:
+        grad_scale = 1.0
+    return _LSQ.apply(x, s, beta, qn, qp, axis, float(grad_scale))
+
+
+def lsq_plus_fake_quant(x, s, beta, bits=4, mode="unsigned", axis=None, grad_scale="auto"):
+    """LSQ+ (MATH.md 2): v = (x - beta)/s on an (unsigned by default) grid, y = q*s + beta."""
+    return lsq_fake_quant(x, s, bits=bits, mode=mode, axis=axis, grad_scale=grad_scale, beta=beta)
+
+
+class _PACT(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, alpha, n):
+        a = alpha.float().reshape(())
+        c = torch.minimum(torch.clamp_min(x.float(), 0.0), a)
+        # Both divisions correctly rounded (Tensor.__rtruediv__ would multiply by a reciprocal).
+        y = torch.round(c * (a.new_full((), n) / a)) * (a / n)
+        ctx.save_for_backward(x, alpha)
+        return y.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, alpha = ctx.saved_tensors
+        xf, gf, a = x.float(), g.float(), alpha.float().reshape(())
+        dx = torch.where((xf >= 0) & (xf < a), gf, torch.zeros_like(gf))
+        dalpha = torch.where(xf >= a, gf, torch.zeros_like(gf)).sum().reshape(alpha.shape)
+        return dx.to(x.dtype), dalpha.to(alpha.dtype), None
+
+
+def pact_fake_quant(x, alpha, bits=4):
+    """PACT activation quantizer (MATH.md 3): clip to [0, alpha], 2^bits-1 uniform steps."""
+    return _PACT.apply(x, alpha, float(2**bits - 1))
+
+
+class _DoReFaWeight(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, w, n):
+        t = torch.tanh(w.float())
+        m = t.abs().amax()
+        inv_2m = 1.0 / (2.0 * m)
+        q = torch.round((t * inv_2m + 0.5) * n)
+        wq = q * (2.0 / n) - 1.0
+        ctx.save_for_backward(w)
+        return wq.to(w.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        (w,) = ctx.saved_tensors
+        gf = g.float()
+        t = torch.tanh(w.float())
+        m = t.abs().amax()
+        # wq = 2u - 1 through the straight-through round, u = t/(2m) + 1/2:
+        # dt = g/m directly, and through m = max|t| (shared among ties, as torch.amax does):
+        # dm = -sum(g*t)/m^2, handed to the argmax elements with the sign of t.
+        is_max = t.abs() == m
+        dm = -(gf * t).sum() / (m * m)
+        dt = gf / m + torch.where(is_max, torch.sign(t) * dm / is_max.sum(), torch.zeros_like(t))
+        return (dt * (1.0 - t * t)).to(w.dtype), None
+
+
+def dorefa_weight_fake_quant(w, bits=4):
+    """DoReFa weight quantizer (MATH.md 3), used with PACT activations."""
+    return _DoReFaWeight.apply(w, float(2**bits - 1))
+
+
+def lsq_init_scale(x: torch.Tensor, bits: int, mode: str, axis: int | None = None) -> torch.Tensor:
+    """LSQ init s = 2*mean|x|/sqrt(Qp), per tensor or per channel of `axis` (fp32)."""
+    _, qp = qrange(bits, mode)
+    a = x.detach().float().abs()
+    mean = a.mean() if axis is None else a.mean(dim=[d for d in range(x.dim()) if d != axis])
+    return (2.0 * mean / math.sqrt(qp)).reshape(-1)
+
+
+def lsq_plus_init(x: torch.Tensor, bits: int, mode: str = "unsigned") -> tuple[torch.Tensor, torch.Tensor]:
+    """LSQ+ init from a batch: s = (max-min)/(Qp-Qn), beta = min - Qn*s (fp32, one element each)."""
+    qn, qp = qrange(bits, mode)
+    xf = x.detach().float()
+    lo, hi = xf.amin(), xf.amax()
+    s = (hi - lo) / (qp - qn)
+    return s.reshape(1), (lo - qn * s).reshape(1)
