@@ -21,3 +21,15 @@ def round_clip(v, lo, hi):
     rounding add, so the compiler cannot contract them into an fma that would round x*inv only once
     and flip decisions at ties."""
     return (clip(v, lo, hi) + _RINT_MAGIC) - _RINT_MAGIC
+
+
+@triton.jit
+def cast_to(v, dtype: tl.constexpr):
+    """fp32 -> `dtype`, rounding to nearest even as torch's .to() does. bf16 is rounded explicitly
+    on the bits: the Triton interpreter truncates fp32 -> bf16 (on a GPU this is the same result
+    as the hardware conversion, at the cost of three integer ops)."""
+    if dtype == tl.bfloat16:
+        bits = v.to(tl.uint32, bitcast=True)
+        bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
+        v = tl.where(v != v, v, bits.to(tl.float32, bitcast=True))
+    return v.to(dtype)

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from . import _layout
-from ._triton_utils import round_clip
+from ._triton_utils import cast_to, round_clip
 
 BLOCK = 2048
 NUM_WARPS = 4
@@ -50,7 +50,7 @@ def _dorefa_fwd_kernel(w_ptr, wq_ptr, m_ptr, N, n, two_over_n, BLOCK: tl.constex
     t = _tanh(tl.load(w_ptr + offs, mask=mask).to(tl.float32))
     inv_2m = tl.math.div_rn(1.0, 2.0 * tl.load(m_ptr))
     q = round_clip((t * inv_2m + 0.5) * n, 0.0, n)
-    tl.store(wq_ptr + offs, (q * two_over_n - 1.0).to(wq_ptr.dtype.element_ty), mask=mask)
+    tl.store(wq_ptr + offs, cast_to(q * two_over_n - 1.0, wq_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -84,7 +84,7 @@ def _dorefa_bwd_kernel(w_ptr, g_ptr, dw_ptr, m_ptr, gt_ptr, ties_ptr, N,
     dm_share = tl.math.div_rn(tl.math.div_rn(-tl.load(gt_ptr), m * m), tl.load(ties_ptr))
     sign = tl.where(t > 0.0, 1.0, tl.where(t < 0.0, -1.0, 0.0))
     dt = tl.math.div_rn(g, m) + tl.where(tl.abs(t) == m, sign * dm_share, 0.0)
-    tl.store(dw_ptr + offs, (dt * (1.0 - t * t)).to(dw_ptr.dtype.element_ty), mask=mask)
+    tl.store(dw_ptr + offs, cast_to(dt * (1.0 - t * t), dw_ptr.dtype.element_ty), mask=mask)
 
 
 def _grid(w):

@@ -22,7 +22,7 @@ import triton.language as tl
 
 from ..reference.fake_quant import SCALE_FLOOR
 from . import _layout
-from ._triton_utils import clip, round_clip
+from ._triton_utils import cast_to, clip, round_clip
 
 LSQ, LSQ_PLUS, PACT = 0, 1, 2
 
@@ -70,7 +70,7 @@ def _fake_quant_fwd_kernel(x_ptr, y_ptr, s_ptr, beta_ptr, N_K, C, INNER, qn, qp,
             y = round_clip((x - beta) * inv_s, qn, qp) * s + beta
         else:
             y = round_clip(x * inv_s, qn, qp) * s
-    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptr + offs, cast_to(y, y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -107,7 +107,7 @@ def _fake_quant_bwd_kernel(x_ptr, g_ptr, dx_ptr, s_ptr, beta_ptr, ds_part_ptr, d
         if KIND == 1:
             dbeta = tl.sum(tl.where(inside, 0.0, g), axis=0) * grad_scale
             tl.store(dbeta_part_ptr + part, dbeta, mask=c < C)
-    tl.store(dx_ptr + offs, tl.where(inside, g, 0.0).to(dx_ptr.dtype.element_ty), mask=mask)
+    tl.store(dx_ptr + offs, cast_to(tl.where(inside, g, 0.0), dx_ptr.dtype.element_ty), mask=mask)
 
 
 def _launch_geometry(x: torch.Tensor, axis: Optional[int]):

@@ -166,10 +166,14 @@ def lsq_init_scale(x: torch.Tensor, bits: int, mode: str, axis: int | None = Non
     return (2.0 * mean / math.sqrt(qp)).reshape(-1)
 
 
-def lsq_plus_init(x: torch.Tensor, bits: int, mode: str = "unsigned") -> tuple[torch.Tensor, torch.Tensor]:
-    """LSQ+ init from a batch: s = (max-min)/(Qp-Qn), beta = min - Qn*s (fp32, one element each)."""
+def lsq_plus_init(x: torch.Tensor, bits: int, mode: str = "unsigned",
+                  axis: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """LSQ+ init from a batch: s = (max-min)/(Qp-Qn), beta = min - Qn*s (fp32; per tensor, or per
+    channel of `axis`)."""
     qn, qp = qrange(bits, mode)
     xf = x.detach().float()
-    lo, hi = xf.amin(), xf.amax()
+    dims = None if axis is None else [d for d in range(x.dim()) if d != axis]
+    lo = xf.amin() if dims is None else xf.amin(dim=dims)
+    hi = xf.amax() if dims is None else xf.amax(dim=dims)
     s = (hi - lo) / (qp - qn)
-    return s.reshape(1), (lo - qn * s).reshape(1)
+    return s.reshape(-1), (lo - qn * s).reshape(-1)

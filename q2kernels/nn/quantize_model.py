@@ -1,0 +1,72 @@
+"""quantize_model: swap a model's Conv2d/Linear layers for QConv2d/QLinear under a recipe.
+
+A recipe names the weight and activation quantizers. Weights are quantised per output channel
+where the method allows it (LSQ, LSQ+), per tensor where it does not (DoReFa).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+from torch import nn
+
+from .modules import QConv2d, QLinear
+from .quantizers import DoReFaWeightQuantizer, LSQPlusQuantizer, LSQQuantizer, PACTQuantizer, Quantizer
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """weight(layer, bits) and act(layer, bits) build the two quantizers of one layer."""
+    weight: Callable[[nn.Module, int], Quantizer]
+    act: Callable[[nn.Module, int], Quantizer]
+
+
+def _out_channels(layer):
+    return layer.out_channels if isinstance(layer, nn.Conv2d) else layer.out_features
+
+
+def _lsq_weight(layer, bits):
+    return LSQQuantizer(bits, "signed", axis=0, channels=_out_channels(layer))
+
+
+RECIPES: dict[str, Recipe] = {
+    "lsq": Recipe(weight=_lsq_weight, act=lambda layer, bits: LSQQuantizer(bits, "signed")),
+    "lsq_plus": Recipe(weight=_lsq_weight, act=lambda layer, bits: LSQPlusQuantizer(bits, "unsigned")),
+    "pact": Recipe(weight=lambda layer, bits: DoReFaWeightQuantizer(bits),
+                   act=lambda layer, bits: PACTQuantizer(bits)),
+}
+
+
+def register_recipe(name: str, recipe: Recipe) -> None:
+    """Make `name` available to quantize_model."""
+    RECIPES[name] = recipe
+
+
+def quantize_model(model: nn.Module, recipe: str = "lsq", w_bits: int = 4, a_bits: int = 4,
+                   skip: Iterable[str] = (), keep_first_last: bool = True) -> nn.Module:
+    """Replace, in place, every nn.Conv2d and nn.Linear of `model` with its quantized drop-in.
+
+    skip: qualified names (as in model.named_modules()) kept in float. keep_first_last: also keep
+    the first and the last such layer in float (the usual QAT practice: the stem sees raw pixels,
+    the head produces the outputs). Returns the model.
+    """
+    if recipe not in RECIPES:
+        raise ValueError(f"recipe: expected one of {sorted(RECIPES)}, got {recipe!r}")
+    r = RECIPES[recipe]
+    skip = set(skip)
+    layers = [(name, m) for name, m in model.named_modules()
+              if type(m) in (nn.Conv2d, nn.Linear)]
+    unknown = skip - {name for name, _ in model.named_modules()}
+    if unknown:
+        raise ValueError(f"skip: no module named {sorted(unknown)} in the model")
+    if keep_first_last and layers:
+        skip |= {layers[0][0], layers[-1][0]}
+    for name, layer in layers:
+        if name in skip:
+            continue
+        cls = QConv2d if isinstance(layer, nn.Conv2d) else QLinear
+        q = cls.from_float(layer, weight=r.weight(layer, w_bits), act=r.act(layer, a_bits))
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, attr, q.to(layer.weight.device))
+    return model

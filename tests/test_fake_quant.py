@@ -1,0 +1,327 @@
+"""LSQ / LSQ+ / PACT / DoReFa: the reference against float64 autograd, the fused Triton kernels
+(run by the interpreter on CPU) against the reference, edge cases, registration and bad input."""
+import math
+
+import pytest
+import torch
+
+import q2kernels
+from q2kernels import functional as F
+from q2kernels import reference as ref
+from q2kernels.ops import _layout
+from q2kernels.ops import fake_quant as fq_op
+
+from helpers import assert_sum_close, run_both
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _round_ste(v):
+    return v + (torch.round(v) - v).detach()
+
+
+def _lsq_surrogate(x, s, qn, qp, axis, gscale, beta=None):
+    """LSQ / LSQ+ as the common eager QAT code writes it, differentiated by autograd (float64)."""
+    shape = [1] * x.dim()
+    if axis is not None:
+        shape[axis] = -1
+    s_ = s.reshape(shape if axis is not None else ())
+    s_ = (s_ * gscale) + (s_ - s_ * gscale).detach()
+    b = 0.0
+    if beta is not None:
+        b = beta.reshape(shape if axis is not None else ())
+        b = (b * gscale) + (b - b * gscale).detach()
+    return _round_ste(((x - b) / s_).clamp(qn, qp)) * s_ + b
+
+
+@pytest.mark.parametrize("mode", ["signed", "unsigned", "symmetric"])
+@pytest.mark.parametrize("axis", [None, 0, 1])
+@pytest.mark.parametrize("with_beta", [False, True])
+def test_lsq_reference_matches_float64_autograd(mode, axis, with_beta):
+    x = torch.randn(4, 6, 5, 3, dtype=torch.float64) * 2
+    C = 1 if axis is None else x.shape[axis]
+    s = torch.rand(C, dtype=torch.float64) * 0.4 + 0.2
+    beta = torch.randn(C, dtype=torch.float64) * 0.3 if with_beta else None
+    bits = 3
+    qn, qp = ref.qrange(bits, mode)
+    gscale = ref.lsq_grad_scale(x.numel() // C, qp)
+    g = torch.randn_like(x)
+
+    leaves = [t.clone().requires_grad_() for t in (x, s) + ((beta,) if with_beta else ())]
+    y64 = _lsq_surrogate(leaves[0], leaves[1], qn, qp, axis, gscale, leaves[2] if with_beta else None)
+    want = torch.autograd.grad(y64, leaves, g)
+
+    got_leaves = [t.float().requires_grad_() for t in (x, s) + ((beta,) if with_beta else ())]
+    y = ref.lsq_fake_quant(got_leaves[0], got_leaves[1], bits, mode, axis,
+                           beta=got_leaves[2] if with_beta else None)
+    got = torch.autograd.grad(y, got_leaves, g.float())
+    torch.testing.assert_close(y.double(), y64, rtol=0, atol=1e-5)
+    torch.testing.assert_close(got[0].double(), want[0], rtol=0, atol=1e-6)
+    for a, b in zip(got[1:], want[1:]):
+        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5)
+
+
+def test_pact_reference_matches_float64_autograd():
+    x = torch.randn(3, 4, 7, 7, dtype=torch.float64) * 3
+    alpha = torch.tensor([2.5], dtype=torch.float64, requires_grad=True)
+    xl = x.clone().requires_grad_()
+    n = 15
+    # PACT as written in the paper's code: y = 0.5(|x| - |x - alpha| + alpha), then quantised (STE).
+    c = 0.5 * (xl.abs() - (xl - alpha).abs() + alpha)
+    y64 = _round_ste(c * n / alpha) * alpha / n
+    g = torch.randn_like(x)
+    dx64, _ = torch.autograd.grad(y64, (xl, alpha), g)
+    x32, a32 = x.float().requires_grad_(), alpha.detach().float().requires_grad_()
+    y = ref.pact_fake_quant(x32, a32, 4)
+    dx, da = torch.autograd.grad(y, (x32, a32), g.float())
+    torch.testing.assert_close(y.double(), y64.detach(), rtol=0, atol=1e-5)
+    torch.testing.assert_close(dx.double(), dx64, rtol=0, atol=1e-6)
+    # MATH.md 3: dalpha = sum g*[x >= alpha] (the clip's gradient; the STE rounding term is dropped).
+    torch.testing.assert_close(da.double(), (g * (x >= 2.5)).sum().reshape(1), rtol=1e-5, atol=1e-5)
+
+
+def test_dorefa_reference_matches_float64_autograd():
+    w = torch.randn(6, 4, 3, 3, dtype=torch.float64)
+    w[0, 0, 0, 0] = 3.0  # a unique max
+    w[1, 0, 0, 0] = -3.0  # ... and a tie at -max: the amax gradient is shared
+    n = 15
+    wl = w.clone().requires_grad_()
+    t = torch.tanh(wl)
+    u = t / (2 * t.abs().amax()) + 0.5
+    y64 = 2 * _round_ste(u * n) / n - 1
+    g = torch.randn_like(w)
+    (dw64,) = torch.autograd.grad(y64, (wl,), g)
+    w32 = w.float().requires_grad_()
+    y = ref.dorefa_weight_fake_quant(w32, 4)
+    (dw,) = torch.autograd.grad(y, (w32,), g.float())
+    # fp32 and fp64 may round a value within ~1e-7 of a tie differently; compare away from ties.
+    away = ((u * n).detach() % 1 - 0.5).abs() > 1e-5
+    torch.testing.assert_close(y.double()[away], y64.detach()[away], rtol=0, atol=1e-5)
+    torch.testing.assert_close(dw.double(), dw64, rtol=1e-4, atol=1e-5)
+
+
+def _check_against_reference(fn, x, params, g, exact_levels=True):
+    x = x.detach().requires_grad_()
+    (y0, grads0), (y1, grads1) = run_both(fn, [x, *params], g)
+    assert len(grads1) == 1 + len(params)
+    assert y1.dtype == x.dtype and y1.shape == x.shape
+    if _layout.is_dense(x):
+        assert y1.stride() == x.stride(), "the output must keep the input's memory layout"
+    if exact_levels:
+        torch.testing.assert_close(y1, y0, rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(grads1[0], grads0[0]), "dx is a mask times g: it must be exact"
+    for p1, p0 in zip(grads1[1:], grads0[1:]):
+        assert p1.dtype == torch.float32
+        assert_sum_close(p1, p0, g.float().abs().sum() * 8)
+    return y1, grads1
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("mode", ["signed", "unsigned", "symmetric"])
+def test_lsq_kernel_bits_and_modes(bits, mode):
+    x = torch.randn(2, 5, 7, 9) * 2
+    s = torch.tensor([0.37])
+    g = torch.randn_like(x)
+    _check_against_reference(lambda x, s: F.lsq_quantize(x, s, bits, mode), x, [s.requires_grad_()], g)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "sliced", "transposed"])
+@pytest.mark.parametrize("axis", [None, 0, 1, 3])
+def test_lsq_kernel_layouts_and_dtypes(dtype, layout, axis):
+    base = torch.randn(3, 6, 5, 7) * 1.5
+    if layout == "channels_last":
+        x = base.to(memory_format=torch.channels_last)
+    elif layout == "sliced":
+        x = torch.randn(3, 12, 5, 7)[:, ::2]
+    elif layout == "transposed":
+        x = base.transpose(2, 3)
+    else:
+        x = base
+    x = x.to(dtype)
+    C = 1 if axis is None else x.shape[axis]
+    s = torch.rand(C) * 0.3 + 0.1
+    g = torch.randn(x.shape).to(dtype)
+    _check_against_reference(lambda x, s: F.lsq_quantize(x, s, 4, "signed", axis), x, [s.requires_grad_()], g)
+
+
+@pytest.mark.parametrize("axis", [None, 1])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_lsq_plus_kernel(axis, dtype, channels_last):
+    x = (torch.randn(2, 11, 3, 5) * 2 - 0.3).to(dtype)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    C = 1 if axis is None else 11
+    s, beta = torch.rand(C) * 0.3 + 0.1, torch.randn(C) * 0.2
+    g = torch.randn(x.shape).to(dtype)
+    fn = lambda x, s, b: F.lsq_plus_quantize(x, s, b, 3, "unsigned", axis)  # noqa: E731
+    # y = q*s + beta: the kernel may fuse the multiply-add (one rounding), so allow 1 ulp.
+    (y0, _), (y1, _) = run_both(fn, [x, s, beta], None)
+    torch.testing.assert_close(y1.float(), y0.float(), rtol=2**-22, atol=1e-7)
+    _check_against_reference(fn, x, [s.requires_grad_(), beta.requires_grad_()], g, exact_levels=False)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_pact_kernel(bits, dtype):
+    x = (torch.randn(3, 5, 6, 7) * 3).to(dtype).to(memory_format=torch.channels_last)
+    alpha = torch.tensor([2.25])
+    x[0, 0, 0, :4] = torch.tensor([0.0, 2.25, -0.0, 2.2500002]).to(dtype)  # on and around the bounds
+    g = torch.randn(x.shape).to(dtype)
+    _check_against_reference(lambda x, a: F.pact_quantize(x, a, bits), x, [alpha.requires_grad_()], g)
+
+
+def _levels(y, s):
+    return torch.round(y.float() / s)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dorefa_kernel(dtype):
+    w = (torch.randn(16, 8, 3, 3) * 0.5).to(dtype)
+    w.view(-1)[5] = 2.0
+    w.view(-1)[77] = -2.0  # a tie at the max |tanh|
+    g = torch.randn(w.shape).to(dtype)
+    (y0, (dw0,)), (y1, (dw1,)) = run_both(lambda w: F.dorefa_weight_quantize(w, 4), [w.requires_grad_()], g)
+    n = 15
+    u0 = (y0.float() + 1) * n / 2
+    # tanh is computed from exp in the kernel: decisions agree except within ulps of a tie.
+    far_from_tie = ((torch.tanh(w.float()) / (2 * torch.tanh(w.float()).abs().amax()) + 0.5) * n % 1 - 0.5).abs() > 1e-4
+    assert torch.equal(u0[far_from_tie].round(), ((y1.float() + 1) * n / 2)[far_from_tie].round())
+    torch.testing.assert_close(dw1.float(), dw0.float(), rtol=1e-4, atol=1e-5)
+
+
+def test_exact_ties_and_clamp_bounds(triton_backend):
+    s = torch.tensor([0.25])  # a power of two: x = (k + 1/2) * s is an exact tie of x/s
+    halves = torch.arange(-10, 10).float() + 0.5
+    bounds = torch.tensor([-8.0, 7.0, -7.0, -8.0000005, 7.0000005])  # Qn, Qp of 4-bit signed
+    x = torch.cat([halves, bounds]) * s
+    g = torch.ones_like(x)
+    (y0, (dx0, ds0)), (y1, (dx1, ds1)) = run_both(lambda x, s: F.lsq_quantize(x, s, 4, "signed"),
+                                                  [x.requires_grad_(), s.requires_grad_()], g)
+    expected_levels = torch.round(halves.clamp(-8, 7))  # half to even: 0.5 -> 0, 1.5 -> 2, -0.5 -> -0
+    assert torch.equal(y1[:20] / 0.25, expected_levels)
+    assert torch.equal(y1, y0)
+    # the closed interval Qn <= v <= Qp: both bounds pass the gradient, just outside does not
+    assert dx1[20:].tolist() == [1.0, 1.0, 1.0, 0.0, 0.0]
+    assert torch.equal(dx1, dx0)
+
+
+@pytest.mark.parametrize("fn", [
+    lambda x: F.lsq_quantize(x, torch.tensor([0.3]), 4, "signed"),
+    lambda x: F.lsq_plus_quantize(x, torch.tensor([0.3]), torch.tensor([0.1]), 4),
+    lambda x: F.pact_quantize(x, torch.tensor([2.0]), 4),
+], ids=["lsq", "lsq_plus", "pact"])
+def test_nan_and_inf_propagate(fn, triton_backend):
+    x = torch.tensor([float("nan"), float("inf"), -float("inf"), 1.0, -1.0])
+    y = fn(x)
+    with q2kernels.use_backend("reference"):
+        y_ref = fn(x)
+    assert torch.isnan(y[0]) and torch.isnan(y_ref[0])
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("shape", [(0,), (0, 4, 3, 3), (1, 1, 1, 1), (1, 3, 1, 1), (7,), (3, 1001)])
+def test_empty_and_tiny_shapes(shape, triton_backend):
+    x = torch.randn(shape).requires_grad_()
+    s = torch.tensor([0.2], requires_grad=True)
+    y = F.lsq_quantize(x, s, 4, "signed")
+    y.sum().backward()
+    assert y.shape == x.shape
+    with q2kernels.use_backend("reference"):
+        xr, sr = x.detach().clone().requires_grad_(), s.detach().clone().requires_grad_()
+        F.lsq_quantize(xr, sr, 4, "signed").sum().backward()
+    assert torch.equal(x.grad, xr.grad)
+    assert_sum_close(s.grad, sr.grad, torch.tensor(float(x.numel())))
+    if x.numel() == 0:
+        assert s.grad.item() == 0.0
+
+
+def test_scale_below_floor_gets_no_gradient(triton_backend):
+    x = torch.randn(64)
+    s = torch.tensor([1e-9], requires_grad=True)
+    y = F.lsq_quantize(x, s, 4, "signed")
+    y.sum().backward()
+    assert s.grad.item() == 0.0
+    assert torch.equal(y, (torch.round((x * (1 / torch.tensor(1e-8))).clamp(-8, 7)) * 1e-8))
+
+
+def test_int64_offsets_path(monkeypatch, triton_backend):
+    """Tensors over 2^31 elements switch the kernels to int64 offsets; run that path small."""
+    monkeypatch.setattr(_layout, "needs_int64", lambda x: True)
+    x = torch.randn(2, 3, 5, 5).to(memory_format=torch.channels_last)
+    s = torch.rand(3) + 0.1
+    g = torch.randn_like(x)
+    _check_against_reference(lambda x, s: F.lsq_quantize(x, s, 4, "signed", 1), x, [s.requires_grad_()], g)
+    w = torch.randn(4, 3, 3, 3)
+    (y0, _), (y1, _) = run_both(lambda w: F.dorefa_weight_quantize(w, 4), [w], None)
+    assert (y0 != y1).float().mean() < 0.01
+
+
+def test_deterministic_bits(triton_backend):
+    x = torch.randn(4, 16, 9, 9).requires_grad_()
+    s = (torch.rand(16) + 0.1).requires_grad_()
+    g = torch.randn_like(x)
+    runs = []
+    for _ in range(2):
+        y = F.lsq_quantize(x, s, 4, "signed", 1)
+        runs.append((y,) + torch.autograd.grad(y, (x, s), g))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("kind,beta,axis", [
+    (fq_op.LSQ, False, None), (fq_op.LSQ, False, 1), (fq_op.LSQ_PLUS, True, None),
+    (fq_op.LSQ_PLUS, True, 1), (fq_op.PACT, False, None),  # PACT has one clip value per tensor
+])
+def test_opcheck_fake_quant(kind, beta, axis):
+    x = torch.randn(2, 3, 4, 5).to(memory_format=torch.channels_last).requires_grad_()
+    C = 1 if axis is None else 3
+    s = (torch.rand(C) + 0.5).requires_grad_()
+    b = (torch.randn(C) * 0.1).requires_grad_() if beta else None
+    qn, qp = (0.0, 15.0) if kind != fq_op.LSQ else (-8.0, 7.0)
+    torch.library.opcheck(torch.ops.q2kernels.fake_quant.default, (x, s, b, kind, qn, qp, axis, 0.1))
+
+
+def test_opcheck_dorefa():
+    w = torch.randn(4, 3, 3, 3, requires_grad=True)
+    torch.library.opcheck(torch.ops.q2kernels.dorefa_weight.default, (w, 15.0))
+
+
+@pytest.mark.parametrize("bad,match", [
+    (lambda x, s: F.lsq_quantize(x, s, 1), "bits"),
+    (lambda x, s: F.lsq_quantize(x, s, 9), "bits"),
+    (lambda x, s: F.lsq_quantize(x.to(torch.int32), s, 4), "x: expected a float32"),
+    (lambda x, s: F.lsq_quantize(x.to(torch.complex64), s, 4), "x: expected a float32"),
+    (lambda x, s: F.lsq_quantize(x, torch.ones(3), 4), "s: expected 1 element"),
+    (lambda x, s: F.lsq_quantize(x, torch.ones(3), 4, axis=1), "s: expected 5 element"),
+    (lambda x, s: F.lsq_quantize(x, s, 4, axis=4), "axis"),
+    (lambda x, s: F.lsq_quantize(x, s, 4, mode="asym"), "mode"),
+    (lambda x, s: F.lsq_quantize(x, s.to("meta"), 4), "s: is on meta"),
+    (lambda x, s: F.lsq_quantize(x, s.double(), 4), "s: expected a float32"),
+    (lambda x, s: F.lsq_plus_quantize(x, s, None, 4), "beta"),
+    (lambda x, s: F.pact_quantize(x, torch.ones(2), 4), "alpha: expected 1 element"),
+    (lambda x, s: F.dorefa_weight_quantize(x, 0), "bits"),
+    (lambda x, s: F.lsq_quantize(x, s, 4, grad_scale="yes"), "grad_scale"),
+])
+def test_bad_input_errors(bad, match):
+    x = torch.randn(2, 5, 3, 3)
+    s = torch.tensor([0.5])
+    with pytest.raises((ValueError, TypeError), match=match):
+        bad(x, s)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("axis", [None, 1])
+def test_cuda_kernels_match_reference_at_scale(dtype, axis):
+    x = (torch.randn(16, 64, 80, 80, device="cuda") * 2).to(dtype).to(memory_format=torch.channels_last)
+    C = 1 if axis is None else 64
+    s = torch.rand(C, device="cuda") * 0.2 + 0.05
+    beta = torch.randn(C, device="cuda") * 0.1
+    g = torch.randn(x.shape, device="cuda").to(dtype)
+    _check_against_reference(lambda x, s: F.lsq_quantize(x, s, 4, "signed", axis), x, [s.requires_grad_()], g)
+    _check_against_reference(lambda x, s, b: F.lsq_plus_quantize(x, s, b, 4, axis=axis), x,
+                             [s.requires_grad_(), beta.requires_grad_()], g, exact_levels=False)
+    _check_against_reference(lambda x, a: F.pact_quantize(x, a, 4), x,
+                             [torch.tensor([2.0], device="cuda").requires_grad_()], g)
