@@ -1,15 +1,30 @@
-"""q2kernels: fused Triton kernels for 4/3-bit QAT and an integer W4A4/W3A3 conv backend."""
+"""q2kernels: fused Triton kernels for 4/3-bit QAT and an integer W4A4/W3A3 conv backend.
+
+Importing the package loads nothing but the backend switch; the functional API and the
+submodules (functional, nn, reference, deploy) load on first use. That keeps `q2k` able to turn
+the Triton interpreter on (a CPU machine) before triton is imported.
+"""
+import importlib
+
 from ._backend import get_backend, use_backend
-from .functional import dorefa_weight_quantize, lsq_plus_quantize, lsq_quantize, pact_quantize
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "__version__",
+_FUNCTIONAL = (
     "dorefa_weight_quantize",
-    "get_backend",
     "lsq_plus_quantize",
     "lsq_quantize",
     "pact_quantize",
-    "use_backend",
-]
+    "q_ada_loss",
+)
+_SUBMODULES = ("deploy", "functional", "nn", "ops", "reference")
+
+__all__ = ["__version__", "get_backend", "use_backend", *_FUNCTIONAL, *_SUBMODULES]
+
+
+def __getattr__(name):
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
+    if name in _FUNCTIONAL:
+        return getattr(importlib.import_module(".functional", __name__), name)
+    raise AttributeError(f"module 'q2kernels' has no attribute {name!r}")

@@ -2,11 +2,14 @@
 Triton op or the eager reference. Every nn module calls these."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 from . import _backend
 from . import reference as ref
 from ._validate import check_axis, check_bits, check_float_tensor, check_param
+from .ops import ada as _ada  # noqa: F401  (registers q2kernels::q_ada)
 from .ops import dorefa as _dorefa  # noqa: F401  (registers q2kernels::dorefa_weight)
 from .ops import fake_quant as _fq
 
@@ -78,3 +81,61 @@ def dorefa_weight_quantize(w, bits: int = 4):
     if _backend.resolve(w) == "triton":
         return torch.ops.q2kernels.dorefa_weight(w, float(2**bits - 1))
     return ref.dorefa_weight_fake_quant(w, bits=bits)
+
+
+def _check_feature(x, name, like=None):
+    check_float_tensor(x, name)
+    if like is None:
+        if x.dim() != 4 or x.shape[2] * x.shape[3] == 0:
+            raise ValueError(f"{name}: expected a (B, C, H, W) tensor with H*W >= 1, got shape {tuple(x.shape)}")
+    elif x.shape != like.shape:
+        raise ValueError(f"{name}: expected the shape of S {tuple(like.shape)}, got {tuple(x.shape)}")
+    elif x.device != like.device:
+        raise ValueError(f"{name}: is on {x.device} but S is on {like.device}")
+    return x
+
+
+def _check_number(v, name, lo, lo_allowed):
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    if not ok or v < lo or (v == lo and not lo_allowed):
+        raise ValueError(f"{name}: expected a finite number {'>=' if lo_allowed else '>'} {lo}, got {v!r}")
+    return float(v)
+
+
+def q_ada_loss(T, S, Sq=None, delta=None, lam: float = ref.ada.LAMBDA, gamma: float = 1.0,
+               divergence: str = "js", reduction: str = "mean"):
+    """Q-ADA distillation loss (MATH.md 6) of student feature S against teacher feature T.
+
+    T, S: (B, C, H, W), float32/float16/bfloat16, NCHW or channels_last. Sq: the student's quantized
+    feature (the distortion term; None for none). delta: Sq's quantisation step, a positive number
+    or a tensor of 1 or C elements (None: each row's sqrt(var_S)); needs Sq. lam > 0, gamma >= 0.
+    divergence: "js" | "kl"; reduction: "mean" | "sum" over the B*C rows. Returns a 0-d float32
+    tensor. Only S receives a gradient: T, Sq, delta and the distortion map are constants.
+    gamma = 0 (or Sq = None) is GABFusion's ADA.
+    """
+    _check_feature(S, "S")
+    _check_feature(T, "T", like=S)
+    if Sq is not None:
+        _check_feature(Sq, "Sq", like=S)
+    lam = _check_number(lam, "lam", 0.0, lo_allowed=False)
+    gamma = _check_number(gamma, "gamma", 0.0, lo_allowed=True)
+    if divergence not in ref.ada.DIVERGENCES:
+        raise ValueError(f"divergence: expected one of {ref.ada.DIVERGENCES}, got {divergence!r}")
+    if reduction not in ref.ada.REDUCTIONS:
+        raise ValueError(f"reduction: expected one of {ref.ada.REDUCTIONS}, got {reduction!r}")
+    if delta is not None:
+        if Sq is None:
+            raise ValueError("delta: given without Sq; the distortion term it scales needs Sq")
+        if isinstance(delta, torch.Tensor):
+            check_param(delta, "delta", S)
+            if delta.numel() not in (1, S.shape[1]):
+                raise ValueError(f"delta: expected 1 or C = {S.shape[1]} elements, got shape {tuple(delta.shape)}")
+            delta = delta.detach().reshape(-1)
+        else:
+            delta = torch.full((1,), _check_number(delta, "delta", 0.0, lo_allowed=False), device=S.device)
+    T = T.detach()
+    Sq = None if Sq is None else Sq.detach()
+    if _backend.resolve(S) == "triton":
+        loss, _ = torch.ops.q2kernels.q_ada(T, S, Sq, delta, lam, gamma, divergence == "kl", reduction == "mean")
+        return loss
+    return ref.q_ada_loss(T, S, Sq, delta, lam=lam, gamma=gamma, divergence=divergence, reduction=reduction)

@@ -1,0 +1,178 @@
+"""Timing and reporting shared by every benchmark.
+
+On a GPU: triton.testing.do_bench (median, L2 flushed between runs), peak memory from the CUDA
+allocator, bandwidth as a fraction of the measured device copy bandwidth of the same GPU.
+On a CPU (`--smoke`): tiny shapes, wall-clock medians, Triton kernels through the interpreter —
+a check that the benchmark runs, not a measurement.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+
+
+def parse_args(description: str, argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--smoke", action="store_true", help="tiny shapes; the only mode without a GPU")
+    p.add_argument("--out", type=Path, default=None,
+                   help="directory for <gpu>-<commit>.json/.md (default: print only)")
+    args = p.parse_args(argv)
+    if not HAS_CUDA:
+        args.smoke = True
+    return args
+
+
+def time_ms(fn, reps: int = 100) -> float:
+    """Median milliseconds of fn()."""
+    if HAS_CUDA:
+        import triton.testing
+        return triton.testing.do_bench(fn, warmup=25, rep=reps, return_mode="median")
+    fn()
+    samples = []
+    for _ in range(3):
+        t = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(samples)
+
+
+def peak_mem_mb(fn) -> float | None:
+    """Peak allocator memory above what was allocated before fn() ran, in MiB (GPU only)."""
+    if not HAS_CUDA:
+        return None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def saved_bytes(fn) -> int:
+    """Bytes of the distinct storages autograd saves for backward while fn() runs."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(storages.values())
+
+
+_COPY_GBS = None
+
+
+def copy_bandwidth_gbs() -> float | None:
+    """Device-to-device copy bandwidth (read + write bytes), measured once per process."""
+    global _COPY_GBS
+    if not HAS_CUDA:
+        return None
+    if _COPY_GBS is None:
+        x = torch.empty(2**28, dtype=torch.uint8, device="cuda")
+        y = torch.empty_like(x)
+        ms = time_ms(lambda: y.copy_(x))
+        _COPY_GBS = 2 * x.numel() / ms / 1e6
+    return _COPY_GBS
+
+
+def measure(fn, inputs, grad, bytes_fwd: int, bytes_bwd: int, **labels) -> dict:
+    """Forward, backward and forward+backward of out = fn(*inputs) w.r.t. the inputs that require
+    grad; bytes_* are the minimum bytes each pass must move (the floor for GB/s)."""
+    wants = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+
+    def fwd():
+        return fn(*inputs)
+
+    def fwd_bwd():
+        torch.autograd.grad(fn(*inputs), wants, grad)
+
+    out = fwd()
+
+    def bwd():
+        torch.autograd.grad(out, wants, grad, retain_graph=True)
+
+    row = dict(labels)
+    row["fwd_ms"] = time_ms(fwd)
+    row["bwd_ms"] = time_ms(bwd)
+    row["fwd_bwd_ms"] = time_ms(fwd_bwd)
+    row["peak_mem_mb"] = peak_mem_mb(fwd_bwd)
+    row["saved_mb"] = saved_bytes(fwd) / 2**20
+    copy = copy_bandwidth_gbs()
+    for p, nbytes in (("fwd", bytes_fwd), ("bwd", bytes_bwd), ("fwd_bwd", bytes_fwd + bytes_bwd)):
+        gbs = nbytes / row[f"{p}_ms"] / 1e6
+        row[f"{p}_gbs"] = gbs
+        row[f"{p}_pct_copy"] = 100 * gbs / copy if copy else None
+    return row
+
+
+def add_speedups(rows: list[dict], keys: tuple[str, ...], baseline_impl: str, impl: str = "q2kernels",
+                 metric: str = "fwd_bwd_ms") -> None:
+    """Give each `impl` row `speedup_vs_<baseline>` against the row with the same `keys`."""
+    base = {tuple(r[k] for k in keys): r for r in rows if r["impl"] == baseline_impl}
+    for r in rows:
+        b = base.get(tuple(r[k] for k in keys))
+        if r["impl"] == impl and b is not None:
+            r[f"speedup_vs_{baseline_impl}"] = b[metric] / r[metric]
+
+
+def device_name() -> str:
+    return torch.cuda.get_device_name() if HAS_CUDA else f"cpu-{platform.machine()}"
+
+
+def commit() -> str:
+    try:
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                                       text=True, stderr=subprocess.DEVNULL).strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def environment() -> dict:
+    import triton
+    return {"device": device_name(), "commit": commit(), "torch": torch.__version__,
+            "triton": triton.__version__, "python": sys.version.split()[0],
+            "copy_gbs": copy_bandwidth_gbs()}
+
+
+def _fmt(v):
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
+    return "" if v is None else str(v)
+
+
+def markdown_table(rows: list[dict], columns: list[str]) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_fmt(r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def report(name: str, rows: list[dict], columns: list[str], out: Path | None) -> str:
+    """Print the table; with `out`, also write <out>/<gpu>-<commit>-<name>.json and .md."""
+    env = environment()
+    table = f"## {name}\n\n{markdown_table(rows, columns)}\n"
+    print(table)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        stem = f"{env['device'].replace(' ', '_')}-{env['commit']}-{name}"
+        (out / f"{stem}.json").write_text(json.dumps({"env": env, "rows": rows}, indent=1))
+        (out / f"{stem}.md").write_text(f"# {name}\n\n{json.dumps(env)}\n\n{table}")
+    return table

@@ -1,0 +1,88 @@
+"""The `q2k` command: `q2k demo` (the main job), `q2k doctor` (what runs where), `q2k bench`."""
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+
+
+def doctor() -> int:
+    import torch
+
+    import q2kernels
+    import q2kernels.functional  # noqa: F401  (registers every fused op)
+    from q2kernels import _backend
+
+    print(f"q2kernels {q2kernels.__version__}  python {platform.python_version()}  torch {torch.__version__}")
+    try:
+        import triton
+        print(f"triton {triton.__version__}  (interpreter {'on' if _backend.interpreter_enabled() else 'off'})")
+    except ImportError:
+        print("triton: not installed")
+    if torch.cuda.is_available():
+        cap = torch.cuda.get_device_capability()
+        print(f"GPU: {torch.cuda.get_device_name()} (sm_{cap[0]}{cap[1]}), CUDA {torch.version.cuda}")
+    else:
+        print("GPU: none")
+    print(f"backend requested: {_backend.get_backend()}")
+    fused_ops = sorted(n for n in dir(torch.ops.q2kernels)
+                       if isinstance(getattr(torch.ops.q2kernels, n), torch._ops.OpOverloadPacket)
+                       and not n.endswith("_backward"))
+    for device in ("cpu", "cuda"):
+        if device == "cuda" and not torch.cuda.is_available():
+            print("  CUDA tensors: no GPU here (would run the fused Triton kernels)")
+            continue
+        try:
+            chosen = _backend.resolve(torch.empty(0, device=device))
+        except RuntimeError as e:
+            chosen = f"error: {e}"
+        print(f"  {device.upper()} tensors -> {chosen}: {', '.join(fused_ops)}")
+    try:
+        from q2kernels import _ext
+        _ext.load()
+        print("C++ extension q2kernels._C: builds and loads")
+    except Exception as e:  # noqa: BLE001  (report any build failure verbatim)
+        print(f"C++ extension q2kernels._C: does not build here: {type(e).__name__}: {e}")
+    return 0
+
+
+def _enable_interpreter_without_gpu() -> None:
+    """Without a GPU the fused kernels run through the Triton interpreter; it must be switched on
+    before triton is imported, so before q2kernels' kernels load."""
+    import os
+
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="q2k", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("doctor", help="versions, GPU, the backend each op uses, the C++ extension")
+    demo = sub.add_parser("demo", help="the end-to-end demo (the README's first command)")
+    demo.add_argument("--smoke", action="store_true", help="a run of under a minute, for CI")
+    demo.add_argument("--steps", type=int, default=None, help="training steps per recipe")
+    bench = sub.add_parser("bench", help="run the benchmark suite (benchmarks/run_all.py)")
+    bench.add_argument("args", nargs=argparse.REMAINDER)
+    args = parser.parse_args(argv)
+    _enable_interpreter_without_gpu()
+    if args.command == "doctor":
+        return doctor()
+    if args.command == "demo":
+        from q2kernels import demo as demo_mod
+        return demo_mod.main(smoke=args.smoke, steps=args.steps)
+    from pathlib import Path
+    import runpy
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "run_all.py"
+    if not script.exists():
+        print(f"q2k bench: {script} not found (the benchmarks live in the source checkout)", file=sys.stderr)
+        return 2
+    sys.argv = [str(script), *args.args]
+    runpy.run_path(str(script), run_name="__main__")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,160 @@
+"""Quantizer modules, QConv2d/QLinear, quantize_model: initialisation, equivalence of the fused
+and reference backends in training, state_dict round trips, torch.compile, saved tensors."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import q2kernels
+from q2kernels.nn import (DoReFaWeightQuantizer, LSQPlusQuantizer, LSQQuantizer, PACTQuantizer, QConv2d,
+                          QLinear, quantize_model)
+from q2kernels import reference as ref
+
+RECIPES = ["lsq", "lsq_plus", "pact"]
+
+
+def small_net():
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.SiLU(),
+        nn.Conv2d(8, 12, 3, stride=2, padding=1), nn.BatchNorm2d(12), nn.SiLU(),
+        nn.Conv2d(12, 12, 1), nn.SiLU(),
+        nn.Conv2d(12, 6, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 5), nn.SiLU(), nn.Linear(5, 3),
+    )
+
+
+def test_lsq_initialises_from_the_first_batch():
+    q = LSQQuantizer(4, "signed")
+    x = torch.randn(2, 3, 5, 5)
+    q(x)
+    assert torch.allclose(q.s, 2 * x.abs().mean() / 7 ** 0.5)
+    assert q._initialized and bool(q.initialized)
+    q(x * 10)  # later batches do not re-initialise
+    assert torch.allclose(q.s, 2 * x.abs().mean() / 7 ** 0.5)
+
+
+def test_per_channel_weight_init_and_lsq_plus_init():
+    w = torch.randn(6, 4, 3, 3)
+    q = LSQQuantizer(4, "signed", axis=0, channels=6)
+    q(w)
+    torch.testing.assert_close(q.s, 2 * w.abs().mean(dim=(1, 2, 3)) / 7 ** 0.5)
+    x = torch.randn(2, 3, 4, 4) - 0.2
+    p = LSQPlusQuantizer(4)
+    p(x)
+    torch.testing.assert_close(p.s, ((x.max() - x.min()) / 15).reshape(1))
+    torch.testing.assert_close(p.beta, x.min().reshape(1))
+    a = PACTQuantizer(4)
+    a(x)
+    torch.testing.assert_close(a.alpha, x.max().reshape(1))
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_quantize_model_swaps_layers_and_keeps_first_last(recipe):
+    m = quantize_model(small_net(), recipe, 4, 4)
+    kinds = [type(mod) for mod in m]
+    assert kinds[0] is nn.Conv2d and kinds[-1] is nn.Linear  # first and last kept in float
+    assert sum(k in (QConv2d, QLinear) for k in kinds) == 4
+    m2 = quantize_model(small_net(), recipe, 4, 4, skip=["6"], keep_first_last=False)
+    assert type(m2[0]) is QConv2d and type(m2[6]) is nn.Conv2d and type(m2[-1]) is QLinear
+
+
+def test_quantize_model_bad_arguments():
+    with pytest.raises(ValueError, match="recipe"):
+        quantize_model(small_net(), "nope")
+    with pytest.raises(ValueError, match="skip"):
+        quantize_model(small_net(), "lsq", skip=["missing.layer"])
+    with pytest.raises(ValueError, match="bits"):
+        quantize_model(small_net(), "lsq", w_bits=9)
+    with pytest.raises(TypeError, match="weight_quantizer"):
+        QConv2d(3, 4, 3, weight_quantizer=nn.ReLU())
+    with pytest.raises(ValueError, match="axis and channels"):
+        LSQQuantizer(4, axis=0)
+
+
+def test_from_float_copies_the_layer():
+    conv = nn.Conv2d(4, 6, 3, stride=2, padding=1, dilation=1, bias=True)
+    q = QConv2d.from_float(conv)
+    x = torch.randn(2, 4, 9, 9)
+    torch.testing.assert_close(q(x), conv(x), rtol=0, atol=0)
+    lin = nn.Linear(5, 3)
+    torch.testing.assert_close(QLinear.from_float(lin)(torch.ones(2, 5)), lin(torch.ones(2, 5)))
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_fused_training_follows_the_reference(recipe):
+    """A few SGD steps with the fused kernels follow the reference backend's loss curve."""
+    torch.manual_seed(1)
+    base = quantize_model(small_net(), recipe, 4, 4)
+    data = [(torch.randn(4, 3, 12, 12), torch.randint(0, 3, (4,))) for _ in range(4)]
+    curves = {}
+    for backend in ("reference", "triton"):
+        m = copy.deepcopy(base)
+        opt = torch.optim.SGD(m.parameters(), lr=0.05)
+        curves[backend] = []
+        with q2kernels.use_backend(backend):
+            for x, y in data:
+                loss = nn.functional.cross_entropy(m(x), y)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                curves[backend].append(loss.item())
+    torch.testing.assert_close(torch.tensor(curves["triton"]), torch.tensor(curves["reference"]),
+                               rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_state_dict_round_trip_is_exact(recipe, tmp_path):
+    m = quantize_model(small_net(), recipe, 3, 3)
+    m(torch.randn(2, 3, 8, 8))  # initialise every quantizer
+    path = tmp_path / "m.pt"
+    torch.save(m.state_dict(), path)
+    fresh = quantize_model(small_net(), recipe, 3, 3)
+    fresh.load_state_dict(torch.load(path, weights_only=True))
+    for (k, a), (_, b) in zip(m.state_dict().items(), fresh.state_dict().items()):
+        assert torch.equal(a, b), k
+    for mod in fresh.modules():
+        if isinstance(mod, q2kernels.nn.Quantizer):
+            assert mod._initialized, "a loaded quantizer must not re-initialise"
+    m.eval(), fresh.eval()
+    x = torch.randn(2, 3, 8, 8)
+    assert torch.equal(m(x), fresh(x))
+
+
+def test_compiled_model_has_no_graph_breaks(triton_backend):
+    m = quantize_model(small_net(), "lsq_plus", 4, 4)
+    x = torch.randn(2, 3, 8, 8)
+    m(x)  # first-batch init runs eagerly
+    eager_out = m(x)
+    compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
+    out = compiled(x)
+    torch.testing.assert_close(out, eager_out)
+    out.sum().backward()
+    assert all(p.grad is not None for p in m.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: (LSQQuantizer(4, "signed", axis=1, channels=6), torch.randn(2, 6, 5, 5)),
+    lambda: (LSQPlusQuantizer(4), torch.randn(2, 6, 5, 5)),
+    lambda: (PACTQuantizer(4, 3.0), torch.randn(2, 6, 5, 5)),
+    lambda: (DoReFaWeightQuantizer(4), torch.randn(6, 4, 3, 3)),
+])
+def test_autograd_saves_nothing_larger_than_the_input(make, triton_backend):
+    q, x = make()
+    x.requires_grad_()
+    q(x.detach())
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        q(x)
+    assert saved, "the input must be saved"
+    assert all(t.numel() <= x.numel() for t in saved)
+    big = [t for t in saved if t.numel() == x.numel()]
+    assert len(big) == 1 and big[0].data_ptr() == x.data_ptr(), "only the input itself, not a copy"
+
+
+def test_step_size_is_what_q_ada_divides_by():
+    q = LSQQuantizer(4, "unsigned")
+    q(torch.rand(10))
+    assert torch.equal(q.step_size(), q.s.detach())
+    p = PACTQuantizer(4, 1.5)
+    assert torch.allclose(p.step_size(), torch.tensor([0.1]))
+    assert ref.qrange(4, "unsigned") == (0, 15)
