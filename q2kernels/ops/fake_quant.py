@@ -36,9 +36,14 @@ NUM_WARPS = 8
 
 
 @triton.jit
-def _tile(pid_k, pid_c, N_K, C, INNER, PER_CHANNEL: tl.constexpr, BLOCK_K: tl.constexpr,
+def _tile(pid, N_K, C, INNER, PER_CHANNEL: tl.constexpr, BLOCK_K: tl.constexpr,
           BLOCK_C: tl.constexpr, INT64: tl.constexpr):
-    """Memory offsets [BLOCK_K, BLOCK_C], their mask, and the channel indices [BLOCK_C] of a tile."""
+    """The tile of program `pid`: its k-block index, memory offsets [BLOCK_K, BLOCK_C], their mask
+    and its channel indices [BLOCK_C]. The grid is 1-d (a 2-d grid's second axis stops at 65535
+    programs, too few for per-channel tensors of many channels), channel blocks fastest."""
+    n_c_blocks = tl.cdiv(C, BLOCK_C)
+    pid_k = pid // n_c_blocks
+    pid_c = pid % n_c_blocks
     if INT64:
         pid_k = pid_k.to(tl.int64)
     k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -48,15 +53,14 @@ def _tile(pid_k, pid_c, N_K, C, INNER, PER_CHANNEL: tl.constexpr, BLOCK_K: tl.co
     else:
         offs = k[:, None] + c[None, :]
     mask = (k < N_K)[:, None] & (c < C)[None, :]
-    return offs, mask, c
+    return pid_k, offs, mask, c
 
 
 @triton.jit
 def _fake_quant_fwd_kernel(x_ptr, y_ptr, s_ptr, beta_ptr, N_K, C, INNER, qn, qp,
                            KIND: tl.constexpr, PER_CHANNEL: tl.constexpr, BLOCK_K: tl.constexpr,
                            BLOCK_C: tl.constexpr, INT64: tl.constexpr):
-    offs, mask, c = _tile(tl.program_id(0), tl.program_id(1), N_K, C, INNER,
-                          PER_CHANNEL, BLOCK_K, BLOCK_C, INT64)
+    _, offs, mask, c = _tile(tl.program_id(0), N_K, C, INNER, PER_CHANNEL, BLOCK_K, BLOCK_C, INT64)
     x = tl.load(x_ptr + offs, mask=mask).to(tl.float32)
     s = tl.load(s_ptr + c, mask=c < C, other=1.0)[None, :]
     if KIND == 2:  # PACT: s is the clip alpha, qp = 2^k - 1
@@ -78,8 +82,7 @@ def _fake_quant_bwd_kernel(x_ptr, g_ptr, dx_ptr, s_ptr, beta_ptr, ds_part_ptr, d
                            N_K, C, INNER, qn, qp, grad_scale,
                            KIND: tl.constexpr, PER_CHANNEL: tl.constexpr, BLOCK_K: tl.constexpr,
                            BLOCK_C: tl.constexpr, INT64: tl.constexpr):
-    pid_k = tl.program_id(0)
-    offs, mask, c = _tile(pid_k, tl.program_id(1), N_K, C, INNER, PER_CHANNEL, BLOCK_K, BLOCK_C, INT64)
+    pid_k, offs, mask, c = _tile(tl.program_id(0), N_K, C, INNER, PER_CHANNEL, BLOCK_K, BLOCK_C, INT64)
     # Masked lanes load x = g = 0, which contributes 0 to every sum below.
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -116,10 +119,11 @@ def _launch_geometry(x: torch.Tensor, axis: Optional[int]):
     block_c = min(triton.next_power_of_2(C), 128) if (per_channel and inner == 1) else 1
     block_k = BLOCK_ELEMS // block_c
     n_k = x.numel() // C
-    grid = (triton.cdiv(n_k, block_k), triton.cdiv(C, block_c))
+    n_k_blocks = triton.cdiv(n_k, block_k)
+    grid = (n_k_blocks * triton.cdiv(C, block_c),)
     meta = dict(PER_CHANNEL=per_channel, BLOCK_K=block_k, BLOCK_C=block_c,
                 INT64=_layout.needs_int64(x), num_warps=NUM_WARPS)
-    return (n_k, C, inner), grid, meta
+    return (n_k, C, inner), n_k_blocks, grid, meta
 
 
 @torch.library.custom_op("q2kernels::fake_quant", mutates_args=())
@@ -130,7 +134,7 @@ def fake_quant(x: torch.Tensor, s: torch.Tensor, beta: Optional[torch.Tensor], k
     y = torch.empty_like(x)
     if x.numel() == 0:
         return y
-    sizes, grid, meta = _launch_geometry(x, axis)
+    sizes, _, grid, meta = _launch_geometry(x, axis)
     _fake_quant_fwd_kernel[grid](x, y, s, s if beta is None else beta, *sizes, float(qn), float(qp),
                                  KIND=kind, **meta)
     return y
@@ -149,8 +153,8 @@ def fake_quant_backward(g: torch.Tensor, x: torch.Tensor, s: torch.Tensor, beta:
     x = _layout.dense(x)
     g = _layout.like(x, g)
     dx = torch.empty_like(x, dtype=g.dtype)
-    sizes, grid, meta = _launch_geometry(x, axis)
-    n_programs = grid[0] if x.numel() else 0
+    sizes, n_k_blocks, grid, meta = _launch_geometry(x, axis)
+    n_programs = n_k_blocks if x.numel() else 0
     ds_part = torch.empty((n_programs, s.numel()), device=x.device, dtype=torch.float32)
     dbeta_part = torch.empty((n_programs, s.numel()) if kind == LSQ_PLUS else (0,),
                              device=x.device, dtype=torch.float32)
