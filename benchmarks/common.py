@@ -11,7 +11,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import time
@@ -44,13 +43,12 @@ def time_ms(fn, reps: int = 100) -> float:
     if HAS_CUDA:
         import triton.testing
         return triton.testing.do_bench(fn, warmup=25, rep=reps, return_mode="median")
+    # A CPU run is a smoke check (the Triton kernels go through the interpreter): one warm-up and
+    # one timed call show that the path runs, and keep CI fast.
     fn()
-    samples = []
-    for _ in range(3):
-        t = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(samples)
+    t = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t) * 1e3
 
 
 def peak_mem_mb(fn) -> float | None:

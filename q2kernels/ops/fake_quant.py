@@ -7,10 +7,11 @@ no host sync. Which quantizer is a tl.constexpr (KIND), so the three share one k
 
 Layout: the kernels walk x in memory order through the (OUTER, C, INNER) view of _layout.py, so
 NCHW, channels_last and permuted weights are all read in place. A program owns a [BLOCK_K, BLOCK_C]
-tile: BLOCK_K elements of each of BLOCK_C channels. Per tensor (C = 1) and for per-channel tensors
-whose channels are not innermost, BLOCK_C = 1 and the tile is a contiguous run; when the channels
-are innermost (channels_last activations), BLOCK_C spans neighbouring channels so loads stay
-coalesced along C.
+tile: BLOCK_K elements of each of BLOCK_C channels, 4096 elements in all. Per tensor (C = 1) the
+tile is one contiguous run. When the channels are innermost (channels_last activations), BLOCK_C
+spans neighbouring channels so loads stay coalesced along C. Otherwise a channel's elements come in
+contiguous runs: BLOCK_K covers a channel's elements (NCHW activations: 4096 of them; a conv weight
+row: all Cin*k*k) and, when channels are short, BLOCK_C takes several so no lanes idle.
 """
 from __future__ import annotations
 
@@ -116,9 +117,15 @@ def _fake_quant_bwd_kernel(x_ptr, g_ptr, dx_ptr, s_ptr, beta_ptr, ds_part_ptr, d
 def _launch_geometry(x: torch.Tensor, axis: Optional[int]):
     C, inner = _layout.channel_view(x, axis)
     per_channel = C > 1
-    block_c = min(triton.next_power_of_2(C), 128) if (per_channel and inner == 1) else 1
-    block_k = BLOCK_ELEMS // block_c
     n_k = x.numel() // C
+    if not per_channel:
+        block_c, block_k = 1, BLOCK_ELEMS
+    elif inner == 1:  # channels innermost: a tile spans neighbouring channels
+        block_c = min(triton.next_power_of_2(C), 128)
+        block_k = BLOCK_ELEMS // block_c
+    else:  # a channel's elements come in runs of INNER: a tile takes whole channels when they are short
+        block_k = min(triton.next_power_of_2(n_k), BLOCK_ELEMS)
+        block_c = min(triton.next_power_of_2(C), BLOCK_ELEMS // block_k)
     n_k_blocks = triton.cdiv(n_k, block_k)
     grid = (n_k_blocks * triton.cdiv(C, block_c),)
     meta = dict(PER_CHANNEL=per_channel, BLOCK_K=block_k, BLOCK_C=block_c,
