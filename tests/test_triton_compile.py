@@ -1,0 +1,109 @@
+"""Every Triton kernel, as the ops really launch it, compiled for Hopper (sm_90) with the ptxas that
+ships in the triton wheel — no GPU needed. The interpreter runs kernels as Python, so what only the
+GPU compiler rejects (a global that is not a constexpr, a type that changes across a loop, a
+pointer of the wrong type) and register spills would otherwise first show on a GPU machine.
+
+A subprocess imports q2kernels with the interpreter off, replaces JITFunction.run with a recorder,
+drives each op forward and backward on small CPU tensors (the kernels never run: their launch
+arguments are recorded), then compiles every distinct specialisation and reads its resource usage.
+"""
+import os
+import subprocess
+import sys
+
+_SCRIPT = r"""
+import os, re, subprocess, sys, tempfile
+import torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from triton.runtime.jit import JITFunction
+
+launches = {}
+
+def record(self, *args, grid, warmup, **kwargs):
+    bound = dict(zip(self.arg_names, args), **kwargs)
+    options = {k: bound.pop(k) for k in ("num_warps", "num_stages") if k in bound}
+    sig, const = {}, {}
+    for p in self.params:
+        v = bound[p.name]
+        if p.is_constexpr:
+            sig[p.name], const[p.name] = "constexpr", v
+        elif isinstance(v, torch.Tensor):
+            sig[p.name] = "*" + {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
+                                 torch.int32: "i32", torch.int64: "i64", torch.uint8: "u8",
+                                 torch.bool: "i1"}[v.dtype]
+        elif isinstance(v, bool):
+            sig[p.name] = "i1"
+        elif isinstance(v, int):
+            sig[p.name] = "i32" if -2**31 <= v < 2**31 else "i64"
+        elif isinstance(v, float):
+            sig[p.name] = "fp32"
+        else:
+            raise TypeError(f"{self.fn.__name__}.{p.name}: cannot type {v!r}")
+    key = (self.fn.__qualname__, tuple(sorted(sig.items())), tuple(sorted((k, repr(v)) for k, v in const.items())))
+    launches[key] = (self, sig, const, options)
+
+JITFunction.run = record
+
+import q2kernels.functional as F
+from q2kernels.ops import _layout
+exec(open(sys.argv[1]).read())
+
+BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+for (name, _, _), (fn, sig, const, options) in sorted(launches.items(), key=lambda kv: repr(kv[0])):
+    k = triton.compile(ASTSource(fn, sig, const), target=GPUTarget("cuda", 90, 32), options=options)
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(k.asm["cubin"])
+    usage = subprocess.run([os.path.join(BIN, "cuobjdump"), "-res-usage", f.name], capture_output=True,
+                           text=True, check=True).stdout
+    os.unlink(f.name)
+    res = re.search(r"REG:\d+ STACK:\d+ SHARED:\d+ LOCAL:\d+", usage).group(0)
+    print(f"{name} {res} {sorted((k, v) for k, v in const.items())}")
+"""
+
+# Op calls that reach every kernel and every constexpr branch that matters (kinds, layouts,
+# per-channel tilings, dtypes, int64 offsets). Run inside the subprocess, after JITFunction.run
+# is replaced, with `torch`, `F` (q2kernels.functional) and `_layout` in scope.
+_DRIVE = r"""
+def fwd_bwd(fn, *tensors):
+    leaves = [t.detach().requires_grad_(t.is_floating_point()) for t in tensors]
+    out = fn(*leaves)
+    out = out[0] if isinstance(out, tuple) else out
+    out.backward(torch.ones_like(out))
+
+from q2kernels import use_backend
+import q2kernels._backend as _b
+_b.resolve = lambda x: "triton"  # CPU tensors, interpreter off: the launches are only recorded
+
+x = torch.randn(2, 6, 4, 4)
+xl = x.to(memory_format=torch.channels_last)
+s1, s6 = torch.tensor([0.3]), torch.rand(6) + 0.1
+for dtype in (torch.float32, torch.bfloat16, torch.float16):
+    fwd_bwd(lambda x, s: F.lsq_quantize(x, s, 4), x.to(dtype), s1)
+fwd_bwd(lambda x, s: F.lsq_quantize(x, s, 4, axis=1), x, s6)
+fwd_bwd(lambda x, s: F.lsq_quantize(x, s, 4, axis=1), xl, s6)
+fwd_bwd(lambda x, s, b: F.lsq_plus_quantize(x, s, b, 4, axis=1), xl, s6, s6.clone())
+fwd_bwd(lambda x, a: F.pact_quantize(x, a, 4), x.bfloat16(), s1)
+fwd_bwd(lambda w: F.dorefa_weight_quantize(w, 4), x)
+_layout.needs_int64 = lambda t: True
+fwd_bwd(lambda x, s: F.lsq_quantize(x, s, 4, axis=1), xl, s6)
+fwd_bwd(lambda w: F.dorefa_weight_quantize(w, 4), x.bfloat16())
+_layout.needs_int64 = lambda t: t.numel() > 2**31 - 1
+"""
+
+
+def test_every_kernel_compiles_for_sm90_without_spills(tmp_path):
+    drive = tmp_path / "drive.py"
+    drive.write_text(_DRIVE)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", _SCRIPT, str(drive)], capture_output=True, text=True,
+                       env=env, timeout=900)
+    assert r.returncode == 0, r.stderr[-4000:]
+    lines = r.stdout.strip().splitlines()
+    print(r.stdout)
+    compiled = {line.split()[0] for line in lines}
+    for kernel in ("_fake_quant_fwd_kernel", "_fake_quant_bwd_kernel", "_absmax_kernel", "_dorefa_fwd_kernel",
+                   "_dorefa_bwd_partials_kernel", "_dorefa_bwd_kernel"):
+        assert kernel in compiled, f"{kernel} was never launched by the driver calls"
+    spills = [line for line in lines if "LOCAL:0" not in line]
+    assert not spills, "register spills:\n" + "\n".join(spills)
