@@ -1,0 +1,130 @@
+"""Q-ADA distillation loss at the YOLO distillation points (P3 128x80x80, P4 256x40x40, P5
+512x20x20; batch 16 and 64): the fused Triton op against the eager reference and
+torch.compile(reference).
+
+    python benchmarks/bench_qada.py [--smoke] [--out benchmarks/results] [--sweep]
+
+Byte floors (N = B*C*H*W elements of e bytes; k = 3 tensors T, S, Sq for Q-ADA, 2 for ADA): the
+forward reads each input once, kNe; the backward reads them once more and writes dS, (k+1)Ne (the
+per-row statistics, 40 bytes a row, are negligible). `peak_vs_student` is the forward+backward
+peak allocator memory in units of one student-sized tensor (the target: at most 1, which dS itself
+takes). --sweep also times the fused op under every (TILE, ELEMS_PER_THREAD) of ops/ada.py's
+tiling rule on the batch-16 bf16 cases, to retune those two constants on a new GPU.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks import common, shapes  # noqa: E402  (common sets TRITON_INTERPRET first)
+
+import torch  # noqa: E402
+
+import q2kernels  # noqa: E402
+from q2kernels import functional as F  # noqa: E402
+from q2kernels.ops import ada as ada_op  # noqa: E402
+
+COLUMNS = ["point", "shape", "dtype", "layout", "variant", "impl", "fwd_ms", "bwd_ms", "fwd_bwd_ms",
+           "fwd_pct_copy", "bwd_pct_copy", "fwd_bwd_pct_copy", "peak_mem_mb", "peak_vs_student",
+           "speedup_vs_eager", "speedup_vs_compile"]
+
+STEP = 0.05  # the scalar Delta of the Q-ADA variant, and the grid Sq is rounded to
+SWEEP = [(tile, ept) for tile in (1024, 2048, 4096) for ept in (4, 8, 16)]
+
+
+def _inputs(shape, dtype, layout, variant, device):
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    T = torch.randn(shape, device=device).to(dtype).contiguous(memory_format=fmt)
+    S = (torch.randn(shape, device=device) * 1.2 + 0.1).to(dtype).contiguous(memory_format=fmt)
+    S.requires_grad_()
+    if variant == "ada":
+        return [T, S], {"gamma": 0.0}
+    Sq = (torch.round(S.detach().float() / STEP) * STEP).to(dtype).contiguous(memory_format=fmt)
+    return [T, S, Sq, torch.tensor([STEP], device=device)], {}
+
+
+def _impls(smoke, kw):
+    def under(backend):
+        def run(*a):
+            with q2kernels.use_backend(backend):
+                return F.q_ada_loss(*a, **kw)
+        return run
+
+    impls = {"q2kernels": under("triton"), "eager": under("reference")}
+    if not smoke:
+        impls["compile"] = torch.compile(under("reference"))
+    return impls
+
+
+def _cases(smoke):
+    """(point, shape, dtype, layout, variant)."""
+    if smoke:
+        return [("P5", (1, 8, 10, 10), torch.float32, "nchw", "qada"),
+                ("P5", (1, 8, 10, 10), torch.float32, "channels_last", "ada")]
+    cases = []
+    for batch in shapes.BATCHES:
+        for name, c, hw in shapes.ADA_POINTS:
+            shape = (batch, c, hw, hw)
+            cases.append((name, shape, torch.bfloat16, "nchw", "qada"))
+            if batch == shapes.BATCHES[0]:
+                cases.append((name, shape, torch.bfloat16, "nchw", "ada"))
+                cases.append((name, shape, torch.bfloat16, "channels_last", "qada"))
+                cases.append((name, shape, torch.float32, "nchw", "qada"))
+    return cases
+
+
+def _measure(fn, inputs, point, shape, dtype, layout, variant, impl):
+    S = inputs[1]
+    n, e = S.numel(), S.element_size()
+    k = 2 if variant == "ada" else 3
+    grad = torch.ones((), device=S.device)
+    row = common.measure(fn, inputs, grad, k * n * e, (k + 1) * n * e, point=point, shape=str(tuple(shape)),
+                         dtype=str(dtype)[6:], layout=layout, variant=variant, impl=impl)
+    if row["peak_mem_mb"] is not None:
+        row["peak_vs_student"] = row["peak_mem_mb"] / (n * e / 2**20)
+    return row
+
+
+def run(smoke: bool, sweep: bool = False) -> list[dict]:
+    device = common.DEVICE
+    rows = []
+    for point, shape, dtype, layout, variant in _cases(smoke):
+        inputs, kw = _inputs(shape, dtype, layout, variant, device)
+        for impl, fn in _impls(smoke, kw).items():
+            rows.append(_measure(fn, inputs, point, shape, dtype, layout, variant, impl))
+        if sweep and (smoke or (shape[0] == shapes.BATCHES[0] and dtype == torch.bfloat16)):
+            rows += _sweep(inputs, kw, point, shape, dtype, layout, variant)
+    keys = ("point", "shape", "dtype", "layout", "variant")
+    for base in ("eager", "compile"):
+        common.add_speedups(rows, keys, base)
+    return rows
+
+
+def _sweep(inputs, kw, point, shape, dtype, layout, variant):
+    """The fused op under each tiling of SWEEP (module constants read at launch), then restored."""
+    rows = []
+    saved = ada_op.TILE, ada_op.ELEMS_PER_THREAD
+    try:
+        for tile, ept in SWEEP:
+            ada_op.TILE, ada_op.ELEMS_PER_THREAD = tile, ept
+            fn = _impls(True, kw)["q2kernels"]
+            rows.append(_measure(fn, inputs, point, shape, dtype, layout, variant,
+                                 f"q2kernels[tile={tile},ept={ept}]"))
+    finally:
+        ada_op.TILE, ada_op.ELEMS_PER_THREAD = saved
+    return rows
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    sweep = "--sweep" in argv
+    args = common.parse_args(__doc__.splitlines()[0], [a for a in argv if a != "--sweep"])
+    rows = run(args.smoke, sweep)
+    common.report("qada", rows, COLUMNS, args.out)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
