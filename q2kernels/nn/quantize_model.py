@@ -1,7 +1,7 @@
 """quantize_model: swap a model's Conv2d/Linear layers for QConv2d/QLinear under a recipe.
 
 A recipe names the weight and activation quantizers. Weights are quantised per output channel
-where the method allows it (LSQ, LSQ+), per tensor where it does not (DoReFa).
+where the method allows it (LSQ, LSQ+, N2UQ), per tensor where it does not (DoReFa).
 """
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from typing import Callable, Iterable
 from torch import nn
 
 from .modules import QConv2d, QLinear
+from .n2uq import N2UQQuantizer, N2UQWeightQuantizer
 from .quantizers import DoReFaWeightQuantizer, LSQPlusQuantizer, LSQQuantizer, PACTQuantizer, Quantizer
 
 
@@ -34,6 +35,8 @@ RECIPES: dict[str, Recipe] = {
     "lsq_plus": Recipe(weight=_lsq_weight, act=lambda layer, bits: LSQPlusQuantizer(bits, "unsigned")),
     "pact": Recipe(weight=lambda layer, bits: DoReFaWeightQuantizer(bits),
                    act=lambda layer, bits: PACTQuantizer(bits)),
+    "n2uq": Recipe(weight=lambda layer, bits: N2UQWeightQuantizer(bits),
+                   act=lambda layer, bits: N2UQQuantizer(bits)),
 }
 
 

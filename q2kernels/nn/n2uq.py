@@ -1,0 +1,40 @@
+"""N2UQ quantizer modules (MATH.md 4): the learnable-threshold activation quantizer and the N2UQ
+weight quantizer, on the Quantizer base of quantizers.py."""
+from __future__ import annotations
+
+from torch import nn
+
+from .. import functional as F
+from .. import reference as ref
+from .quantizers import Quantizer
+
+
+class N2UQQuantizer(Quantizer):
+    """N2UQ's learnable-threshold activation quantizer (LTQ). Parameters (fp32, per tensor), at
+    MATH.md's initial values: `start` 0, the 2^bits - 1 intervals `a` 2/(2^bits - 1) each, the input
+    scale `alpha1` 1 and the output scale `alpha2` 1. They start from constants, not from data; the
+    outputs are the uniform levels k*(2/(2^bits - 1))*alpha2, k = 0..2^bits - 1."""
+
+    def __init__(self, bits: int = 4):
+        super().__init__(bits)
+        start, a, alpha1, alpha2 = ref.ltq_init(bits)
+        self.start = nn.Parameter(start)
+        self.a = nn.Parameter(a)
+        self.alpha1 = nn.Parameter(alpha1)
+        self.alpha2 = nn.Parameter(alpha2)
+
+    def quantize(self, x):
+        return F.n2uq_act_quantize(x, self.start, self.a, self.alpha1, self.alpha2, self.bits)
+
+    def step_size(self):
+        """The output step I*|alpha2| (the thresholds on the input side are not uniform)."""
+        return (ref.n2uq.ltq_interval(self.bits) * self.alpha2.detach()).abs()
+
+
+class N2UQWeightQuantizer(Quantizer):
+    """N2UQ weights: per output channel (dim 0) scale sf = mean|W|*(2^bits-1)/2^(bits-1), computed
+    from the weights at every call (not learned), 2^bits symmetric levels with no zero in [-sf, sf],
+    and the straight-through gradient dW = g/sf. No learnable parameters."""
+
+    def quantize(self, w):
+        return F.n2uq_weight_quantize(w, self.bits)
