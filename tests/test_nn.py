@@ -11,7 +11,7 @@ from q2kernels.nn import (DoReFaWeightQuantizer, LSQPlusQuantizer, LSQQuantizer,
                           QLinear, quantize_model)
 from q2kernels import reference as ref
 
-RECIPES = ["lsq", "lsq_plus", "pact"]
+RECIPES = ["lsq", "lsq_plus", "pact", "n2uq"]
 
 
 def small_net():
