@@ -60,7 +60,10 @@ def _agreement(model, batch):
             grads = torch.autograd.grad(loss, [p for p in m.parameters()])
         results[backend] = (loss.detach(), grads)
     (l0, g0), (l1, g1) = results["reference"], results["triton"]
-    grad_err = max(((a - b).abs().max() / (a.abs().max() + 1e-12)).item() for a, b in zip(g0, g1))
+    # Each grad's error relative to its own size, but floored at 1e-3 of the largest grad: a
+    # parameter grad that is a sum cancelling to ~0 (N2UQ's alpha2) differs by summation order.
+    floor = 1e-3 * max(a.abs().max().item() for a in g0)
+    grad_err = max(((a - b).abs().max() / max(a.abs().max().item(), floor)).item() for a, b in zip(g0, g1))
     return (l0 - l1).abs().item(), grad_err
 
 
