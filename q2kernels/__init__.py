@@ -12,8 +12,11 @@ __version__ = "0.1.0"
 
 _FUNCTIONAL = (
     "dorefa_weight_quantize",
+    "gated_fusion",
     "lsq_plus_quantize",
     "lsq_quantize",
+    "n2uq_act_quantize",
+    "n2uq_weight_quantize",
     "pact_quantize",
     "q_ada_loss",
 )
@@ -27,4 +30,6 @@ def __getattr__(name):
         return importlib.import_module(f".{name}", __name__)
     if name in _FUNCTIONAL:
         return getattr(importlib.import_module(".functional", __name__), name)
+    if name == "_C":  # the C++/CUDA extension: compiled on first use, then cached (q2kernels/_ext.py)
+        return importlib.import_module("._ext", __name__).load()
     raise AttributeError(f"module 'q2kernels' has no attribute {name!r}")

@@ -12,6 +12,8 @@ from ._validate import check_axis, check_bits, check_float_tensor, check_param
 from .ops import ada as _ada  # noqa: F401  (registers q2kernels::q_ada)
 from .ops import dorefa as _dorefa  # noqa: F401  (registers q2kernels::dorefa_weight)
 from .ops import fake_quant as _fq
+from .ops import fusion as _fusion
+from .ops import n2uq as _n2uq  # noqa: F401  (registers q2kernels::n2uq_act, q2kernels::n2uq_weight)
 
 
 def _check_scale_param(p, name, x, axis):
@@ -83,6 +85,41 @@ def dorefa_weight_quantize(w, bits: int = 4):
     return ref.dorefa_weight_fake_quant(w, bits=bits)
 
 
+def n2uq_act_quantize(x, start, a, alpha1, alpha2, bits: int = 4):
+    """N2UQ learnable-threshold activation quantisation (LTQ, MATH.md 4): u = alpha1*x, level
+    k = #{thresholds below u} (thresholds from start and the intervals a), y = k*(2/(2^bits-1))*alpha2.
+
+    x: float32/float16/bfloat16, any layout. start, alpha1, alpha2: float32, 1 element each;
+    a: float32, 2^bits - 1 elements (the intervals; entries at or below 1e-3 act as 1e-3).
+    """
+    check_float_tensor(x, "x")
+    check_bits(bits)
+    for p, name in ((start, "start"), (alpha1, "alpha1"), (alpha2, "alpha2")):
+        _check_scale_param(p, name, x, None)
+    n = 2**bits - 1
+    if isinstance(a, torch.Tensor) and a.numel() != n:
+        raise ValueError(f"a: expected 2^bits - 1 = {n} intervals for bits={bits}, got shape {tuple(a.shape)}")
+    check_param(a, "a", x, n)
+    if a.dtype != torch.float32:
+        raise TypeError(f"a: expected a float32 parameter, got {a.dtype}")
+    if _backend.resolve(x) == "triton":
+        return torch.ops.q2kernels.n2uq_act(x, start, a, alpha1, alpha2, bits)[0]
+    return ref.n2uq_act_fake_quant(x, start, a, alpha1, alpha2, bits=bits)
+
+
+def n2uq_weight_quantize(w, bits: int = 4):
+    """N2UQ weight quantisation (MATH.md 4): per output channel (dim 0) scale
+    sf = mean|W|*(2^bits-1)/2^(bits-1) (not learned, no gradient), 2^bits symmetric levels with no
+    zero in [-sf, sf], and dW = g/sf (no clip mask). w: float32/float16/bfloat16, 1-d or more."""
+    check_float_tensor(w, "w")
+    check_bits(bits)
+    if w.dim() == 0:
+        raise ValueError("w: expected a tensor with an output-channel dimension (dim >= 1), got a 0-d tensor")
+    if _backend.resolve(w) == "triton":
+        return torch.ops.q2kernels.n2uq_weight(w, bits)[0]
+    return ref.n2uq_weight_fake_quant(w, bits=bits)
+
+
 def _check_feature(x, name, like=None):
     check_float_tensor(x, name)
     if like is None:
@@ -139,3 +176,67 @@ def q_ada_loss(T, S, Sq=None, delta=None, lam: float = ref.ada.LAMBDA, gamma: fl
         loss, _ = torch.ops.q2kernels.q_ada(T, S, Sq, delta, lam, gamma, divergence == "kl", reduction == "mean")
         return loss
     return ref.q_ada_loss(T, S, Sq, delta, lam=lam, gamma=gamma, divergence=divergence, reduction=reduction)
+
+
+def _check_fusion_param(p, name, like, numel):
+    check_param(p, name, like, numel)
+    if p.dtype != torch.float32:
+        raise TypeError(f"{name}: expected a float32 parameter, got {p.dtype}")
+
+
+def gated_fusion(xs, theta, gamma=None, beta=None, fuse: str = "concat", eps: float = ref.fusion.EPS,
+                 controller=None):
+    """Gated fusion + LayerNorm over channels (MATH.md 5; GABFusion / Q-GBFusion).
+
+    xs: 2..4 tensors (B, C_k, H, W) of one float dtype and device, NCHW or channels_last (ragged
+    C_k allowed for concat). theta: (K,) float32 gate logits, a = softmax(theta). fuse: "concat"
+    (output C = sum C_k) or "sum" (all C_k equal, output C = C_k). gamma, beta: optional (C,)
+    float32 LayerNorm affine. controller: an optional reference.GateController whose tensors the
+    backward updates in place with the branch energies E_k = sum(dx_k^2) (and, when it holds theta,
+    the closed-loop gate step). Returns y (B, C, H, W) in the inputs' dtype, laid out like xs[0].
+    """
+    if not isinstance(xs, (list, tuple)):
+        raise TypeError(f"xs: expected a list or tuple of tensors, got {type(xs).__name__}")
+    if not 2 <= len(xs) <= _fusion.MAX_BRANCHES:
+        raise ValueError(f"xs: expected 2..{_fusion.MAX_BRANCHES} branches, got {len(xs)} "
+                         f"(the fused kernel holds at most {_fusion.MAX_BRANCHES} branch pointers)")
+    x0 = check_float_tensor(xs[0], "xs[0]")
+    for k, x in enumerate(xs):
+        check_float_tensor(x, f"xs[{k}]")
+        if x.dim() != 4:
+            raise ValueError(f"xs[{k}]: expected a 4-d (B, C, H, W) tensor, got shape {tuple(x.shape)}")
+        if x.dtype != x0.dtype:
+            raise TypeError(f"xs[{k}]: dtype {x.dtype} differs from xs[0]'s {x0.dtype}")
+        if x.device != x0.device:
+            raise ValueError(f"xs[{k}]: is on {x.device} but xs[0] is on {x0.device}")
+        if (x.size(0), x.size(2), x.size(3)) != (x0.size(0), x0.size(2), x0.size(3)):
+            raise ValueError(f"xs[{k}]: batch and spatial size {(x.size(0), x.size(2), x.size(3))} differ "
+                             f"from xs[0]'s {(x0.size(0), x0.size(2), x0.size(3))}")
+        if x.size(1) == 0:
+            raise ValueError(f"xs[{k}]: has 0 channels")
+    if fuse not in ref.fusion.FUSE_MODES:
+        raise ValueError(f"fuse: expected one of {ref.fusion.FUSE_MODES}, got {fuse!r}")
+    channels = [x.size(1) for x in xs]
+    if fuse == "sum" and len(set(channels)) != 1:
+        raise ValueError(f"xs: fuse='sum' needs equal channel counts, got {channels}")
+    C = sum(channels) if fuse == "concat" else channels[0]
+    _check_fusion_param(theta, "theta", x0, len(xs))
+    if gamma is not None:
+        _check_fusion_param(gamma, "gamma", x0, C)
+    if beta is not None:
+        _check_fusion_param(beta, "beta", x0, C)
+    eps = _check_number(eps, "eps", 0.0, lo_allowed=False)
+    if controller is not None:
+        if not isinstance(controller, ref.GateController):
+            raise TypeError(f"controller: expected a q2kernels.reference.GateController, got {type(controller).__name__}")
+        for field, t in zip(controller._fields, controller):
+            if isinstance(t, torch.Tensor) and t.device != x0.device:
+                raise ValueError(f"controller.{field}: is on {t.device} but xs[0] is on {x0.device}")
+    if _backend.resolve(x0) == "triton":
+        gates = torch.softmax(theta.float(), dim=0)
+        momentum, eta, group = (ref.fusion.MOMENTUM, ref.fusion.ETA, None) if controller is None else \
+            (float(controller.momentum), float(controller.eta), controller.group)
+        y, _, _ = torch.ops.q2kernels.gated_fusion(list(xs), gates, gamma, beta, fuse == "concat", eps,
+                                                   _fusion.controller_tensors(controller), momentum, eta, group)
+        return y
+    return ref.gated_fusion(list(xs), theta, gamma, beta, fuse=fuse, eps=eps, controller=controller)

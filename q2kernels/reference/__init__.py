@@ -1,4 +1,9 @@
 """Eager PyTorch implementations of every op: the oracle of the tests and the CPU backend."""
+from . import ada
+from . import fusion
+from . import n2uq
+from .ada import q_ada_loss
+from .fusion import GateController, controller_update, fusion_stats, gated_fusion
 from .fake_quant import (
     QRANGE_MODES,
     dorefa_weight_fake_quant,
@@ -10,15 +15,26 @@ from .fake_quant import (
     pact_fake_quant,
     qrange,
 )
+from .n2uq import ltq_init, ltq_tables, n2uq_act_fake_quant, n2uq_weight_fake_quant, n2uq_weight_scale
 
 __all__ = [
+    "GateController",
     "QRANGE_MODES",
+    "controller_update",
     "dorefa_weight_fake_quant",
+    "fusion_stats",
+    "gated_fusion",
     "lsq_fake_quant",
     "lsq_grad_scale",
     "lsq_init_scale",
     "lsq_plus_fake_quant",
     "lsq_plus_init",
+    "ltq_init",
+    "ltq_tables",
+    "n2uq_act_fake_quant",
+    "n2uq_weight_fake_quant",
+    "n2uq_weight_scale",
     "pact_fake_quant",
+    "q_ada_loss",
     "qrange",
 ]
