@@ -85,10 +85,46 @@ fwd_bwd(lambda x, s: F.lsq_quantize(x, s, 4, axis=1), xl, s6)
 fwd_bwd(lambda x, s, b: F.lsq_plus_quantize(x, s, b, 4, axis=1), xl, s6, s6.clone())
 fwd_bwd(lambda x, a: F.pact_quantize(x, a, 4), x.bfloat16(), s1)
 fwd_bwd(lambda w: F.dorefa_weight_quantize(w, 4), x)
+
+one = torch.tensor([1.0])
+for bits, dtype, xx in ((4, torch.bfloat16, xl), (8, torch.float32, x), (2, torch.float16, xl)):
+    n = 2**bits - 1
+    fwd_bwd(lambda x, st, a, a1, a2: F.n2uq_act_quantize(x, st, a, a1, a2, bits), xx.to(dtype),
+            torch.zeros(1), torch.full((n,), 2.0 / n), one, one.clone())
+    fwd_bwd(lambda w: F.n2uq_weight_quantize(w, bits), xx.to(dtype))
+
+T = torch.randn(2, 24, 9, 9)
+for dtype, fmt, kw in ((torch.bfloat16, torch.contiguous_format, dict(delta=torch.rand(24) + 0.1)),
+                       (torch.float32, torch.contiguous_format, dict(divergence="kl")),
+                       (torch.float16, torch.channels_last, dict())):
+    Tc, Sc = T.to(dtype).to(memory_format=fmt), torch.randn_like(T).to(dtype).to(memory_format=fmt)
+    Sq = None if kw.get("divergence") == "kl" else (Sc + 0.01)
+    fwd_bwd(lambda S: F.q_ada_loss(Tc, S, Sq, **kw), Sc)
+fwd_bwd(lambda S: F.q_ada_loss(torch.randn(1, 4, 90, 90), S), torch.randn(1, 4, 90, 90))  # rows in chunks
+
+from q2kernels.ops import fusion as _fusion
+def fusion_case(channels, fuse, dtype, fmt, affine):
+    xs = [torch.randn(1, c, 40, 40).to(dtype).to(memory_format=fmt).requires_grad_() for c in channels]
+    C = sum(channels) if fuse == "concat" else channels[0]
+    gb = (torch.ones(C, requires_grad=True), torch.zeros(C, requires_grad=True)) if affine else (None, None)
+    F.gated_fusion(xs, torch.zeros(len(xs), requires_grad=True), *gb, fuse=fuse).backward(torch.randn(1, C, 40, 40))
+for fmt in (torch.contiguous_format, torch.channels_last):
+    fusion_case([512, 256], "concat", torch.bfloat16, fmt, True)
+    fusion_case([128, 256], "concat", torch.float32, fmt, True)
+fusion_case([256, 256], "sum", torch.float16, torch.channels_last, False)
+fusion_case([64, 32, 16, 16], "concat", torch.bfloat16, torch.channels_last, True)
+
+# int64 offsets (tensors over 2^31 elements), forced on small tensors
 _layout.needs_int64 = lambda t: True
+_fusion._max_offset = lambda t: 2**31
 fwd_bwd(lambda x, s: F.lsq_quantize(x, s, 4, axis=1), xl, s6)
 fwd_bwd(lambda w: F.dorefa_weight_quantize(w, 4), x.bfloat16())
-_layout.needs_int64 = lambda t: t.numel() > 2**31 - 1
+fwd_bwd(lambda x, st, a, a1, a2: F.n2uq_act_quantize(x, st, a, a1, a2, 4), xl.bfloat16(),
+        torch.zeros(1), torch.full((15,), 2.0 / 15), one, one.clone())
+fwd_bwd(lambda w: F.n2uq_weight_quantize(w, 4), x)
+fwd_bwd(lambda S: F.q_ada_loss(T.to(memory_format=torch.channels_last), S, S + 0.01),
+        torch.randn_like(T).to(memory_format=torch.channels_last))
+fusion_case([512, 256], "concat", torch.bfloat16, torch.channels_last, True)
 """
 
 
@@ -103,7 +139,9 @@ def test_every_kernel_compiles_for_sm90_without_spills(tmp_path):
     print(r.stdout)
     compiled = {line.split()[0] for line in lines}
     for kernel in ("_fake_quant_fwd_kernel", "_fake_quant_bwd_kernel", "_absmax_kernel", "_dorefa_fwd_kernel",
-                   "_dorefa_bwd_partials_kernel", "_dorefa_bwd_kernel"):
+                   "_dorefa_bwd_partials_kernel", "_dorefa_bwd_kernel", "_ltq_tables_kernel", "_ltq_fwd_kernel",
+                   "_ltq_bwd_kernel", "_ltq_bwd_finish_kernel", "_n2uq_weight_fwd_kernel", "_n2uq_weight_bwd_kernel",
+                   "_q_ada_fwd_kernel", "_q_ada_bwd_kernel", "_gated_fusion_fwd_kernel", "_gated_fusion_bwd_kernel"):
         assert kernel in compiled, f"{kernel} was never launched by the driver calls"
     spills = [line for line in lines if "LOCAL:0" not in line]
     assert not spills, "register spills:\n" + "\n".join(spills)
