@@ -63,7 +63,8 @@ def main(argv=None) -> int:
     sub.add_parser("doctor", help="versions, GPU, the backend each op uses, the C++ extension")
     demo = sub.add_parser("demo", help="the end-to-end demo (the README's first command)")
     demo.add_argument("--smoke", action="store_true", help="a run of under a minute, for CI")
-    demo.add_argument("--steps", type=int, default=None, help="training steps per recipe")
+    demo.add_argument("--steps", type=int, default=None, help="QAT steps per run")
+    demo.add_argument("--out", default="q2k_demo_out", help="directory for the plots")
     bench = sub.add_parser("bench", help="run the benchmark suite (benchmarks/run_all.py)")
     bench.add_argument("args", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
@@ -72,7 +73,7 @@ def main(argv=None) -> int:
         return doctor()
     if args.command == "demo":
         from q2kernels import demo as demo_mod
-        return demo_mod.main(smoke=args.smoke, steps=args.steps)
+        return demo_mod.main(smoke=args.smoke, steps=args.steps, out=args.out)
     from pathlib import Path
     import runpy
     script = Path(__file__).resolve().parent.parent / "benchmarks" / "run_all.py"

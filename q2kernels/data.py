@@ -19,7 +19,7 @@ def _draw(rng: np.random.Generator, size: int):
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
     for _ in range(rng.integers(1, 4)):
         cls = int(rng.integers(1, 4))
-        r = rng.uniform(0.12, 0.25) * size
+        r = rng.uniform(0.18, 0.32) * size
         cy, cx = rng.uniform(r, size - r, 2)
         if cls == 1:
             inside = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
@@ -39,7 +39,7 @@ def make_shapes(n: int, size: int = 64, seed: int = 0) -> tuple[torch.Tensor, to
     """n images (n, 3, size, size) float32 and their class maps (n, size, size) int64."""
     rng = np.random.default_rng(seed)
     imgs, labels = zip(*(_draw(rng, size) for _ in range(n)))
-    return torch.from_numpy(np.stack(imgs)), torch.from_numpy(np.stack(labels))
+    return torch.from_numpy(np.stack(imgs).astype(np.float32)), torch.from_numpy(np.stack(labels))
 
 
 def labels_at_stride(labels: torch.Tensor, stride: int) -> torch.Tensor:

@@ -1,95 +1,284 @@
-"""The main job: quantize a small conv net to W4A4 with each recipe, train it on synthetic data,
-and check that the fused kernels and the eager reference agree. `q2k demo [--smoke]`."""
+"""The main job end to end (`q2k demo [--smoke]`).
+
+A small YOLOv5-style network (C3 blocks, SiLU, upsampling, a PAN neck whose concat nodes can be
+gated fusions) learns the procedurally generated shapes task of q2kernels.data. It is trained in
+float, then quantization-aware at W4A4 and W3A3 with LSQ, PACT and N2UQ, plain and with Q-GBFusion
+(balanced gated fusion) plus Q-ADA distillation from the float teacher; each QAT model is
+calibrated, converted to an integer model (its LayerNorms folded away) and evaluated. It prints a
+table — float / fake-quant / integer metric, step time, peak memory — saves the plots, and checks
+that the fused kernels agree with the eager reference.
+
+On a GPU the fused Triton kernels and the CUDA integer path run; on a CPU the reference backend and
+the exact CPU integer path (the fused kernels then run, through the interpreter, for the agreement
+check only).
+"""
 from __future__ import annotations
 
 import copy
+import sys
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
 import q2kernels
-from q2kernels.nn import RECIPES, quantize_model
+from q2kernels.data import labels_at_stride, make_shapes, mean_iou
+from q2kernels.deploy import calibrate_fusion, convert_to_int
+from q2kernels.models import YOLOv5
+from q2kernels.nn import GatedFusion, QADALoss, quantize_model
+
+STRIDES = (8, 16, 32)
+NUM_CLASSES = 4
+INT_METRIC_TOL = 0.01  # |integer mIoU - fake-quant mIoU|: the models agree up to rounding ties
 
 
-def make_net() -> nn.Module:
-    return nn.Sequential(
-        nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.SiLU(),
-        nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.BatchNorm2d(32), nn.SiLU(),
-        nn.Conv2d(32, 32, 1), nn.BatchNorm2d(32), nn.SiLU(),
-        nn.Conv2d(32, 32, 3, padding=1), nn.BatchNorm2d(32), nn.SiLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 4),
-    )
+@dataclass
+class Config:
+    size: int
+    width: float
+    n_train: int
+    n_test: int
+    batch: int
+    float_steps: int
+    qat_steps: int
+    runs: tuple  # (recipe, bits, q2 = Q-GBFusion + Q-ADA)
 
 
-def synthetic_batches(n: int, batch: int, size: int, device):
-    """Images whose label is the quadrant holding the brightest blob: learnable by a small CNN."""
-    g = torch.Generator().manual_seed(0)
-    out = []
-    for _ in range(n):
-        y = torch.randint(0, 4, (batch,), generator=g)
-        x = torch.randn(batch, 3, size, size, generator=g) * 0.3
-        h = size // 2
-        for i, q in enumerate(y.tolist()):
-            r, c = divmod(q, 2)
-            x[i, :, r * h:(r + 1) * h, c * h:(c + 1) * h] += 1.0
-        out.append((x.to(device), y.to(device)))
-    return out
+def _config(smoke: bool, cuda: bool) -> Config:
+    all_runs = tuple((r, b, q2) for r in ("lsq", "pact", "n2uq") for b in (4, 3) for q2 in (False, True))
+    if smoke:
+        return Config(32, 0.125, 128, 32, 16, 120, 30, (("lsq", 4, False), ("pact", 3, False), ("n2uq", 4, True)))
+    if cuda:
+        return Config(128, 0.50, 2048, 256, 32, 600, 300, all_runs)
+    return Config(64, 0.25, 512, 128, 16, 200, 80, all_runs)
 
 
-def _train(model, batches, steps):
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    losses = []
-    for step in range(steps):
-        x, y = batches[step % len(batches)]
-        loss = nn.functional.cross_entropy(model(x), y)
+class Progress:
+    """A one-line progress bar on stderr (no dependency)."""
+
+    def __init__(self, total: int, label: str):
+        self.total, self.label, self.n = total, label, 0
+        self.t0 = time.perf_counter()
+
+    def update(self, info: str = ""):
+        self.n += 1
+        if sys.stderr.isatty() or self.n == self.total:
+            done = int(30 * self.n / self.total)
+            rate = self.n / max(time.perf_counter() - self.t0, 1e-9)
+            end = "\n" if self.n == self.total else ""
+            print(f"\r  {self.label:<24} [{'#' * done}{'.' * (30 - done)}] {self.n}/{self.total} "
+                  f"{rate:5.1f} it/s {info}", end=end, file=sys.stderr, flush=True)
+
+
+def make_model(cfg: Config, fusion_mode: str | None) -> nn.Module:
+    fusion = None if fusion_mode is None else (lambda ch: GatedFusion(ch, mode=fusion_mode))
+    return YOLOv5(width=cfg.width, depth=0.33, outputs=NUM_CLASSES, fusion=fusion)
+
+
+# Background covers most cells: weigh it down so the shapes are learnt within a short run.
+CLASS_WEIGHTS = (0.25, 1.0, 1.0, 1.0)
+
+
+def detection_loss(outputs, labels):
+    w = torch.tensor(CLASS_WEIGHTS, device=outputs[0].device)
+    return sum(nn.functional.cross_entropy(o.float(), labels_at_stride(labels, s), weight=w)
+               for o, s in zip(outputs, STRIDES))
+
+
+def batches(x, y, batch, steps, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        idx = torch.randint(0, x.shape[0], (batch,), generator=g)
+        yield x[idx], y[idx]
+
+
+def train(model, data, cfg, steps, lr, label, teacher=None, distill=None):
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    losses, bar = [], Progress(steps, label)
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for x, y in batches(*data, cfg.batch, steps):
+        x, y = x.to(device), y.to(device)
+        if teacher is not None:
+            with torch.no_grad():
+                teacher(x)  # its hooks record the distillation targets
+        loss = detection_loss(model(x), y)
+        if distill is not None:
+            loss = loss + distill()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        sched.step()
         losses.append(loss.item())
-    return losses
+        bar.update(f"loss {losses[-1]:.3f}")
+    step_ms = (time.perf_counter() - t0) / steps * 1e3
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
+    return losses, step_ms, peak
 
 
-def _agreement(model, batch):
-    """Max |difference| of the loss and of every parameter grad, fused kernels vs reference."""
+@torch.no_grad()
+def evaluate(model, data, batch=32):
+    model.eval()
+    x, y = data
+    device = next((p.device for p in model.parameters()), x.device) if list(model.parameters()) else x.device
+    preds = [model(x[i:i + batch].to(device))[0].float().argmax(1).cpu() for i in range(0, x.shape[0], batch)]
+    return mean_iou(torch.cat(preds), labels_at_stride(y, STRIDES[0]))
+
+
+def imbalance(model) -> tuple[float, float]:
+    """Mean over fusion nodes of |log E_0 - log E_1| (EMA energies), at the first and last step."""
+    first, last = [], []
+    for m in model.modules():
+        if isinstance(m, GatedFusion):
+            log = m.gate_log()
+            e = log["energy_ema"].double().clamp_min(1e-30).log()
+            if e.shape[0]:
+                first.append((e[0, 0] - e[0, 1]).abs().item())
+                last.append((e[-5:, 0] - e[-5:, 1]).abs().mean().item())
+    return (sum(first) / len(first), sum(last) / len(last)) if first else (float("nan"), float("nan"))
+
+
+def agreement(model, batch) -> tuple[float, float]:
+    """|loss difference| and the largest grad error, fused kernels vs reference, on one batch.
+    A grad's error is relative to its own size, floored at 1e-3 of the largest grad (a sum that
+    cancels to ~0 differs by summation order)."""
     results = {}
     for backend in ("reference", "triton"):
-        m = copy.deepcopy(model)
+        m = copy.deepcopy(model).train()
         with q2kernels.use_backend(backend):
-            loss = nn.functional.cross_entropy(m(batch[0]), batch[1])
-            grads = torch.autograd.grad(loss, [p for p in m.parameters()])
-        results[backend] = (loss.detach(), grads)
+            loss = detection_loss(m(batch[0]), batch[1])
+            params = [p for p in m.parameters() if p.requires_grad]
+            results[backend] = (loss.detach(), torch.autograd.grad(loss, params, allow_unused=True))
     (l0, g0), (l1, g1) = results["reference"], results["triton"]
-    # Each grad's error relative to its own size, but floored at 1e-3 of the largest grad: a
-    # parameter grad that is a sum cancelling to ~0 (N2UQ's alpha2) differs by summation order.
-    floor = 1e-3 * max(a.abs().max().item() for a in g0)
-    grad_err = max(((a - b).abs().max() / max(a.abs().max().item(), floor)).item() for a, b in zip(g0, g1))
-    return (l0 - l1).abs().item(), grad_err
+    pairs = [(a, b) for a, b in zip(g0, g1) if a is not None]
+    floor = 1e-3 * max(a.abs().max().item() for a, _ in pairs)
+    err = max(((a - b).abs().max() / max(a.abs().max().item(), floor)).item() for a, b in pairs)
+    return abs(l0.item() - l1.item()), err
 
 
-def main(smoke: bool = False, steps: int | None = None) -> int:
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    size, batch = (16, 8) if smoke else (32, 32)
-    steps = steps or (6 if smoke else 60)
+def plot(path: Path, float_losses, runs, fusion_logs):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plots (pip install matplotlib)")
+        return []
+    path.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    ax.plot(float_losses, label="float", color="black")
+    for name, losses in runs.items():
+        ax.plot(range(len(float_losses), len(float_losses) + len(losses)), losses, label=name, lw=1)
+    ax.set_xlabel("step"), ax.set_ylabel("loss"), ax.set_yscale("log"), ax.legend(fontsize=7, ncol=2)
+    ax.set_title("float training, then QAT from the float weights")
+    fig.tight_layout()
+    fig.savefig(path / "loss_curves.png", dpi=120)
+    plt.close(fig)
+    files = [path / "loss_curves.png"]
+    for name, logs in fusion_logs.items():
+        fig, axes = plt.subplots(2, len(logs), figsize=(3.2 * len(logs), 5), squeeze=False)
+        for j, (node, log) in enumerate(logs.items()):
+            e = log["energy_ema"].double().clamp_min(1e-30).log10()
+            for k in range(e.shape[1]):
+                axes[0, j].plot(e[:, k], label=f"branch {k}")
+                axes[1, j].plot(log["gates"][:, k], label=f"gate {k}")
+            axes[0, j].set_title(f"node {node}: log10 EMA energy", fontsize=8)
+            axes[1, j].set_title("gates softmax(theta)", fontsize=8)
+            axes[1, j].set_xlabel("step")
+        axes[0, 0].legend(fontsize=7), axes[1, 0].legend(fontsize=7)
+        fig.suptitle(f"Q-GBFusion gradient balance: {name}")
+        fig.tight_layout()
+        out = path / f"gradient_balance_{name}.png"
+        fig.savefig(out, dpi=120)
+        plt.close(fig)
+        files.append(out)
+    return files
+
+
+def main(smoke: bool = False, steps: int | None = None, out: str = "q2k_demo_out") -> int:
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    cfg = _config(smoke, cuda)
+    if steps:
+        cfg.qat_steps = steps
     torch.manual_seed(0)
-    batches = synthetic_batches(8, batch, size, device)
-    float_net = make_net().to(device)
-    print(f"q2kernels demo on {device}: {steps} float steps, then W4A4 QAT with each recipe")
-    float_losses = _train(float_net, batches, steps)
-    print(f"float: loss {float_losses[0]:.3f} -> {float_losses[-1]:.3f}")
-    header = f"{'recipe':<10}{'bits':>6}{'loss start':>12}{'loss end':>10}{'step ms':>9}{'|dloss|':>10}{'grad rel err':>14}"
-    print(header)
-    ok = True
-    for recipe in RECIPES:
-        model = quantize_model(copy.deepcopy(float_net), recipe, 4, 4)
-        model(batches[0][0])  # first-batch initialisation of every quantizer
-        t = time.perf_counter()
-        losses = _train(model, batches, steps)
-        step_ms = (time.perf_counter() - t) / steps * 1e3
-        dloss, grad_err = _agreement(model, batches[0])
-        agree = dloss <= 1e-4 and grad_err <= 1e-3
-        ok &= agree
-        print(f"{recipe:<10}{'W4A4':>6}{losses[0]:>12.3f}{losses[-1]:>10.3f}{step_ms:>9.1f}{dloss:>10.1e}"
-              f"{grad_err:>14.1e}  {'fused == reference' if agree else 'MISMATCH'}")
-    print("fused kernels and reference agree" if ok else "fused kernels and reference DISAGREE")
+    train_data = make_shapes(cfg.n_train, cfg.size, seed=0)
+    test_data = make_shapes(cfg.n_test, cfg.size, seed=1)
+    print(f"q2kernels demo on {device} ({'fused Triton kernels' if cuda else 'reference backend'}): "
+          f"{cfg.n_train} {cfg.size}x{cfg.size} shape images, YOLOv5 width {cfg.width}")
+
+    floats = {}
+    for fusion_mode in sorted({"learned" if q2 else None for _, _, q2 in cfg.runs}, key=str):
+        m = make_model(cfg, fusion_mode).to(device)
+        losses, step_ms, _ = train(m, train_data, cfg, cfg.float_steps, 3e-3,
+                                   f"float {'GABFusion' if fusion_mode else 'concat'}")
+        floats[fusion_mode] = (m, losses, evaluate(m, test_data))
+    print("float mIoU: " + ", ".join(f"{'GABFusion' if k else 'concat'} {v[2]:.3f}" for k, v in floats.items()))
+
+    rows, curves, fusion_logs, ok = [], {}, {}, True
+    calib = [x for x, _ in batches(*train_data, cfg.batch, 4, seed=7)]
+    for recipe, bits, q2 in cfg.runs:
+        name = f"{recipe}-W{bits}A{bits}{'+Q2' if q2 else ''}"
+        teacher, float_losses, float_miou = floats["learned" if q2 else None]
+        student = make_model(cfg, "balanced" if q2 else None).to(device)
+        student.load_state_dict(teacher.state_dict())
+        quantize_model(student, recipe, bits, bits)
+        student.to(device)
+        with torch.no_grad():
+            student(train_data[0][: cfg.batch].to(device))  # first-batch init of the quantizers
+        distill = None
+        if q2:
+            teacher.eval()
+            distill = QADALoss(teacher, student, points=["17", "20", "23"], weight=0.01)
+        losses, step_ms, peak = train(student, train_data, cfg, cfg.qat_steps, 1e-3, name,
+                                      teacher if q2 else None, distill)
+        if distill is not None:
+            distill.remove()
+            fusion_logs[name] = {n: m.gate_log() for n, m in student.named_modules() if isinstance(m, GatedFusion)}
+        curves[name] = losses
+        fq_miou = evaluate(student, test_data)
+        if q2:
+            calibrate_fusion(student, [x.to(device) for x in calib])
+        int_model = convert_to_int(student.eval(), calib[0][:1].to(device))
+        int_miou = evaluate(int_model, test_data)
+        agree_int = abs(int_miou - fq_miou) <= INT_METRIC_TOL
+        ok &= agree_int
+        row = dict(run=name, float=float_miou, fake_quant=fq_miou, integer=int_miou, step_ms=step_ms,
+                   peak=peak, int_layers=len(int_model.report.get("converted", [])) if isinstance(
+                       getattr(int_model, "report", None), dict) else None)
+        if q2:
+            row["imbalance"] = imbalance(student)
+            ok &= row["imbalance"][1] < row["imbalance"][0]
+        rows.append(row)
+
+    print(f"\n{'run':<18}{'float':>7}{'fake-q':>8}{'integer':>9}{'step ms':>9}{'peak MiB':>10}  energy imbalance")
+    for r in rows:
+        imb = r.get("imbalance")
+        peak = f"{r['peak']:.0f}" if r["peak"] is not None else "n/a"
+        print(f"{r['run']:<18}{r['float']:>7.3f}{r['fake_quant']:>8.3f}{r['integer']:>9.3f}{r['step_ms']:>9.1f}"
+              f"{peak:>10}  " + (f"|log E0/E1| {imb[0]:.2f} -> {imb[1]:.2f}" if imb else ""))
+    print(f"metric: mIoU of the shape classes at stride 8; integer == fake-quant within {INT_METRIC_TOL}")
+
+    # The fused kernels against the reference, on the first QAT configuration (one batch).
+    recipe, bits, _ = cfg.runs[0]
+    probe = quantize_model(make_model(cfg, "balanced").to(device), recipe, bits, bits).to(device)
+    xb, yb = next(batches(*train_data, 2, 1, seed=3))
+    with torch.no_grad():
+        probe(xb.to(device))
+    dloss, gerr = agreement(probe, (xb.to(device), yb.to(device)))
+    agree = dloss <= 1e-4 and gerr <= 1e-3
+    ok &= agree
+    print(f"fused kernels vs reference ({recipe} W{bits}A{bits} + gated fusion, forward+backward): "
+          f"|dloss| {dloss:.1e}, grad rel err {gerr:.1e}: {'agree' if agree else 'DISAGREE'}")
+
+    for f in plot(Path(out), floats[None][1] if None in floats else [], curves, fusion_logs):
+        print(f"saved {f}")
+    print("demo OK" if ok else "demo FAILED: see the rows above")
     return 0 if ok else 1
