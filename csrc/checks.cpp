@@ -1,0 +1,152 @@
+// Argument checks of the integer ops, shared by every device. They look at dtypes, shapes, strides
+// and devices only, never at values. Type errors raise TypeError, the rest ValueError, each naming
+// the argument.
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/util/Exception.h>
+
+#include "epilogue.h"
+#include "int_conv.h"
+
+namespace q2k {
+namespace {
+
+void check_packed(const at::Tensor& t, const char* name, const char* dims) {
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kByte, name, ": expected a packed uint8 tensor ", dims,
+                   ", got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.dim() == 4, name, ": expected a 4-d packed tensor ", dims, ", got shape ", t.sizes());
+  TORCH_CHECK_VALUE(t.is_contiguous(), name, ": expected a contiguous packed tensor ", dims,
+                    " (NHWC codes, two per byte), got strides ", t.strides());
+}
+
+void check_same_device(const at::Tensor& t, const char* name, const at::Tensor& like) {
+  TORCH_CHECK_VALUE(t.device() == like.device(), name, ": is on ", t.device(), " but x is on ", like.device());
+}
+
+void check_pair(c10::IntArrayRef v, const char* name, int64_t lo) {
+  TORCH_CHECK_VALUE(v.size() == 2, name, ": expected 2 values (height, width), got ", v);
+  TORCH_CHECK_VALUE(v[0] >= lo && v[1] >= lo, name, ": expected values >= ", lo, ", got ", v);
+}
+
+}  // namespace
+
+ConvProblem check_conv(const at::Tensor& x, const at::Tensor& weight, int64_t in_channels, bool x_signed,
+                       bool w_signed, int64_t w_mul, int64_t w_add, c10::IntArrayRef stride,
+                       c10::IntArrayRef padding, c10::IntArrayRef dilation) {
+  check_packed(x, "x", "(N, H, W, C_in/2)");
+  check_packed(weight, "weight", "(C_out, KH, KW, C_in/2)");
+  check_same_device(weight, "weight", x);
+  TORCH_CHECK_VALUE(in_channels >= 1, "in_channels: expected >= 1, got ", in_channels);
+  const int64_t cb = packed_bytes(in_channels);
+  TORCH_CHECK_VALUE(x.size(3) == cb, "x: holds ", x.size(3), " bytes per pixel but in_channels=", in_channels,
+                    " packs into ", cb, " (channels padded to a multiple of ", kChannelAlign,
+                    ", two codes per byte)");
+  TORCH_CHECK_VALUE(weight.size(3) == cb, "weight: holds ", weight.size(3),
+                    " bytes per tap but in_channels=", in_channels, " packs into ", cb,
+                    " (the weights' input channels do not match x)");
+  TORCH_CHECK_VALUE(weight.size(0) >= 1 && weight.size(1) >= 1 && weight.size(2) >= 1,
+                    "weight: expected a non-empty (C_out, KH, KW, C_in/2) tensor, got shape ", weight.sizes());
+  TORCH_CHECK_VALUE(w_mul != 0, "w_mul: expected a non-zero weight code multiplier, got ", w_mul);
+  check_pair(stride, "stride", 1);
+  check_pair(padding, "padding", 0);
+  check_pair(dilation, "dilation", 1);
+  ConvProblem p;
+  p.n = x.size(0);
+  p.h = x.size(1);
+  p.w = x.size(2);
+  p.cin = in_channels;
+  p.cb = cb;
+  p.cout = weight.size(0);
+  p.kh = weight.size(1);
+  p.kw = weight.size(2);
+  p.sh = stride[0];
+  p.sw = stride[1];
+  p.ph = padding[0];
+  p.pw = padding[1];
+  p.dh = dilation[0];
+  p.dw = dilation[1];
+  const int64_t span_h = p.h + 2 * p.ph - p.dh * (p.kh - 1) - 1;
+  const int64_t span_w = p.w + 2 * p.pw - p.dw * (p.kw - 1) - 1;
+  TORCH_CHECK_VALUE(span_h >= 0 && span_w >= 0, "x: the padded input (", p.h + 2 * p.ph, "x",
+                    p.w + 2 * p.pw, ") is smaller than the dilated kernel (", p.dh * (p.kh - 1) + 1, "x",
+                    p.dw * (p.kw - 1) + 1, ")");
+  p.ho = span_h / p.sh + 1;
+  p.wo = span_w / p.sw + 1;
+  p.x_signed = x_signed;
+  p.w_signed = w_signed;
+  p.w_mul = static_cast<int32_t>(w_mul);
+  p.w_add = static_cast<int32_t>(w_add);
+  return p;
+}
+
+void check_quantizer(const c10::optional<at::Tensor>& thresholds, int64_t qn, int64_t qp,
+                     const at::Tensor& like) {
+  TORCH_CHECK_VALUE(qn < qp, "qn, qp: expected qn < qp, got [", qn, ", ", qp, "]");
+  const bool fits = qn < 0 ? (qn >= -8 && qp <= 7) : qp <= 15;
+  TORCH_CHECK_VALUE(fits, "qn, qp: [", qn, ", ", qp, "] does not fit a 4-bit code ([-8, 7] or [0, 15])");
+  if (thresholds.has_value()) {
+    const at::Tensor& t = *thresholds;
+    TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, "thresholds: expected float32, got ", t.scalar_type());
+    TORCH_CHECK_VALUE(t.dim() == 1 && t.numel() == qp - qn && t.is_contiguous(),
+                      "thresholds: expected a contiguous 1-d tensor of qp - qn = ", qp - qn,
+                      " thresholds, got shape ", t.sizes());
+    check_same_device(t, "thresholds", like);
+  }
+}
+
+void check_epilogue(const ConvProblem& p, const at::Tensor& x, const at::Tensor& epilogue,
+                    const c10::optional<at::Tensor>& tap_sums, int64_t act) {
+  TORCH_CHECK_TYPE(epilogue.scalar_type() == at::kFloat, "epilogue: expected float32, got ",
+                   epilogue.scalar_type());
+  TORCH_CHECK_VALUE(epilogue.dim() == 2 && epilogue.size(0) == kEpilogueRows && epilogue.size(1) == p.cout &&
+                        epilogue.is_contiguous(),
+                    "epilogue: expected a contiguous (", static_cast<int>(kEpilogueRows), ", C_out=", p.cout,
+                    ") tensor, got shape ", epilogue.sizes());
+  check_same_device(epilogue, "epilogue", x);
+  if (tap_sums.has_value()) {
+    const at::Tensor& t = *tap_sums;
+    TORCH_CHECK_TYPE(t.scalar_type() == at::kInt, "tap_sums: expected int32, got ", t.scalar_type());
+    TORCH_CHECK_VALUE(t.dim() == 3 && t.size(0) == p.cout && t.size(1) == p.kh + 1 && t.size(2) == p.kw + 1 &&
+                          t.is_contiguous(),
+                      "tap_sums: expected a contiguous (C_out, KH+1, KW+1) = (", p.cout, ", ", p.kh + 1, ", ",
+                      p.kw + 1, ") tensor, got shape ", t.sizes());
+    check_same_device(t, "tap_sums", x);
+  }
+  TORCH_CHECK_VALUE(act == kIdentity || act == kReLU || act == kSiLU,
+                    "act: expected 0 (identity), 1 (ReLU) or 2 (SiLU), got ", act);
+}
+
+void check_output(const at::Tensor& out, int64_t n, int64_t ho, int64_t wo, int64_t channels,
+                  int64_t c_offset, const at::Tensor& like) {
+  check_same_device(out, "out", like);
+  TORCH_CHECK_VALUE(c_offset >= 0, "c_offset: expected >= 0, got ", c_offset);
+  if (out.scalar_type() == at::kByte) {
+    check_packed(out, "out", "(N, H_out, W_out, C_total/2)");
+    TORCH_CHECK_VALUE(out.size(0) == n && out.size(1) == ho && out.size(2) == wo,
+                      "out: expected (N, H_out, W_out) = (", n, ", ", ho, ", ", wo, "), got shape ", out.sizes());
+    TORCH_CHECK_VALUE(c_offset % 2 == 0, "c_offset: packed outputs start at an even channel (a byte "
+                      "boundary), got ", c_offset);
+    TORCH_CHECK_VALUE(c_offset + channels <= 2 * out.size(3), "out: channels [", c_offset, ", ",
+                      c_offset + channels, ") do not fit its ", 2 * out.size(3), " packed channels");
+    return;
+  }
+  TORCH_CHECK_TYPE(out.scalar_type() == at::kFloat || out.scalar_type() == at::kHalf,
+                   "out: expected uint8 (packed codes), float32 or float16, got ", out.scalar_type());
+  TORCH_CHECK_VALUE(out.dim() == 4 && out.size(0) == n && out.size(2) == ho && out.size(3) == wo,
+                    "out: expected (N, C, H_out, W_out) with (N, H_out, W_out) = (", n, ", ", ho, ", ", wo,
+                    "), got shape ", out.sizes());
+  TORCH_CHECK_VALUE(out.is_contiguous(at::MemoryFormat::ChannelsLast),
+                    "out: expected a channels_last contiguous float tensor, got strides ", out.strides());
+  TORCH_CHECK_VALUE(c_offset + channels <= out.size(1), "out: channels [", c_offset, ", ", c_offset + channels,
+                    ") do not fit its ", out.size(1), " channels");
+}
+
+at::Tensor new_output(int64_t n, int64_t ho, int64_t wo, int64_t channels, c10::ScalarType dtype,
+                      const at::Tensor& like) {
+  if (dtype == at::kByte) return at::zeros({n, ho, wo, packed_bytes(channels)}, like.options().dtype(at::kByte));
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kHalf,
+                   "out_dtype: expected torch.uint8 (packed codes), torch.float32 or torch.float16, got ", dtype);
+  return at::empty({n, channels, ho, wo}, like.options().dtype(dtype).memory_format(at::MemoryFormat::ChannelsLast));
+}
+
+}  // namespace q2k

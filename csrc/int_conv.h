@@ -1,0 +1,46 @@
+// Host-side declarations shared by the op implementations: the argument checks (checks.cpp), which
+// the CPU ops and the CUDA ops (csrc/cuda/) both call, so a bad argument gives the same error on
+// every device, and the conv problem they describe.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/ArrayRef.h>
+#include <c10/util/Optional.h>
+
+#include <cstdint>
+
+#include "format.h"
+
+namespace q2k {
+
+// One integer conv, validated: packed x (n, h, w, cb), packed weight (cout, kh, kw, cb).
+struct ConvProblem {
+  int64_t n, h, w, cin, cb, cout, kh, kw;
+  int64_t sh, sw, ph, pw, dh, dw;
+  int64_t ho, wo;
+  bool x_signed, w_signed;
+  int32_t w_mul, w_add;
+};
+
+ConvProblem check_conv(const at::Tensor& x, const at::Tensor& weight, int64_t in_channels, bool x_signed,
+                       bool w_signed, int64_t w_mul, int64_t w_add, c10::IntArrayRef stride,
+                       c10::IntArrayRef padding, c10::IntArrayRef dilation);
+
+// The quantizer that writes codes: rounding to [qn, qp], or (thresholds given) qn + a count of
+// qp - qn thresholds; [qn, qp] must fit a 4-bit container.
+void check_quantizer(const c10::optional<at::Tensor>& thresholds, int64_t qn, int64_t qp,
+                     const at::Tensor& like);
+
+void check_epilogue(const ConvProblem& p, const at::Tensor& x, const at::Tensor& epilogue,
+                    const c10::optional<at::Tensor>& tap_sums, int64_t act);
+
+// An output written at channel offset c_offset: packed uint8 (n, ho, wo, bytes) or float
+// (n, channels, ho, wo) in channels_last, holding `channels` channels from c_offset on.
+void check_output(const at::Tensor& out, int64_t n, int64_t ho, int64_t wo, int64_t channels,
+                  int64_t c_offset, const at::Tensor& like);
+
+// The output conv2d allocates: packed (zero padding) for uint8, else float channels_last.
+at::Tensor new_output(int64_t n, int64_t ho, int64_t wo, int64_t channels, c10::ScalarType dtype,
+                      const at::Tensor& like);
+
+}  // namespace q2k

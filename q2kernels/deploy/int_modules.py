@@ -1,0 +1,144 @@
+"""The modules and functions of a converted integer model (q2kernels.deploy.convert_to_int).
+
+Between integer layers the data is packed 4-bit codes (q2kernels.ops.int_conv's format: uint8
+(N, H, W, packed_bytes(C)), NHWC, two codes per byte). What runs on them:
+- IntConv2d: one converted QConv2d (+ BatchNorm + activation): packed weight codes and one or more
+  heads. A head is one epilogue: the codes of one consumer's quantizer (with the per-channel affine
+  of a fusion node on the way, if any) or a float output. Each head call runs the integer conv
+  (heads of one layer share its weights; each call recomputes the accumulators).
+- QuantizePack: a float tensor (optionally through a per-channel affine first) -> the codes of a
+  consumer's quantizer, where the producer is a float op.
+- packed_upsample_nearest, packed_maxpool2d: nearest upsampling and max pooling commute with every
+  monotone quantizer, so they run on the codes.
+- packed_write: copies codes into a channel range of a shared packed tensor (a concat).
+A concat whose inputs come straight from IntConv2d heads costs nothing: the heads write into the
+shared tensor at their channel offsets (`out`, `c_offset`, `total_channels`).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..ops import int_conv as ic
+
+HEAD_CODES, HEAD_FLOAT = "codes", "float"
+
+
+def _new_packed(like: torch.Tensor, n: int, h: int, w: int, channels: int) -> torch.Tensor:
+    return torch.zeros(n, h, w, ic.packed_bytes(channels), dtype=torch.uint8, device=like.device)
+
+
+class IntConv2d(nn.Module):
+    """An integer conv (MATH.md 7) with its heads (module docstring).
+
+    weight: packed codes (C_out, KH, KW, packed_bytes(C_in)); its integer levels are
+    w_mul*k + w_add. tap_sums (int32, (C_out, KH+1, KW+1)) when the input has a zero point.
+    heads: one dict per head, {"kind": "codes" | "float", "qn", "qp", "nthr", "signed"}, with
+    epilogues (H, EPILOGUE_ROWS, C_out) and thresholds (H, 15) (the first nthr used).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride, padding, dilation,
+                 x_signed: bool, w_signed: bool, w_mul: int, w_add: int, act: str, heads: list[dict],
+                 weight: torch.Tensor, epilogues: torch.Tensor, thresholds: torch.Tensor,
+                 tap_sums: torch.Tensor | None = None, source: str = ""):
+        super().__init__()
+        self.in_channels, self.out_channels = int(in_channels), int(out_channels)
+        self.kernel_size = tuple(int(k) for k in kernel_size)
+        self.stride, self.padding, self.dilation = (tuple(int(v) for v in t) for t in (stride, padding, dilation))
+        self.x_signed, self.w_signed, self.w_mul, self.w_add = bool(x_signed), bool(w_signed), int(w_mul), int(w_add)
+        self.act, self.heads, self.source = act, [dict(h) for h in heads], source
+        self.register_buffer("weight", weight)
+        self.register_buffer("epilogues", epilogues)
+        self.register_buffer("thresholds", thresholds)
+        self.register_buffer("tap_sums", tap_sums)
+
+    def config(self) -> dict:
+        return {k: getattr(self, k) for k in ("in_channels", "out_channels", "kernel_size", "stride", "padding",
+                                              "dilation", "x_signed", "w_signed", "w_mul", "w_add", "act",
+                                              "heads", "source")}
+
+    def output_size(self, x: torch.Tensor) -> tuple[int, int]:
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel_size, self.stride, self.padding, self.dilation
+        return ((x.shape[1] + 2 * ph - dh * (kh - 1) - 1) // sh + 1,
+                (x.shape[2] + 2 * pw - dw * (kw - 1) - 1) // sw + 1)
+
+    def forward(self, x: torch.Tensor, head: int = 0, out: torch.Tensor | None = None, c_offset: int = 0,
+                total_channels: int | None = None) -> torch.Tensor:
+        """Head `head` of the conv of packed x. A codes head writing into a shared tensor: `out` (or,
+        for the first writer, a new zeroed one of total_channels channels) at channel c_offset."""
+        h = self.heads[head]
+        if h["kind"] == HEAD_CODES and out is None and total_channels is not None:
+            out = _new_packed(x, x.shape[0], *self.output_size(x), total_channels)
+        thr = self.thresholds[head, :h["nthr"]] if h["nthr"] else None
+        return ic.conv2d(x, self.weight, self.epilogues[head], self.in_channels, x_signed=self.x_signed,
+                         w_signed=self.w_signed, w_mul=self.w_mul, w_add=self.w_add, tap_sums=self.tap_sums,
+                         stride=self.stride, padding=self.padding, dilation=self.dilation, act=self.act,
+                         qn=h["qn"], qp=h["qp"], thresholds=thr,
+                         out_dtype=torch.uint8 if h["kind"] == HEAD_CODES else torch.float32,
+                         out=out, c_offset=c_offset)
+
+    def extra_repr(self) -> str:
+        kinds = ", ".join(h["kind"] for h in self.heads)
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, act={self.act!r}, heads=[{kinds}], source={self.source!r}")
+
+
+class QuantizePack(nn.Module):
+    """Float (N, C, H, W) -> packed codes of a quantizer: q_mul/q_off per channel (rows of qparams),
+    rounding to [qn, qp] or counting thresholds. With scale/shift, x*scale + shift (per channel, in
+    fp32) is quantised instead: the affine of a fusion node whose input comes from a float op."""
+
+    def __init__(self, channels: int, qn: int, qp: int, qparams: torch.Tensor, thresholds: torch.Tensor | None = None,
+                 scale: torch.Tensor | None = None, shift: torch.Tensor | None = None, source: str = ""):
+        super().__init__()
+        self.channels, self.qn, self.qp, self.source = int(channels), int(qn), int(qp), source
+        self.register_buffer("qparams", qparams)
+        self.register_buffer("thresholds", thresholds)
+        self.register_buffer("scale", scale)
+        self.register_buffer("shift", shift)
+
+    def config(self) -> dict:
+        return {"channels": self.channels, "qn": self.qn, "qp": self.qp, "source": self.source}
+
+    def forward(self, x: torch.Tensor, out: torch.Tensor | None = None, c_offset: int = 0,
+                total_channels: int | None = None) -> torch.Tensor:
+        x = x.float()
+        if self.scale is not None:
+            x = x * self.scale.view(1, -1, 1, 1) + self.shift.view(1, -1, 1, 1)
+        if out is None and total_channels is not None:
+            out = _new_packed(x, x.shape[0], x.shape[2], x.shape[3], total_channels)
+        return ic.quantize_pack(x, self.qparams, self.qn, self.qp, thresholds=self.thresholds, out=out,
+                                c_offset=c_offset)
+
+    def extra_repr(self) -> str:
+        return f"{self.channels}, qn={self.qn}, qp={self.qp}, affine={self.scale is not None}, source={self.source!r}"
+
+
+def packed_upsample_nearest(x: torch.Tensor, scale_h: int, scale_w: int) -> torch.Tensor:
+    """Nearest upsampling by integer factors of packed codes (whole bytes are repeated)."""
+    return x.repeat_interleave(scale_h, dim=1).repeat_interleave(scale_w, dim=2)
+
+
+def packed_maxpool2d(x: torch.Tensor, channels: int, signed: bool, kernel_size, stride, padding, dilation,
+                     ceil_mode: bool) -> torch.Tensor:
+    """Max pooling of packed codes: max(Q(v)) = Q(max(v)) for a non-decreasing quantizer Q."""
+    codes = ic.unpack(x, channels, signed)
+    pooled = F.max_pool2d(codes, kernel_size, stride, padding, dilation, ceil_mode)
+    return ic.pack(pooled, 4, signed)
+
+
+def packed_write(out: torch.Tensor | None, src: torch.Tensor, channels: int, c_offset: int,
+                 total_channels: int) -> torch.Tensor:
+    """Copy the `channels` codes of packed src into channels [c_offset, c_offset + channels) of out
+    (c_offset even; a new zeroed tensor of total_channels channels when out is None)."""
+    if out is None:
+        out = _new_packed(src, src.shape[0], src.shape[1], src.shape[2], total_channels)
+    nbytes = (channels + 1) // 2
+    out[..., c_offset // 2:c_offset // 2 + nbytes] = src[..., :nbytes]
+    return out
+
+
+def channel_affine(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """x*scale + shift per channel of a float (N, C, H, W) tensor."""
+    return x * scale.to(x.dtype).view(1, -1, 1, 1) + shift.to(x.dtype).view(1, -1, 1, 1)

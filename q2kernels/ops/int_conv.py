@@ -1,0 +1,174 @@
+"""The integer W4A4/W3A3 ops of q2kernels._C (csrc/; MATH.md section 7): packing of 4-bit codes,
+the float quantize-and-pack op, and the integer conv with its fused epilogue.
+
+The kernels are C++ (CPU) and CUDA (csrc/cuda/, where built), registered with TORCH_LIBRARY as
+torch.ops.q2kernels_int.*; importing this module builds or loads the extension (q2kernels._ext)
+and registers the fake (meta) implementations, so the ops trace under torch.compile. They are
+inference ops: no autograd.
+
+Packed format (csrc/format.h): uint8 (N, H, W, packed_bytes(C)), NHWC, two codes per byte along
+C, low nibble = even channel, C padded to a multiple of CHANNEL_ALIGN = 32 codes (16 bytes) with
+zero codes; signed codes in 4-bit two's complement; 3-bit codes in the same 4-bit containers.
+Weights: (C_out, KH, KW, packed_bytes(C_in)), the same packing along C_in.
+
+The epilogue (csrc/epilogue.h) takes a float32 (EPILOGUE_ROWS, C_out) tensor whose rows are
+ALPHA, GAMMA, BIAS, AFF_MUL, AFF_ADD, Q_MUL, Q_OFF:
+    I = w_mul*acc + w_add*Sq,  J = w_mul*(weight codes over the valid taps) + w_add*C_in*(valid taps)
+    y = act(alpha*I + (gamma*J + bias)),  z = aff_mul*y + aff_add,
+    code = R(clip((z - q_off)*q_mul, qn, qp))        or, with thresholds,  qn + #{i: (z - q_off)*q_mul > t_i}
+acc = sum of weight code k times activation code q over the taps (code 0 outside the image), Sq
+the sum of q, and w_int = w_mul*k + w_add the weight's integer level (LSQ: 1, 0; odd levels of
+N2UQ and DoReFa: 2, -(2^b - 1)). J (tap_sums given) makes an activation zero point beta_a exact
+at the borders: gamma = s_w*beta_a.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import _ext
+
+_C = _ext.load()
+_ops = torch.ops.q2kernels_int
+
+CHANNEL_ALIGN: int = _C.CHANNEL_ALIGN
+FORMAT_VERSION: int = _C.FORMAT_VERSION
+EPILOGUE_ROWS: int = _C.EPILOGUE_ROWS
+ALPHA, GAMMA, BIAS, AFF_MUL, AFF_ADD, Q_MUL, Q_OFF = range(EPILOGUE_ROWS)
+ACTIVATIONS = {"identity": 0, "relu": 1, "silu": 2}
+
+
+def padded_channels(c: int) -> int:
+    return -(-c // CHANNEL_ALIGN) * CHANNEL_ALIGN
+
+
+def packed_bytes(c: int) -> int:
+    return padded_channels(c) // 2
+
+
+def _out_hw(h, w, kh, kw, stride, padding, dilation):
+    return ((h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1,
+            (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1)
+
+
+@torch.library.register_fake("q2kernels_int::pack")
+def _(codes, bits, signed):
+    a, c, b1, b2 = codes.shape
+    return codes.new_empty((a, b1, b2, packed_bytes(c)), dtype=torch.uint8)
+
+
+@torch.library.register_fake("q2kernels_int::unpack")
+def _(packed, channels, signed):
+    a, b1, b2, _ = packed.shape
+    return packed.new_empty((a, channels, b1, b2), dtype=torch.int8).contiguous(memory_format=torch.channels_last)
+
+
+@torch.library.register_fake("q2kernels_int::quantize_pack")
+def _(x, qparams, thresholds, qn, qp):
+    n, c, h, w = x.shape
+    return x.new_empty((n, h, w, packed_bytes(c)), dtype=torch.uint8)
+
+
+@torch.library.register_fake("q2kernels_int::quantize_pack_out")
+def _(x, qparams, thresholds, qn, qp, c_offset, out):
+    return None
+
+
+@torch.library.register_fake("q2kernels_int::conv2d_acc")
+def _(x, weight, in_channels, x_signed, w_signed, stride, padding, dilation):
+    ho, wo = _out_hw(x.shape[1], x.shape[2], weight.shape[1], weight.shape[2], stride, padding, dilation)
+    out = x.new_empty((x.shape[0], weight.shape[0], ho, wo), dtype=torch.int32)
+    return out.contiguous(memory_format=torch.channels_last)
+
+
+@torch.library.register_fake("q2kernels_int::conv2d")
+def _(x, weight, epilogue, tap_sums, thresholds, in_channels, x_signed, w_signed, w_mul, w_add, stride, padding,
+      dilation, act, qn, qp, out_dtype):
+    n, cout = x.shape[0], weight.shape[0]
+    ho, wo = _out_hw(x.shape[1], x.shape[2], weight.shape[1], weight.shape[2], stride, padding, dilation)
+    if out_dtype == torch.uint8:
+        return x.new_empty((n, ho, wo, packed_bytes(cout)), dtype=torch.uint8)
+    return x.new_empty((n, cout, ho, wo), dtype=out_dtype).contiguous(memory_format=torch.channels_last)
+
+
+@torch.library.register_fake("q2kernels_int::conv2d_out")
+def _(x, weight, epilogue, tap_sums, thresholds, in_channels, x_signed, w_signed, w_mul, w_add, stride, padding,
+      dilation, act, qn, qp, c_offset, out):
+    return None
+
+
+def _pair(v, name):
+    if isinstance(v, int) and not isinstance(v, bool):
+        return [v, v]
+    if isinstance(v, (tuple, list)) and len(v) == 2 and all(isinstance(i, int) for i in v):
+        return list(v)
+    raise ValueError(f"{name}: expected an int or a pair of ints, got {v!r}")
+
+
+def _act(act):
+    if act not in ACTIVATIONS:
+        raise ValueError(f"act: expected one of {tuple(ACTIVATIONS)}, got {act!r}")
+    return ACTIVATIONS[act]
+
+
+def pack(codes: torch.Tensor, bits: int = 4, signed: bool = True) -> torch.Tensor:
+    """Integer codes (N, C, H, W) — or weights (C_out, C_in, KH, KW) — of a `bits`-wide signed or
+    unsigned range, any integer dtype and layout -> packed uint8 (N, H, W, packed_bytes(C))."""
+    return _ops.pack(codes, bits, signed)
+
+
+def unpack(packed: torch.Tensor, channels: int, signed: bool = True) -> torch.Tensor:
+    """Packed uint8 (N, H, W, packed_bytes(channels)) -> int8 codes (N, channels, H, W), channels_last."""
+    return _ops.unpack(packed, channels, signed)
+
+
+def quantize_pack(x: torch.Tensor, qparams: torch.Tensor, qn: int, qp: int, thresholds=None, out=None,
+                  c_offset: int = 0) -> torch.Tensor:
+    """Codes of a float (N, C, H, W) tensor, packed: R(clip((x - q_off)*q_mul, qn, qp)) per channel,
+    or qn + #{i : (x - q_off)*q_mul > thresholds[i]}. qparams: float32 (2, C), rows q_mul, q_off.
+    With `out` (packed, N, H, W, bytes), the codes go to its channels c_offset.. and out is returned."""
+    if out is None:
+        return _ops.quantize_pack(x, qparams, thresholds, qn, qp)
+    _ops.quantize_pack_out(x, qparams, thresholds, qn, qp, c_offset, out)
+    return out
+
+
+def conv2d_acc(x: torch.Tensor, weight: torch.Tensor, in_channels: int, x_signed: bool, w_signed: bool,
+               stride=1, padding=0, dilation=1) -> torch.Tensor:
+    """The raw int32 accumulators acc = sum over taps of k*q (code 0 outside the image), as an
+    (N, C_out, H_out, W_out) channels_last tensor: what the CUDA MMA produces, for exact comparisons."""
+    return _ops.conv2d_acc(x, weight, in_channels, x_signed, w_signed, _pair(stride, "stride"),
+                           _pair(padding, "padding"), _pair(dilation, "dilation"))
+
+
+def conv2d(x: torch.Tensor, weight: torch.Tensor, epilogue: torch.Tensor, in_channels: int, *, x_signed: bool,
+           w_signed: bool, w_mul: int = 1, w_add: int = 0, tap_sums=None, stride=1, padding=0, dilation=1,
+           act: str = "identity", qn: int = 0, qp: int = 15, thresholds=None, out_dtype=torch.uint8, out=None,
+           c_offset: int = 0) -> torch.Tensor:
+    """The integer conv with its epilogue (module docstring). Output: packed codes of [qn, qp]
+    (out_dtype uint8, (N, H_out, W_out, packed_bytes(C_out))) or float32/float16 (N, C_out, H_out,
+    W_out) channels_last. With `out` (packed or float), the result goes to its channels c_offset..
+    (even for packed outputs), leaving the other channels alone, and out is returned."""
+    args = (x, weight, epilogue, tap_sums, thresholds, in_channels, x_signed, w_signed, w_mul, w_add,
+            _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation"), _act(act), qn, qp)
+    if out is None:
+        return _ops.conv2d(*args, out_dtype)
+    _ops.conv2d_out(*args, c_offset, out)
+    return out
+
+
+def weight_tap_sums(codes: torch.Tensor) -> torch.Tensor:
+    """int32 (C_out, KH+1, KW+1) 2-D prefix sums over the taps of each output channel's weight-code
+    sums, from the integer codes (C_out, C_in, KH, KW): the `tap_sums` of conv2d, from which the
+    epilogue takes any valid-tap rectangle's sum with four lookups."""
+    per_tap = codes.to(torch.int64).sum(dim=1)
+    ts = torch.nn.functional.pad(per_tap.cumsum(1).cumsum(2), (1, 0, 1, 0))
+    return ts.to(torch.int32).contiguous()
+
+
+def epilogue_params(cout: int, alpha, gamma=0.0, bias=0.0, aff_mul=1.0, aff_add=0.0, q_mul=1.0, q_off=0.0,
+                    device=None) -> torch.Tensor:
+    """The float32 (EPILOGUE_ROWS, C_out) epilogue tensor from per-channel tensors or scalars
+    (each broadcast to C_out; float64 inputs are rounded to float32 once, here)."""
+    rows = [alpha, gamma, bias, aff_mul, aff_add, q_mul, q_off]
+    return torch.stack([torch.as_tensor(r, dtype=torch.float64, device=device).reshape(-1).expand(cout)
+                        for r in rows]).to(torch.float32).contiguous()
