@@ -29,9 +29,10 @@ _LDFLAGS = _OPENMP
 # the driver picking by compute capability: the int4 MMA must never come from PTX JIT (on sm_90 and
 # later it would silently become the compiler's emulation). compute_90 PTX rides along for GPUs newer
 # than sm_90, which run the int8-MMA path. --fmad=false: no contraction outside the epilogue's
-# explicit __f*_rn operations (tests/test_cuda_compile.py builds with these same flags).
+# explicit __f*_rn operations (tests/test_cuda_compile.py builds with these same flags). --threads:
+# the four targets of a .cu file compile in parallel.
 CUDA_ARCHS = ("80", "86", "89", "90")
-CUDA_FLAGS = ["-O3", "-std=c++17", "--fmad=false", "-DQ2K_WITH_CUDA"] + [
+CUDA_FLAGS = ["-O3", "-std=c++17", "--fmad=false", "--threads=4", "-DQ2K_WITH_CUDA"] + [
     f"-gencode=arch=compute_{a},code=sm_{a}" for a in CUDA_ARCHS[:-1]
 ] + ["-gencode=arch=compute_90,code=[sm_90,compute_90]"]
 

@@ -124,8 +124,9 @@ def packed_maxpool2d(x: torch.Tensor, channels: int, signed: bool, kernel_size, 
                      ceil_mode: bool) -> torch.Tensor:
     """Max pooling of packed codes: max(Q(v)) = Q(max(v)) for a non-decreasing quantizer Q."""
     codes = ic.unpack(x, channels, signed)
-    pooled = F.max_pool2d(codes, kernel_size, stride, padding, dilation, ceil_mode)
-    return ic.pack(pooled, 4, signed)
+    # CUDA max_pool2d has no integer kernels: there the codes are pooled as float16 (exact for 4-bit codes).
+    pooled = F.max_pool2d(codes.half() if codes.is_cuda else codes, kernel_size, stride, padding, dilation, ceil_mode)
+    return ic.pack(pooled.to(torch.int8), 4, signed)
 
 
 def packed_write(out: torch.Tensor | None, src: torch.Tensor, channels: int, c_offset: int,

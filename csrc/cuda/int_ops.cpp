@@ -1,0 +1,263 @@
+// The torch side of the CUDA integer ops (see int_ops.h). The checks and the output tensors are the
+// CPU ops' (../checks.cpp), so a bad argument gives the same error on every device; on top of them
+// come the limits of the kernels' index arithmetic and cp.async's 16-byte alignment.
+#include "int_ops.h"
+
+#include <ATen/ops/empty.h>
+#include <c10/util/Exception.h>
+
+#include <cstdint>
+#include <limits>
+
+#include "epilogue.h"
+#include "format.h"
+#include "int_conv.h"
+
+namespace q2k {
+namespace cuda {
+namespace {
+
+constexpr int64_t kIntMax = std::numeric_limits<int32_t>::max();
+
+void check_aligned(const at::Tensor& t, const char* name) {
+  TORCH_CHECK_VALUE(reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0, name,
+                    ": the CUDA kernels copy 16-byte chunks of the packed codes and need a 16-byte aligned "
+                    "tensor (a view at an offset is not; .clone() it), got address ", t.const_data_ptr());
+}
+
+ConvParams conv_params(const Exec& ex, const ConvProblem& pr, const at::Tensor& x, const at::Tensor& weight) {
+  check_aligned(x, "x");
+  check_aligned(weight, "weight");
+  TORCH_CHECK_VALUE(pr.n * pr.h * pr.w <= kIntMax && pr.n * pr.ho * pr.wo <= kIntMax,
+                    "x: the CUDA kernels index pixels with 32-bit integers; ", pr.n, "x", pr.h, "x", pr.w,
+                    " input or ", pr.n, "x", pr.ho, "x", pr.wo, " output pixels is too many (split the batch)");
+  TORCH_CHECK_VALUE(pr.kh < 256 && pr.kw < 256, "weight: the CUDA kernels support kernels of up to 255x255 taps, "
+                    "got ", pr.kh, "x", pr.kw);
+  TORCH_CHECK_VALUE(pr.kh * pr.kw * pr.cb <= kIntMax / 16 && pr.cout <= kIntMax / 16,
+                    "weight: too large for the CUDA kernels' 32-bit chunk indices, shape ", weight.sizes());
+  for (int64_t v : {pr.sh, pr.sw, pr.ph, pr.pw, pr.dh, pr.dw})
+    TORCH_CHECK_VALUE(v <= (1 << 16), "stride, padding, dilation: the CUDA kernels support values up to 65536");
+  ConvParams p{};
+  p.x = x.const_data_ptr<uint8_t>();
+  p.w = weight.const_data_ptr<uint8_t>();
+  p.n = static_cast<int>(pr.n);
+  p.in_h = static_cast<int>(pr.h);
+  p.in_w = static_cast<int>(pr.w);
+  p.cin = static_cast<int>(pr.cin);
+  p.cb = static_cast<int>(pr.cb);
+  p.cout = static_cast<int>(pr.cout);
+  p.kh = static_cast<int>(pr.kh);
+  p.kw = static_cast<int>(pr.kw);
+  p.sh = static_cast<int>(pr.sh);
+  p.sw = static_cast<int>(pr.sw);
+  p.ph = static_cast<int>(pr.ph);
+  p.pw = static_cast<int>(pr.pw);
+  p.dh = static_cast<int>(pr.dh);
+  p.dw = static_cast<int>(pr.dw);
+  p.out_h = static_cast<int>(pr.ho);
+  p.out_w = static_cast<int>(pr.wo);
+  p.x_signed = pr.x_signed;
+  p.w_signed = pr.w_signed;
+  p.w_mul = pr.w_mul;
+  p.w_add = pr.w_add;
+  p.path = ex.path;
+  return p;
+}
+
+void set_epilogue(ConvParams& p, const at::Tensor& epilogue, const c10::optional<at::Tensor>& tap_sums,
+                  const c10::optional<at::Tensor>& thresholds, int64_t act, int64_t qn, int64_t qp) {
+  p.epilogue = epilogue.const_data_ptr<float>();
+  p.tap_sums = tap_sums.has_value() ? tap_sums->const_data_ptr<int32_t>() : nullptr;
+  p.thresholds = thresholds.has_value() ? thresholds->const_data_ptr<float>() : nullptr;
+  p.act = static_cast<int>(act);
+  p.qn = static_cast<int>(qn);
+  p.qp = static_cast<int>(qp);
+}
+
+// Output rows: packed uint8 (n, ho, wo, bytes) or channels_last (n, C, ho, wo), C elements apart.
+void set_output(ConvParams& p, const at::Tensor& out, int64_t c_offset) {
+  const auto dt = out.scalar_type();
+  p.out_kind = dt == at::kByte ? OutKind::kPacked
+               : dt == at::kInt ? OutKind::kAcc
+               : dt == at::kHalf ? OutKind::kHalf
+                                 : OutKind::kFloat;
+  p.out = out.data_ptr();
+  p.out_pitch = dt == at::kByte ? out.size(3) : out.size(1);
+  p.c_offset = c_offset;
+}
+
+void launch(const Exec& ex, const ConvParams& p) {
+  const int status = launch_int_conv(p, ex.stream);
+  TORCH_CHECK(status == 0, "q2kernels_int conv: the CUDA kernel launch failed (cudaError_t ", status, ")");
+}
+
+ConvProblem check_conv2d(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& epilogue,
+                         const c10::optional<at::Tensor>& tap_sums, const c10::optional<at::Tensor>& thresholds,
+                         int64_t in_channels, bool x_signed, bool w_signed, int64_t w_mul, int64_t w_add,
+                         c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t act,
+                         int64_t qn, int64_t qp, bool packed_out) {
+  const ConvProblem p =
+      check_conv(x, weight, in_channels, x_signed, w_signed, w_mul, w_add, stride, padding, dilation);
+  check_epilogue(p, x, epilogue, tap_sums, act);
+  if (packed_out) check_quantizer(thresholds, qn, qp, x);
+  return p;
+}
+
+// The checks of the CPU quantize_pack (../pack.cpp).
+void check_float_input(const at::Tensor& x, const at::Tensor& qparams) {
+  const auto dt = x.scalar_type();
+  TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16,
+                   "x: expected a float32, float16 or bfloat16 tensor, got ", dt);
+  TORCH_CHECK_VALUE(x.dim() == 4, "x: expected a 4-d (N, C, H, W) tensor, got shape ", x.sizes());
+  TORCH_CHECK_TYPE(qparams.scalar_type() == at::kFloat, "qparams: expected float32, got ", qparams.scalar_type());
+  TORCH_CHECK_VALUE(qparams.dim() == 2 && qparams.size(0) == kQuantRows && qparams.size(1) == x.size(1) &&
+                        qparams.is_contiguous(),
+                    "qparams: expected a contiguous (2, C=", x.size(1), ") tensor (rows q_mul, q_off), got shape ",
+                    qparams.sizes());
+  TORCH_CHECK_VALUE(qparams.device() == x.device(), "qparams: is on ", qparams.device(), " but x is on ",
+                    x.device());
+}
+
+void run_quantize_pack(const Exec& ex, const at::Tensor& x, const at::Tensor& qparams,
+                       const c10::optional<at::Tensor>& thresholds, int64_t qn, int64_t qp, int64_t c_offset,
+                       const at::Tensor& out) {
+  QuantizePackParams p{};
+  p.x = x.const_data_ptr();
+  p.dtype = x.scalar_type() == at::kHalf ? 1 : x.scalar_type() == at::kBFloat16 ? 2 : 0;
+  p.n = x.size(0);
+  p.c = x.size(1);
+  p.h = x.size(2);
+  p.w = x.size(3);
+  p.sn = x.stride(0);
+  p.sc = x.stride(1);
+  p.sh = x.stride(2);
+  p.sw = x.stride(3);
+  p.qparams = qparams.const_data_ptr<float>();
+  p.thresholds = thresholds.has_value() ? thresholds->const_data_ptr<float>() : nullptr;
+  p.qn = static_cast<int>(qn);
+  p.qp = static_cast<int>(qp);
+  p.out = out.data_ptr<uint8_t>();
+  p.out_pitch = out.size(3);
+  p.c_offset = c_offset;
+  const int status = launch_quantize_pack(p, ex.stream);
+  TORCH_CHECK(status == 0, "q2kernels_int quantize_pack: the CUDA kernel launch failed (cudaError_t ", status, ")");
+}
+
+}  // namespace
+
+at::Tensor pack(const Exec& ex, const at::Tensor& codes, int64_t bits, bool is_signed) {
+  // The checks of the CPU pack (../pack.cpp) that need no look at the values.
+  TORCH_CHECK_TYPE(at::isIntegralType(codes.scalar_type(), /*includeBool=*/false),
+                   "codes: expected an integer tensor, got ", codes.scalar_type());
+  TORCH_CHECK_VALUE(codes.dim() == 4, "codes: expected a 4-d (N, C, H, W) or (C_out, C_in, KH, KW) tensor, got shape ",
+                    codes.sizes());
+  TORCH_CHECK_VALUE(bits >= 2 && bits <= 4, "bits: expected 2, 3 or 4 (codes in 4-bit containers), got ", bits);
+  (void)is_signed;  // the low 4 bits of a code are its 4-bit container, signed or not
+  const int64_t cb = packed_bytes(codes.size(1));
+  at::Tensor out = at::empty({codes.size(0), codes.size(2), codes.size(3), cb}, codes.options().dtype(at::kByte));
+  PackParams p{};
+  p.codes = codes.const_data_ptr();
+  p.elem_bytes = static_cast<int>(codes.element_size());
+  p.elem_signed = codes.scalar_type() != at::kByte;
+  p.a = codes.size(0);
+  p.c = codes.size(1);
+  p.b1 = codes.size(2);
+  p.b2 = codes.size(3);
+  p.s0 = codes.stride(0);
+  p.s1 = codes.stride(1);
+  p.s2 = codes.stride(2);
+  p.s3 = codes.stride(3);
+  p.out = out.data_ptr<uint8_t>();
+  p.out_pitch = cb;
+  const int status = launch_pack(p, ex.stream);
+  TORCH_CHECK(status == 0, "q2kernels_int pack: the CUDA kernel launch failed (cudaError_t ", status, ")");
+  return out;
+}
+
+at::Tensor unpack(const Exec& ex, const at::Tensor& packed, int64_t channels, bool is_signed) {
+  // The checks of the CPU unpack (../pack.cpp).
+  TORCH_CHECK_TYPE(packed.scalar_type() == at::kByte, "packed: expected a packed uint8 tensor, got ",
+                   packed.scalar_type());
+  TORCH_CHECK_VALUE(packed.dim() == 4 && packed.is_contiguous(),
+                    "packed: expected a contiguous 4-d (N, H, W, C/2) tensor, got shape ", packed.sizes(),
+                    " strides ", packed.strides());
+  TORCH_CHECK_VALUE(channels >= 1 && packed_bytes(channels) == packed.size(3), "channels: ", channels,
+                    " channels pack into ", packed_bytes(channels), " bytes per pixel, but packed holds ",
+                    packed.size(3));
+  at::Tensor out = at::empty({packed.size(0), channels, packed.size(1), packed.size(2)},
+                             packed.options().dtype(at::kChar).memory_format(at::MemoryFormat::ChannelsLast));
+  UnpackParams p{};
+  p.packed = packed.const_data_ptr<uint8_t>();
+  p.pixels = packed.size(0) * packed.size(1) * packed.size(2);
+  p.pitch = packed.size(3);
+  p.channels = channels;
+  p.is_signed = is_signed;
+  p.out = out.data_ptr<int8_t>();
+  const int status = launch_unpack(p, ex.stream);
+  TORCH_CHECK(status == 0, "q2kernels_int unpack: the CUDA kernel launch failed (cudaError_t ", status, ")");
+  return out;
+}
+
+at::Tensor conv2d_acc(const Exec& ex, const at::Tensor& x, const at::Tensor& weight, int64_t in_channels,
+                      bool x_signed, bool w_signed, c10::IntArrayRef stride, c10::IntArrayRef padding,
+                      c10::IntArrayRef dilation) {
+  const ConvProblem pr = check_conv(x, weight, in_channels, x_signed, w_signed, 1, 0, stride, padding, dilation);
+  ConvParams p = conv_params(ex, pr, x, weight);
+  at::Tensor out = at::empty({pr.n, pr.cout, pr.ho, pr.wo},
+                             x.options().dtype(at::kInt).memory_format(at::MemoryFormat::ChannelsLast));
+  set_output(p, out, 0);
+  launch(ex, p);
+  return out;
+}
+
+at::Tensor conv2d(const Exec& ex, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& epilogue,
+                  const c10::optional<at::Tensor>& tap_sums, const c10::optional<at::Tensor>& thresholds,
+                  int64_t in_channels, bool x_signed, bool w_signed, int64_t w_mul, int64_t w_add,
+                  c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t act,
+                  int64_t qn, int64_t qp, c10::ScalarType out_dtype) {
+  const ConvProblem pr = check_conv2d(x, weight, epilogue, tap_sums, thresholds, in_channels, x_signed, w_signed,
+                                      w_mul, w_add, stride, padding, dilation, act, qn, qp, out_dtype == at::kByte);
+  at::Tensor out = new_output(pr.n, pr.ho, pr.wo, pr.cout, out_dtype, x);
+  ConvParams p = conv_params(ex, pr, x, weight);
+  set_epilogue(p, epilogue, tap_sums, thresholds, act, qn, qp);
+  set_output(p, out, 0);
+  launch(ex, p);
+  return out;
+}
+
+void conv2d_out(const Exec& ex, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& epilogue,
+                const c10::optional<at::Tensor>& tap_sums, const c10::optional<at::Tensor>& thresholds,
+                int64_t in_channels, bool x_signed, bool w_signed, int64_t w_mul, int64_t w_add,
+                c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t act,
+                int64_t qn, int64_t qp, int64_t c_offset, const at::Tensor& out) {
+  const ConvProblem pr = check_conv2d(x, weight, epilogue, tap_sums, thresholds, in_channels, x_signed, w_signed,
+                                      w_mul, w_add, stride, padding, dilation, act, qn, qp,
+                                      out.scalar_type() == at::kByte);
+  check_output(out, pr.n, pr.ho, pr.wo, pr.cout, c_offset, x);
+  ConvParams p = conv_params(ex, pr, x, weight);
+  set_epilogue(p, epilogue, tap_sums, thresholds, act, qn, qp);
+  set_output(p, out, c_offset);
+  launch(ex, p);
+}
+
+at::Tensor quantize_pack(const Exec& ex, const at::Tensor& x, const at::Tensor& qparams,
+                         const c10::optional<at::Tensor>& thresholds, int64_t qn, int64_t qp) {
+  check_float_input(x, qparams);
+  check_quantizer(thresholds, qn, qp, x);
+  at::Tensor out = new_output(x.size(0), x.size(2), x.size(3), x.size(1), at::kByte, x);
+  run_quantize_pack(ex, x, qparams, thresholds, qn, qp, 0, out);
+  return out;
+}
+
+void quantize_pack_out(const Exec& ex, const at::Tensor& x, const at::Tensor& qparams,
+                       const c10::optional<at::Tensor>& thresholds, int64_t qn, int64_t qp, int64_t c_offset,
+                       const at::Tensor& out) {
+  check_float_input(x, qparams);
+  check_quantizer(thresholds, qn, qp, x);
+  TORCH_CHECK_TYPE(out.scalar_type() == at::kByte, "out: expected a packed uint8 tensor, got ", out.scalar_type());
+  check_output(out, x.size(0), x.size(2), x.size(3), x.size(1), c_offset, x);
+  run_quantize_pack(ex, x, qparams, thresholds, qn, qp, c_offset, out);
+}
+
+}  // namespace cuda
+}  // namespace q2k

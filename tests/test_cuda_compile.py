@@ -1,0 +1,192 @@
+"""The CUDA sources (csrc/cuda/*.cu) build into the machine code the design needs, checked without a GPU.
+
+Each .cu file is compiled by nvcc to a cubin for sm_80, sm_86, sm_89 and sm_90 with the flags of the
+real build (q2kernels._ext.CUDA_FLAGS), once per session, in parallel. Then, from ptxas -v and from
+the SASS (cuobjdump from the triton wheel):
+- sm_80/86/89: the int4-path conv kernels run the native int4 MMA, IMMA.16864, in the kernel body;
+- sm_90: the int8-path conv kernels run IMMA.16832.S8, twice as many as the int4 kernels run
+  IMMA.16864, none inside a called subroutine, and nothing in the sm_90 code is IMMA.16864. On sm_90
+  ptxas turns mma.m16n8k64.s4 into a CALL to a subroutine of ~180 integer instructions around two
+  IMMA.16832 (the emulation); the int4-path kernels built for sm_90 (the forced path of the GPU tests)
+  must show exactly that, which is what proves this check can see an emulation;
+- every kernel: no local memory (0 bytes stack frame, spill stores and spill loads).
+nvcc is required: CI has it, so its absence is a failure, not a skip.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import triton
+
+from q2kernels import _ext
+
+CUDA_DIR = _ext.CSRC / "cuda"
+SOURCES = sorted(CUDA_DIR.glob("*.cu"))
+ARCHS = _ext.CUDA_ARCHS
+INT4_NATIVE = ("80", "86", "89")
+# IMMA.16864 per int4 conv kernel: one k-tile of the K loop is unrolled, 2 k-steps of 4 m16 x 4 n8
+# MMA tiles (Tile in csrc/cuda/int_conv_kernel.cuh); the int8 path runs two m16n8k32 per m16n8k64.
+MMAS_PER_KTILE = 32
+# Tile<MmaPath, kWarpsN, k1x1> in the mangled kernel names.
+CONV_KERNEL = re.compile(r"int_conv_kernel.*MmaPathE(\d)ELi(\d)ELb(\d)")
+CONV_VARIANTS = {(path, wn, gemm) for path in (0, 1) for wn in (1, 2, 4) for gemm in (0, 1)}
+
+
+def _nvcc() -> str:
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    nvcc = shutil.which("nvcc") or (str(Path(home) / "bin" / "nvcc") if home else None)
+    if nvcc is None or not Path(nvcc).exists():
+        pytest.fail("nvcc not found (PATH, CUDA_HOME): the CUDA sources must be compile-checked in CI; install the "
+                    "CUDA toolkit (13.x) or put its bin/ on PATH")
+    return nvcc
+
+
+def _cuobjdump() -> str:
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if not tool.exists():
+        pytest.fail(f"cuobjdump not found at {tool} (it ships in the triton wheel)")
+    return str(tool)
+
+
+def _parse_ptxas(log: str) -> dict[str, dict[str, int]]:
+    """Kernel name -> registers, stack frame, spill stores and loads, from nvcc -Xptxas -v."""
+    kernels, name = {}, None
+    for line in log.splitlines():
+        if m := re.search(r"Compiling entry function '(\S+)'", line):
+            name = m.group(1)
+            kernels[name] = {}
+        elif name and (m := re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads",
+                                      line)):
+            kernels[name].update(stack=int(m.group(1)), spill_stores=int(m.group(2)), spill_loads=int(m.group(3)))
+        elif name and (m := re.search(r"Used (\d+) registers", line)):
+            kernels[name]["registers"] = int(m.group(1))
+    return kernels
+
+
+def _parse_sass(sass: str) -> dict[str, list[tuple[int, str]]]:
+    """Kernel name -> its instructions as (address, text)."""
+    kernels, current = {}, None
+    for line in sass.splitlines():
+        if m := re.search(r"Function : (\S+)", line):
+            current = kernels.setdefault(m.group(1), [])
+        elif current is not None and (m := re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;", line)):
+            current.append((int(m.group(1), 16), m.group(2)))
+    return kernels
+
+
+def _called_ranges(code: list[tuple[int, str]]) -> list[tuple[int, int]]:
+    """[start, end] addresses of the subroutines the kernel CALLs (from the target to its RET)."""
+    ranges = []
+    for target in {int(m.group(1), 16) for _, text in code if (m := re.search(r"CALL\.\S+\s+(0x[0-9a-f]+)", text))}:
+        end = next((a for a, text in code if a >= target and _opcode(text).startswith("RET")), None)
+        ranges.append((target, end if end is not None else code[-1][0]))
+    return ranges
+
+
+def _opcode(text: str) -> str:
+    words = text.split()
+    return words[1] if words[0].startswith("@") else words[0]  # past a predicate (@P0, @!PT)
+
+
+def _mmas(code: list[tuple[int, str]], opcode: str) -> tuple[int, int]:
+    """How many instructions starting with `opcode` the kernel has in its body and in called subroutines."""
+    ranges = _called_ranges(code)
+    hits = [a for a, text in code if _opcode(text).startswith(opcode)]
+    called = sum(any(s <= a <= e for s, e in ranges) for a in hits)
+    return len(hits) - called, called
+
+
+def _conv_kernels(kernels: dict) -> dict[tuple[int, int, int], str]:
+    found = {}
+    for name in kernels:
+        if m := CONV_KERNEL.search(name):
+            found[tuple(int(v) for v in m.groups())] = name
+    assert set(found) == CONV_VARIANTS, f"expected conv kernel variants {sorted(CONV_VARIANTS)}, found {sorted(found)}"
+    return found
+
+
+@pytest.fixture(scope="session")
+def builds(tmp_path_factory):
+    """(source name, arch) -> dict(log, ptxas, sass) for every .cu file and arch, compiled once."""
+    assert SOURCES, f"no .cu sources in {CUDA_DIR}"
+    nvcc, cuobjdump = _nvcc(), _cuobjdump()
+    out = tmp_path_factory.mktemp("cubins")
+    flags = [f for f in _ext.CUDA_FLAGS if not f.startswith("-gencode")]
+
+    def build(src: Path, arch: str):
+        cubin = out / f"{src.stem}.sm_{arch}.cubin"
+        cmd = [nvcc, "-cubin", f"-gencode=arch=compute_{arch},code=sm_{arch}", *flags, "-Xptxas", "-v",
+               f"-I{_ext.CSRC}", f"-I{CUDA_DIR}", str(src), "-o", str(cubin)]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        log = r.stdout + r.stderr
+        if r.returncode != 0:
+            return {"error": f"{' '.join(cmd)}\n{log}"}
+        sass = subprocess.run([cuobjdump, "-sass", str(cubin)], capture_output=True, text=True, check=True).stdout
+        return {"ptxas": _parse_ptxas(log), "sass": _parse_sass(sass)}
+
+    jobs = [(src, arch) for src in SOURCES for arch in ARCHS]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        results = pool.map(lambda job: build(*job), jobs)
+        return {(src.name, arch): res for (src, arch), res in zip(jobs, results)}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_source_compiles(builds, arch):
+    errors = [res["error"] for (_, a), res in builds.items() if a == arch and "error" in res]
+    assert not errors, "\n\n".join(errors)
+    for (src, a), res in builds.items():
+        if a == arch:
+            assert res["sass"], f"{src}: no kernel in the sm_{arch} cubin"
+            assert set(res["sass"]) == set(res["ptxas"]), f"{src}: ptxas -v and cuobjdump list different kernels"
+
+
+@pytest.mark.parametrize("arch", INT4_NATIVE)
+def test_native_int4_mma(builds, arch):
+    kernels = builds[("int_conv.cu", arch)]["sass"]
+    for (path, wn, gemm), name in _conv_kernels(kernels).items():
+        code = kernels[name]
+        if path == 0:
+            assert _mmas(code, "IMMA.16864") == (MMAS_PER_KTILE, 0), f"sm_{arch} {name}: {_mmas(code, 'IMMA.16864')}"
+            assert _mmas(code, "IMMA.16832") == (0, 0), f"sm_{arch} {name}: int8 MMA in the int4 path"
+        else:
+            # The int8 path is built for sm_90 only; here the kernel is an empty stub the launcher never runs.
+            ops = {_opcode(text) for _, text in code}
+            assert ops <= {"MOV", "EXIT", "BRA", "NOP"}, f"sm_{arch} {name}: expected an empty stub, got {ops}"
+
+
+def test_sm90_int8_path_not_emulated(builds):
+    kernels = builds[("int_conv.cu", "90")]["sass"]
+    for src, arch in builds:
+        if arch == "90":
+            for name, code in builds[(src, arch)]["sass"].items():
+                assert _mmas(code, "IMMA.16864") == (0, 0), f"{src} sm_90 {name}: int4 MMA on sm_90"
+    conv = _conv_kernels(kernels)
+    for (path, wn, gemm), name in conv.items():
+        if path != 1:
+            continue
+        code = kernels[name]
+        assert _mmas(code, "IMMA.16832.S8") == (2 * MMAS_PER_KTILE, 0), f"{name}: {_mmas(code, 'IMMA.16832.S8')}"
+        # Positive control: the int4 path of the same tile, built for sm_90, is the emulation.
+        emulated = kernels[conv[(0, wn, gemm)]]
+        body, called = _mmas(emulated, "IMMA.16832")
+        assert body == 0 and called >= 1, f"sm_90 int4 {conv[(0, wn, gemm)]}: IMMA {body} in body, {called} called"
+        calls = (sum(_opcode(text).startswith("CALL") for _, text in emulated)
+                 - sum(_opcode(text).startswith("CALL") for _, text in code))
+        assert calls == MMAS_PER_KTILE, f"sm_90 int4 kernel: {calls} more CALLs than the int8 one, expected 1 per MMA"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_no_local_memory(builds, arch):
+    for (src, a), res in builds.items():
+        if a != arch:
+            continue
+        for name, info in res["ptxas"].items():
+            assert info.get("registers", 0) <= 255, f"{src} sm_{arch} {name}: {info}"
+            assert (info["stack"], info["spill_stores"], info["spill_loads"]) == (0, 0, 0), (
+                f"{src} sm_{arch} {name}: local memory {info}")
