@@ -30,7 +30,7 @@ def test_deploy_int_model(recipe, bits, tmp_path):
 
 def test_ddp_two_ranks_end_bitwise_equal():
     torchrun = shutil.which("torchrun") or pytest.fail("torchrun is not on PATH")
-    out = _run([torchrun, "--nproc_per_node", "2", "--master_port", "29531", "ddp_train.py", "--smoke"])
+    out = _run([torchrun, "--standalone", "--nproc_per_node", "2", "ddp_train.py", "--smoke"])
     line = next(l for l in out.splitlines() if "bitwise equal across ranks" in l)
     n, total = line.split(";")[-1].split()[0].split("/")
     assert n == total
