@@ -17,9 +17,7 @@ from benchmarks import common, shapes  # noqa: E402  (common sets TRITON_INTERPR
 
 import torch  # noqa: E402
 
-import q2kernels  # noqa: E402
 from q2kernels import functional as F  # noqa: E402
-from q2kernels import reference as ref  # noqa: E402
 
 COLUMNS = ["quantizer", "shape", "dtype", "impl", "fwd_ms", "bwd_ms", "fwd_bwd_ms", "fwd_pct_copy",
            "bwd_pct_copy", "peak_mem_mb", "saved_mb", "speedup_vs_eager", "speedup_vs_compile",
@@ -44,19 +42,6 @@ def _native_lsq(x, s):
     return torch._fake_quantize_learnable_per_tensor_affine(x, s, zero_point, -8, 7, 1.0)
 
 
-def _impls(fn, smoke):
-    """impl name -> callable running the quantizer under that implementation."""
-    def under(backend):
-        def run(*a):
-            with q2kernels.use_backend(backend):
-                return fn(*a)
-        return run
-
-    impls = {"q2kernels": under("triton"), "eager": under("reference")}
-    if not smoke:
-        impls["compile"] = torch.compile(under("reference"))
-    return impls
-
 
 def run(smoke: bool) -> list[dict]:
     device = common.DEVICE
@@ -73,7 +58,7 @@ def run(smoke: bool) -> list[dict]:
         g = torch.randn_like(x)
         e = x.element_size()
         for name, (fn, make_params) in _quantizers(device).items():
-            impls = _impls(fn, smoke)
+            impls = common.backend_impls(fn, smoke)
             if name == "lsq" and dtype == torch.float32:
                 impls["native"] = _native_lsq
             for impl, f in impls.items():
@@ -85,7 +70,7 @@ def run(smoke: bool) -> list[dict]:
         w = torch.randn(shape, device=device, requires_grad=True)
         g = torch.randn_like(w)
         fn = lambda w: F.dorefa_weight_quantize(w, 4)  # noqa: E731
-        for impl, f in _impls(fn, smoke).items():
+        for impl, f in common.backend_impls(fn, smoke).items():
             # DoReFa's global max takes a second read of w in each pass.
             rows.append(common.measure(f, [w], g, 3 * w.numel() * 4, 5 * w.numel() * 4,
                                        quantizer="dorefa", shape=str(tuple(shape)), dtype="float32", impl=impl))
@@ -96,11 +81,7 @@ def run(smoke: bool) -> list[dict]:
 
 
 def main(argv=None):
-    args = common.parse_args(__doc__.splitlines()[0], argv)
-    rows = run(args.smoke)
-    common.report("fake_quant", rows, COLUMNS, args.out)
-    return rows
-
+    return common.bench_main("fake_quant", run, COLUMNS, __doc__, argv)
 
 if __name__ == "__main__":
     main()

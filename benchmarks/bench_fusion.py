@@ -168,15 +168,7 @@ def run(smoke: bool, sweep: bool = False) -> list[dict]:
 
 
 def main(argv=None):
-    argv = list(sys.argv[1:] if argv is None else argv)
-    sweep = "--sweep" in argv
-    if sweep:
-        argv.remove("--sweep")
-    args = common.parse_args(__doc__.splitlines()[0], argv)
-    rows = run(args.smoke, sweep)
-    common.report("fusion", rows, COLUMNS, args.out)
-    return rows
-
+    return common.bench_main("fusion", run, COLUMNS, __doc__, argv, sweep=True)
 
 if __name__ == "__main__":
     main()

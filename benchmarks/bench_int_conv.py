@@ -220,11 +220,7 @@ def _add_gpu_columns(rows, copy):
 
 
 def main(argv=None):
-    args = common.parse_args(__doc__.splitlines()[0], argv)
-    rows = run(args.smoke)
-    common.report("int_conv", rows, COLUMNS, args.out)
-    return rows
-
+    return common.bench_main("int_conv", run, COLUMNS, __doc__, argv)
 
 if __name__ == "__main__":
     main()

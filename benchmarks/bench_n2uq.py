@@ -22,26 +22,12 @@ from benchmarks import common, shapes  # noqa: E402  (common sets TRITON_INTERPR
 
 import torch  # noqa: E402
 
-import q2kernels  # noqa: E402
 from q2kernels import functional as F  # noqa: E402
 
 COLUMNS = ["quantizer", "bits", "shape", "dtype", "impl", "fwd_ms", "bwd_ms", "fwd_bwd_ms", "fwd_pct_copy",
            "bwd_pct_copy", "fwd_bwd_pct_copy", "peak_mem_mb", "saved_mb", "speedup_vs_eager",
            "speedup_vs_compile"]
 
-
-def _impls(fn, smoke):
-    """impl name -> callable running fn under that implementation."""
-    def under(backend):
-        def run(*a):
-            with q2kernels.use_backend(backend):
-                return fn(*a)
-        return run
-
-    impls = {"q2kernels": under("triton"), "eager": under("reference")}
-    if not smoke:
-        impls["compile"] = torch.compile(under("reference"))
-    return impls
 
 
 def _ltq_params(bits, device):
@@ -73,7 +59,7 @@ def run(smoke: bool) -> list[dict]:
         g = torch.randn_like(x)
         e = x.element_size()
         fn = lambda x, s, a, a1, a2, bits=bits: F.n2uq_act_quantize(x, s, a, a1, a2, bits)  # noqa: E731
-        for impl, f in _impls(fn, smoke).items():
+        for impl, f in common.backend_impls(fn, smoke).items():
             rows.append(common.measure(f, [x, *_ltq_params(bits, device)], g, 2 * x.numel() * e,
                                        3 * x.numel() * e, quantizer="ltq", bits=bits, shape=str(tuple(shape)),
                                        dtype=str(dtype)[6:], impl=impl))
@@ -84,7 +70,7 @@ def run(smoke: bool) -> list[dict]:
         w = (torch.randn(shape, device=device) * 0.02).requires_grad_()
         g = torch.randn_like(w)
         fn = lambda w: F.n2uq_weight_quantize(w, 4)  # noqa: E731
-        for impl, f in _impls(fn, smoke).items():
+        for impl, f in common.backend_impls(fn, smoke).items():
             rows.append(common.measure(f, [w], g, 2 * w.numel() * 4, 2 * w.numel() * 4, quantizer="n2uq_weight",
                                        bits=4, shape=str(tuple(shape)), dtype="float32", impl=impl))
     keys = ("quantizer", "bits", "shape", "dtype")
@@ -94,11 +80,7 @@ def run(smoke: bool) -> list[dict]:
 
 
 def main(argv=None):
-    args = common.parse_args(__doc__.splitlines()[0], argv)
-    rows = run(args.smoke)
-    common.report("n2uq", rows, COLUMNS, args.out)
-    return rows
-
+    return common.bench_main("n2uq", run, COLUMNS, __doc__, argv)
 
 if __name__ == "__main__":
     main()

@@ -22,7 +22,6 @@ from benchmarks import common, shapes  # noqa: E402  (common sets TRITON_INTERPR
 
 import torch  # noqa: E402
 
-import q2kernels  # noqa: E402
 from q2kernels import functional as F  # noqa: E402
 from q2kernels.ops import ada as ada_op  # noqa: E402
 
@@ -44,18 +43,6 @@ def _inputs(shape, dtype, layout, variant, device):
     Sq = (torch.round(S.detach().float() / STEP) * STEP).to(dtype).contiguous(memory_format=fmt)
     return [T, S, Sq, torch.tensor([STEP], device=device)], {}
 
-
-def _impls(smoke, kw):
-    def under(backend):
-        def run(*a):
-            with q2kernels.use_backend(backend):
-                return F.q_ada_loss(*a, **kw)
-        return run
-
-    impls = {"q2kernels": under("triton"), "eager": under("reference")}
-    if not smoke:
-        impls["compile"] = torch.compile(under("reference"))
-    return impls
 
 
 def _cases(smoke):
@@ -92,7 +79,7 @@ def run(smoke: bool, sweep: bool = False) -> list[dict]:
     rows = []
     for point, shape, dtype, layout, variant in _cases(smoke):
         inputs, kw = _inputs(shape, dtype, layout, variant, device)
-        for impl, fn in _impls(smoke, kw).items():
+        for impl, fn in common.backend_impls(lambda *a, kw=kw: F.q_ada_loss(*a, **kw), smoke).items():
             rows.append(_measure(fn, inputs, point, shape, dtype, layout, variant, impl))
         if sweep and (smoke or (shape[0] == shapes.BATCHES[0] and dtype == torch.bfloat16)):
             rows += _sweep(inputs, kw, point, shape, dtype, layout, variant)
@@ -109,7 +96,7 @@ def _sweep(inputs, kw, point, shape, dtype, layout, variant):
     try:
         for tile, ept in SWEEP:
             ada_op.TILE, ada_op.ELEMS_PER_THREAD = tile, ept
-            fn = _impls(True, kw)["q2kernels"]
+            fn = common.backend_impls(lambda *a, kw=kw: F.q_ada_loss(*a, **kw), True)["q2kernels"]
             rows.append(_measure(fn, inputs, point, shape, dtype, layout, variant,
                                  f"q2kernels[tile={tile},ept={ept}]"))
     finally:
@@ -118,13 +105,7 @@ def _sweep(inputs, kw, point, shape, dtype, layout, variant):
 
 
 def main(argv=None):
-    argv = list(sys.argv[1:] if argv is None else argv)
-    sweep = "--sweep" in argv
-    args = common.parse_args(__doc__.splitlines()[0], [a for a in argv if a != "--sweep"])
-    rows = run(args.smoke, sweep)
-    common.report("qada", rows, COLUMNS, args.out)
-    return rows
-
+    return common.bench_main("qada", run, COLUMNS, __doc__, argv, sweep=True)
 
 if __name__ == "__main__":
     main()

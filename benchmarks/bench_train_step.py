@@ -72,11 +72,7 @@ def run(smoke: bool) -> list[dict]:
 
 
 def main(argv=None):
-    args = common.parse_args(__doc__.splitlines()[0], argv)
-    rows = run(args.smoke)
-    common.report("train_step", rows, COLUMNS, args.out)
-    return rows
-
+    return common.bench_main("train_step", run, COLUMNS, __doc__, argv)
 
 if __name__ == "__main__":
     main()

@@ -27,15 +27,42 @@ RESULTS = ROOT / "benchmarks" / "results"
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 
 
-def parse_args(description: str, argv=None) -> argparse.Namespace:
+def parse_args(description: str, argv=None, sweep: bool = False) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--smoke", action="store_true", help="tiny shapes; the only mode without a GPU")
     p.add_argument("--out", type=Path, default=None,
-                   help="directory for <gpu>-<commit>.json/.md (default: print only)")
+                   help="directory for <gpu>-<commit>-<name>.json/.md (default: print only)")
+    if sweep:
+        p.add_argument("--sweep", action="store_true", help="also time the other block-size settings")
     args = p.parse_args(argv)
     if not HAS_CUDA:
         args.smoke = True
     return args
+
+
+def bench_main(name: str, run, columns: list[str], doc: str, argv=None, sweep: bool = False) -> list[dict]:
+    """The command line of one benchmark script: parse, run(smoke[, sweep]), report."""
+    args = parse_args(doc.splitlines()[0], argv, sweep)
+    rows = run(args.smoke, args.sweep) if sweep else run(args.smoke)
+    report(name, rows, columns, args.out)
+    return rows
+
+
+def backend_impls(fn, smoke: bool) -> dict:
+    """impl name -> fn run by q2kernels' fused kernels, the eager reference, and (not in a smoke
+    run: compiling on a CPU takes minutes) torch.compile of the reference."""
+    import q2kernels
+
+    def under(backend):
+        def run(*args):
+            with q2kernels.use_backend(backend):
+                return fn(*args)
+        return run
+
+    impls = {"q2kernels": under("triton"), "eager": under("reference")}
+    if not smoke:
+        impls["compile"] = torch.compile(under("reference"))
+    return impls
 
 
 def time_ms(fn, reps: int = 100) -> float:

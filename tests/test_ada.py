@@ -11,7 +11,6 @@ from torch.nn import functional as TF
 
 import q2kernels
 from q2kernels import functional as F
-from q2kernels import reference as ref
 from q2kernels.nn import LSQQuantizer, QADALoss, QConv2d
 
 from conftest import DEVICE

@@ -1,6 +1,5 @@
 """LSQ / LSQ+ / PACT / DoReFa: the reference against float64 autograd, the fused Triton kernels
 (run by the interpreter on CPU) against the reference, edge cases, registration and bad input."""
-import math
 
 import pytest
 import torch

@@ -86,7 +86,7 @@ def test_fused_training_follows_the_reference(recipe):
     torch.manual_seed(1)
     base = quantize_model(small_net(), recipe, 4, 4)
     data = [(torch.randn(4, 3, 12, 12), torch.randint(0, 3, (4,))) for _ in range(4)]
-    curves = {}
+    curves, params = {}, {}
     for backend in ("reference", "triton"):
         m = copy.deepcopy(base)
         opt = torch.optim.SGD(m.parameters(), lr=0.05)
@@ -98,8 +98,10 @@ def test_fused_training_follows_the_reference(recipe):
                 loss.backward()
                 opt.step()
                 curves[backend].append(loss.item())
+        params[backend] = [p.detach() for p in m.parameters()]
     torch.testing.assert_close(torch.tensor(curves["triton"]), torch.tensor(curves["reference"]),
                                rtol=1e-4, atol=1e-5)
+    assert any(not torch.equal(p, p0) for p, p0 in zip(params["triton"], base.parameters())), "it trained"
 
 
 @pytest.mark.parametrize("recipe", RECIPES)

@@ -14,62 +14,67 @@ def _check_quantizer(q, name):
     return q
 
 
-class QConv2d(nn.Conv2d):
-    """nn.Conv2d whose input passes `act_quantizer` and whose weight passes `weight_quantizer`
-    (either may be None: that operand stays float)."""
+class _Quantized:
+    """What QConv2d and QLinear share: an input quantizer, a weight quantizer (either may be None:
+    that operand stays float), and building one from the float layer."""
+
+    def _set_quantizers(self, weight_quantizer, act_quantizer):
+        self.weight_quantizer = _check_quantizer(weight_quantizer, "weight_quantizer")
+        self.act_quantizer = _check_quantizer(act_quantizer, "act_quantizer")
+
+    def _operands(self, x):
+        if self.act_quantizer is not None:
+            x = self.act_quantizer(x)
+        return x, (self.weight if self.weight_quantizer is None else self.weight_quantizer(self.weight))
+
+    @classmethod
+    def _from_layer(cls, layer, float_cls, name, config, weight, act):
+        if not isinstance(layer, float_cls):
+            raise TypeError(f"{name}: expected an nn.{float_cls.__name__}, got {type(layer).__name__}")
+        q = cls(*config, weight_quantizer=weight, act_quantizer=act,
+                device=layer.weight.device, dtype=layer.weight.dtype)
+        with torch.no_grad():
+            q.weight.copy_(layer.weight)
+            if layer.bias is not None:
+                q.bias.copy_(layer.bias)
+        return q.to(layer.weight.device)
+
+
+class QConv2d(_Quantized, nn.Conv2d):
+    """nn.Conv2d whose input passes `act_quantizer` and whose weight passes `weight_quantizer`."""
 
     def __init__(self, *args, weight_quantizer: Quantizer | None = None,
                  act_quantizer: Quantizer | None = None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.weight_quantizer = _check_quantizer(weight_quantizer, "weight_quantizer")
-        self.act_quantizer = _check_quantizer(act_quantizer, "act_quantizer")
+        self._set_quantizers(weight_quantizer, act_quantizer)
 
     def forward(self, x):
-        if self.act_quantizer is not None:
-            x = self.act_quantizer(x)
-        w = self.weight if self.weight_quantizer is None else self.weight_quantizer(self.weight)
+        x, w = self._operands(x)
         return self._conv_forward(x, w, self.bias)
 
     @classmethod
     def from_float(cls, conv: nn.Conv2d, weight: Quantizer | None = None, act: Quantizer | None = None):
-        """A QConv2d with `conv`'s configuration, parameters (shared storage copied) and device."""
-        if not isinstance(conv, nn.Conv2d):
-            raise TypeError(f"conv: expected an nn.Conv2d, got {type(conv).__name__}")
-        q = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode,
-                weight_quantizer=weight, act_quantizer=act,
-                device=conv.weight.device, dtype=conv.weight.dtype)
-        with torch.no_grad():
-            q.weight.copy_(conv.weight)
-            if conv.bias is not None:
-                q.bias.copy_(conv.bias)
-        return q.to(conv.weight.device)
+        """A QConv2d with `conv`'s configuration, a copy of its parameters, on its device."""
+        config = (conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                  conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode) \
+            if isinstance(conv, nn.Conv2d) else ()
+        return cls._from_layer(conv, nn.Conv2d, "conv", config, weight, act)
 
 
-class QLinear(nn.Linear):
+class QLinear(_Quantized, nn.Linear):
     """nn.Linear with an input quantizer and a weight quantizer (either may be None)."""
 
     def __init__(self, *args, weight_quantizer: Quantizer | None = None,
                  act_quantizer: Quantizer | None = None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.weight_quantizer = _check_quantizer(weight_quantizer, "weight_quantizer")
-        self.act_quantizer = _check_quantizer(act_quantizer, "act_quantizer")
+        self._set_quantizers(weight_quantizer, act_quantizer)
 
     def forward(self, x):
-        if self.act_quantizer is not None:
-            x = self.act_quantizer(x)
-        w = self.weight if self.weight_quantizer is None else self.weight_quantizer(self.weight)
+        x, w = self._operands(x)
         return F.linear(x, w, self.bias)
 
     @classmethod
     def from_float(cls, linear: nn.Linear, weight: Quantizer | None = None, act: Quantizer | None = None):
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"linear: expected an nn.Linear, got {type(linear).__name__}")
-        q = cls(linear.in_features, linear.out_features, linear.bias is not None,
-                weight_quantizer=weight, act_quantizer=act,
-                device=linear.weight.device, dtype=linear.weight.dtype)
-        with torch.no_grad():
-            q.weight.copy_(linear.weight)
-            if linear.bias is not None:
-                q.bias.copy_(linear.bias)
-        return q.to(linear.weight.device)
+        config = (linear.in_features, linear.out_features, linear.bias is not None) \
+            if isinstance(linear, nn.Linear) else ()
+        return cls._from_layer(linear, nn.Linear, "linear", config, weight, act)

@@ -1,7 +1,4 @@
 """Eager PyTorch implementations of every op: the oracle of the tests and the CPU backend."""
-from . import ada
-from . import fusion
-from . import n2uq
 from .ada import q_ada_loss
 from .fusion import GateController, controller_update, fusion_stats, gated_fusion
 from .fake_quant import (
