@@ -16,6 +16,34 @@ from benchmarks import common  # noqa: E402  (sets TRITON_INTERPRET before trito
 HERE = Path(__file__).resolve().parent
 
 
+README = HERE.parent / "README.md"
+# The headline numbers of a GPU run: (benchmark, row filter, metric) of the q2kernels rows.
+SUMMARY = [
+    ("fake_quant", "fused fake quant, fwd+bwd vs eager", "speedup_vs_eager"),
+    ("fake_quant", "fused fake quant, fwd+bwd vs torch.compile", "speedup_vs_compile"),
+    ("n2uq", "N2UQ, fwd+bwd vs eager", "speedup_vs_eager"),
+    ("fusion", "gated fusion + LN, fwd+bwd vs eager", "speedup_vs_eager"),
+    ("qada", "Q-ADA, fwd+bwd vs eager", "speedup_vs_eager"),
+    ("train_step", "YOLOv5s QAT step vs eager modules", "speedup_vs_eager"),
+    ("train_step", "YOLOv5s QAT step vs torch.compile", "speedup_vs_compile"),
+]
+
+
+def _summary_into_readme(env, record):
+    """Replace the README's results block with the median of each headline metric."""
+    import statistics
+    lines = [f"Recorded on {env['device']} at {env['commit']} (`benchmarks/results/`):", "",
+             "| what | median | min | max |", "|---|---|---|---|"]
+    for bench, label, metric in SUMMARY:
+        vals = [r[metric] for r in record["benchmarks"].get(bench, [])
+                if r.get("impl") == "q2kernels" and r.get(metric) is not None]
+        if vals:
+            lines.append(f"| {label} | {statistics.median(vals):.2f}x | {min(vals):.2f}x | {max(vals):.2f}x |")
+    text = README.read_text()
+    start, end = text.index("<!-- results -->"), text.index("<!-- /results -->")
+    README.write_text(text[:start] + "<!-- results -->\n" + "\n".join(lines) + "\n" + text[end:])
+
+
 def main(argv=None):
     args = common.parse_args(__doc__.splitlines()[0], argv)
     env = common.environment()
@@ -28,6 +56,8 @@ def main(argv=None):
         record["benchmarks"][name] = rows
         sections.append(common.report(name, rows, bench.COLUMNS, None))
     if args.out is not None:
+        if common.HAS_CUDA:
+            _summary_into_readme(env, record)
         args.out.mkdir(parents=True, exist_ok=True)
         stem = f"{env['device'].replace(' ', '_')}-{env['commit']}"
         (args.out / f"{stem}.json").write_text(json.dumps(record, indent=1))
