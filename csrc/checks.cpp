@@ -149,4 +149,41 @@ at::Tensor new_output(int64_t n, int64_t ho, int64_t wo, int64_t channels, c10::
   return at::empty({n, channels, ho, wo}, like.options().dtype(dtype).memory_format(at::MemoryFormat::ChannelsLast));
 }
 
+ConvProblem check_conv2d(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& epilogue,
+                         const c10::optional<at::Tensor>& tap_sums, const c10::optional<at::Tensor>& thresholds,
+                         int64_t in_channels, bool x_signed, bool w_signed, int64_t w_mul, int64_t w_add,
+                         c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t act,
+                         int64_t qn, int64_t qp, bool packed_out) {
+  const ConvProblem p =
+      check_conv(x, weight, in_channels, x_signed, w_signed, w_mul, w_add, stride, padding, dilation);
+  check_epilogue(p, x, epilogue, tap_sums, act);
+  if (packed_out) check_quantizer(thresholds, qn, qp, x);
+  return p;
+}
+
+void check_float_input(const at::Tensor& x, const at::Tensor& qparams) {
+  const auto dt = x.scalar_type();
+  TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16,
+                   "x: expected a float32, float16 or bfloat16 tensor, got ", dt);
+  TORCH_CHECK_VALUE(x.dim() == 4, "x: expected a 4-d (N, C, H, W) tensor, got shape ", x.sizes());
+  TORCH_CHECK_TYPE(qparams.scalar_type() == at::kFloat, "qparams: expected float32, got ", qparams.scalar_type());
+  TORCH_CHECK_VALUE(qparams.dim() == 2 && qparams.size(0) == kQuantRows && qparams.size(1) == x.size(1) &&
+                        qparams.is_contiguous(),
+                    "qparams: expected a contiguous (2, C=", x.size(1), ") tensor (rows q_mul, q_off), got shape ",
+                    qparams.sizes());
+  TORCH_CHECK_VALUE(qparams.device() == x.device(), "qparams: is on ", qparams.device(), " but x is on ",
+                    x.device());
+}
+
+void check_unpack(const at::Tensor& packed, int64_t channels) {
+  TORCH_CHECK_TYPE(packed.scalar_type() == at::kByte, "packed: expected a packed uint8 tensor, got ",
+                   packed.scalar_type());
+  TORCH_CHECK_VALUE(packed.dim() == 4 && packed.is_contiguous(),
+                    "packed: expected a contiguous 4-d (N, H, W, C/2) tensor, got shape ", packed.sizes(),
+                    " strides ", packed.strides());
+  TORCH_CHECK_VALUE(channels >= 1 && packed_bytes(channels) == packed.size(3), "channels: ", channels,
+                    " channels pack into ", packed_bytes(channels), " bytes per pixel, but packed holds ",
+                    packed.size(3));
+}
+
 }  // namespace q2k

@@ -43,4 +43,18 @@ void check_output(const at::Tensor& out, int64_t n, int64_t ho, int64_t wo, int6
 at::Tensor new_output(int64_t n, int64_t ho, int64_t wo, int64_t channels, c10::ScalarType dtype,
                       const at::Tensor& like);
 
+// Every check of conv2d / conv2d_out: the problem, the epilogue, and the output quantizer when the
+// output is packed codes.
+ConvProblem check_conv2d(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& epilogue,
+                         const c10::optional<at::Tensor>& tap_sums, const c10::optional<at::Tensor>& thresholds,
+                         int64_t in_channels, bool x_signed, bool w_signed, int64_t w_mul, int64_t w_add,
+                         c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t act,
+                         int64_t qn, int64_t qp, bool packed_out);
+
+// The float input of quantize_pack and its (2, C) quantizer rows.
+void check_float_input(const at::Tensor& x, const at::Tensor& qparams);
+
+// The packed input of unpack and the channel count it should hold.
+void check_unpack(const at::Tensor& packed, int64_t channels);
+
 }  // namespace q2k

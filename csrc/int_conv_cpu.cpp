@@ -128,18 +128,6 @@ void conv2d_into(const ConvProblem& p, const at::Tensor& x, const at::Tensor& we
   });
 }
 
-ConvProblem check_conv2d(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& epilogue,
-                         const c10::optional<at::Tensor>& tap_sums, const c10::optional<at::Tensor>& thresholds,
-                         int64_t in_channels, bool x_signed, bool w_signed, int64_t w_mul, int64_t w_add,
-                         c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t act,
-                         int64_t qn, int64_t qp, bool packed_out) {
-  const ConvProblem p =
-      check_conv(x, weight, in_channels, x_signed, w_signed, w_mul, w_add, stride, padding, dilation);
-  check_epilogue(p, x, epilogue, tap_sums, act);
-  if (packed_out) check_quantizer(thresholds, qn, qp, x);
-  return p;
-}
-
 at::Tensor conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& epilogue,
                       const c10::optional<at::Tensor>& tap_sums, const c10::optional<at::Tensor>& thresholds,
                       int64_t in_channels, bool x_signed, bool w_signed, int64_t w_mul, int64_t w_add,

@@ -62,14 +62,7 @@ at::Tensor pack_cpu(const at::Tensor& codes, int64_t bits, bool is_signed) {
 
 // (A, B1, B2, packed_bytes(channels)) uint8 -> int8 (A, channels, B1, B2) in channels_last.
 at::Tensor unpack_cpu(const at::Tensor& packed, int64_t channels, bool is_signed) {
-  TORCH_CHECK_TYPE(packed.scalar_type() == at::kByte, "packed: expected a packed uint8 tensor, got ",
-                   packed.scalar_type());
-  TORCH_CHECK_VALUE(packed.dim() == 4 && packed.is_contiguous(),
-                    "packed: expected a contiguous 4-d (N, H, W, C/2) tensor, got shape ", packed.sizes(),
-                    " strides ", packed.strides());
-  TORCH_CHECK_VALUE(channels >= 1 && packed_bytes(channels) == packed.size(3), "channels: ", channels,
-                    " channels pack into ", packed_bytes(channels), " bytes per pixel, but packed holds ",
-                    packed.size(3));
+  check_unpack(packed, channels);
   const int64_t A = packed.size(0), B1 = packed.size(1), B2 = packed.size(2), cb = packed.size(3);
   at::Tensor out = at::empty({A, channels, B1, B2},
                              packed.options().dtype(at::kChar).memory_format(at::MemoryFormat::ChannelsLast));
@@ -82,20 +75,6 @@ at::Tensor unpack_cpu(const at::Tensor& packed, int64_t channels, bool is_signed
     }
   });
   return out;
-}
-
-void check_float_input(const at::Tensor& x, const at::Tensor& qparams) {
-  const auto dt = x.scalar_type();
-  TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16,
-                   "x: expected a float32, float16 or bfloat16 tensor, got ", dt);
-  TORCH_CHECK_VALUE(x.dim() == 4, "x: expected a 4-d (N, C, H, W) tensor, got shape ", x.sizes());
-  TORCH_CHECK_TYPE(qparams.scalar_type() == at::kFloat, "qparams: expected float32, got ", qparams.scalar_type());
-  TORCH_CHECK_VALUE(qparams.dim() == 2 && qparams.size(0) == kQuantRows && qparams.size(1) == x.size(1) &&
-                        qparams.is_contiguous(),
-                    "qparams: expected a contiguous (2, C=", x.size(1), ") tensor (rows q_mul, q_off), got shape ",
-                    qparams.sizes());
-  TORCH_CHECK_VALUE(qparams.device() == x.device(), "qparams: is on ", qparams.device(), " but x is on ",
-                    x.device());
 }
 
 // The quantizer of a float (N, C, H, W) tensor (any strides), written as codes into the packed

@@ -91,33 +91,6 @@ void launch(const Exec& ex, const ConvParams& p) {
   TORCH_CHECK(status == 0, "q2kernels_int conv: the CUDA kernel launch failed (cudaError_t ", status, ")");
 }
 
-ConvProblem check_conv2d(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& epilogue,
-                         const c10::optional<at::Tensor>& tap_sums, const c10::optional<at::Tensor>& thresholds,
-                         int64_t in_channels, bool x_signed, bool w_signed, int64_t w_mul, int64_t w_add,
-                         c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t act,
-                         int64_t qn, int64_t qp, bool packed_out) {
-  const ConvProblem p =
-      check_conv(x, weight, in_channels, x_signed, w_signed, w_mul, w_add, stride, padding, dilation);
-  check_epilogue(p, x, epilogue, tap_sums, act);
-  if (packed_out) check_quantizer(thresholds, qn, qp, x);
-  return p;
-}
-
-// The checks of the CPU quantize_pack (../pack.cpp).
-void check_float_input(const at::Tensor& x, const at::Tensor& qparams) {
-  const auto dt = x.scalar_type();
-  TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16,
-                   "x: expected a float32, float16 or bfloat16 tensor, got ", dt);
-  TORCH_CHECK_VALUE(x.dim() == 4, "x: expected a 4-d (N, C, H, W) tensor, got shape ", x.sizes());
-  TORCH_CHECK_TYPE(qparams.scalar_type() == at::kFloat, "qparams: expected float32, got ", qparams.scalar_type());
-  TORCH_CHECK_VALUE(qparams.dim() == 2 && qparams.size(0) == kQuantRows && qparams.size(1) == x.size(1) &&
-                        qparams.is_contiguous(),
-                    "qparams: expected a contiguous (2, C=", x.size(1), ") tensor (rows q_mul, q_off), got shape ",
-                    qparams.sizes());
-  TORCH_CHECK_VALUE(qparams.device() == x.device(), "qparams: is on ", qparams.device(), " but x is on ",
-                    x.device());
-}
-
 void run_quantize_pack(const Exec& ex, const at::Tensor& x, const at::Tensor& qparams,
                        const c10::optional<at::Tensor>& thresholds, int64_t qn, int64_t qp, int64_t c_offset,
                        const at::Tensor& out) {
@@ -175,15 +148,7 @@ at::Tensor pack(const Exec& ex, const at::Tensor& codes, int64_t bits, bool is_s
 }
 
 at::Tensor unpack(const Exec& ex, const at::Tensor& packed, int64_t channels, bool is_signed) {
-  // The checks of the CPU unpack (../pack.cpp).
-  TORCH_CHECK_TYPE(packed.scalar_type() == at::kByte, "packed: expected a packed uint8 tensor, got ",
-                   packed.scalar_type());
-  TORCH_CHECK_VALUE(packed.dim() == 4 && packed.is_contiguous(),
-                    "packed: expected a contiguous 4-d (N, H, W, C/2) tensor, got shape ", packed.sizes(),
-                    " strides ", packed.strides());
-  TORCH_CHECK_VALUE(channels >= 1 && packed_bytes(channels) == packed.size(3), "channels: ", channels,
-                    " channels pack into ", packed_bytes(channels), " bytes per pixel, but packed holds ",
-                    packed.size(3));
+  check_unpack(packed, channels);
   at::Tensor out = at::empty({packed.size(0), channels, packed.size(1), packed.size(2)},
                              packed.options().dtype(at::kChar).memory_format(at::MemoryFormat::ChannelsLast));
   UnpackParams p{};

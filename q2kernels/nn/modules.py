@@ -16,9 +16,12 @@ def _check_quantizer(q, name):
 
 class _Quantized:
     """What QConv2d and QLinear share: an input quantizer, a weight quantizer (either may be None:
-    that operand stays float), and building one from the float layer."""
+    that operand stays float), and building one from the float layer. Mixed in before the float
+    layer class, whose constructor takes the remaining arguments."""
 
-    def _set_quantizers(self, weight_quantizer, act_quantizer):
+    def __init__(self, *args, weight_quantizer: Quantizer | None = None,
+                 act_quantizer: Quantizer | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
         self.weight_quantizer = _check_quantizer(weight_quantizer, "weight_quantizer")
         self.act_quantizer = _check_quantizer(act_quantizer, "act_quantizer")
 
@@ -43,11 +46,6 @@ class _Quantized:
 class QConv2d(_Quantized, nn.Conv2d):
     """nn.Conv2d whose input passes `act_quantizer` and whose weight passes `weight_quantizer`."""
 
-    def __init__(self, *args, weight_quantizer: Quantizer | None = None,
-                 act_quantizer: Quantizer | None = None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._set_quantizers(weight_quantizer, act_quantizer)
-
     def forward(self, x):
         x, w = self._operands(x)
         return self._conv_forward(x, w, self.bias)
@@ -63,11 +61,6 @@ class QConv2d(_Quantized, nn.Conv2d):
 
 class QLinear(_Quantized, nn.Linear):
     """nn.Linear with an input quantizer and a weight quantizer (either may be None)."""
-
-    def __init__(self, *args, weight_quantizer: Quantizer | None = None,
-                 act_quantizer: Quantizer | None = None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._set_quantizers(weight_quantizer, act_quantizer)
 
     def forward(self, x):
         x, w = self._operands(x)
