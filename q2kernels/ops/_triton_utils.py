@@ -9,6 +9,13 @@ _RINT_MAGIC: tl.constexpr = tl.constexpr(12582912.0)
 
 
 @triton.jit
+def channel_offsets(k, c, C, INNER):
+    """Memory offset of element k of channel c in the (OUTER, C, INNER) view of a dense tensor
+    (ops/_layout.py); k and c broadcast against each other."""
+    return (k // INNER) * C * INNER + c * INNER + k % INNER
+
+
+@triton.jit
 def clip(v, lo, hi):
     """min(max(v, lo), hi) that keeps NaN, as torch.clamp does."""
     return tl.minimum(tl.maximum(v, lo, propagate_nan=tl.PropagateNan.ALL), hi, propagate_nan=tl.PropagateNan.ALL)

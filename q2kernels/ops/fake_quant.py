@@ -23,7 +23,7 @@ import triton.language as tl
 
 from ..reference.fake_quant import SCALE_FLOOR
 from . import _layout
-from ._triton_utils import cast_to, clip, round_clip
+from ._triton_utils import cast_to, channel_offsets, clip, round_clip
 
 LSQ, LSQ_PLUS, PACT = 0, 1, 2
 
@@ -50,7 +50,7 @@ def _tile(pid, N_K, C, INNER, PER_CHANNEL: tl.constexpr, BLOCK_K: tl.constexpr,
     k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     if PER_CHANNEL:
-        offs = ((k // INNER) * C * INNER + k % INNER)[:, None] + (c * INNER)[None, :]
+        offs = channel_offsets(k[:, None], c[None, :], C, INNER)
     else:
         offs = k[:, None] + c[None, :]
     mask = (k < N_K)[:, None] & (c < C)[None, :]

@@ -35,7 +35,7 @@ import triton.language as tl
 
 from ..reference.n2uq import A_FLOOR, ltq_interval, ltq_levels
 from . import _layout
-from ._triton_utils import cast_to, clip, round_clip
+from ._triton_utils import cast_to, channel_offsets, clip, round_clip
 
 _A_FLOOR: tl.constexpr = tl.constexpr(A_FLOOR)
 
@@ -297,12 +297,6 @@ n2uq_act.register_autograd(_act_backward, setup_context=_act_setup_context)
 
 
 @triton.jit
-def _channel_offsets(k, c, C, INNER):
-    """Memory offset of element k of channel c in the (OUTER, C, INNER) view (see _layout)."""
-    return (k // INNER) * C * INNER + c * INNER + k % INNER
-
-
-@triton.jit
 def _n2uq_weight_fwd_kernel(w_ptr, wq_ptr, sf_ptr, K, C, INNER, k_float, gamma, m,
                             BLOCK: tl.constexpr, INT64: tl.constexpr):
     c = tl.program_id(0)
@@ -313,13 +307,13 @@ def _n2uq_weight_fwd_kernel(w_ptr, wq_ptr, sf_ptr, K, C, INNER, k_float, gamma, 
     acc = tl.zeros([BLOCK], dtype=tl.float64)
     for k0 in range(0, K, BLOCK):
         k = k0 + tl.arange(0, BLOCK)
-        acc += tl.abs(tl.load(w_ptr + _channel_offsets(k, c, C, INNER), mask=k < K, other=0.0).to(tl.float64))
+        acc += tl.abs(tl.load(w_ptr + channel_offsets(k, c, C, INNER), mask=k < K, other=0.0).to(tl.float64))
     sf = gamma * tl.math.div_rn(tl.sum(acc, axis=0).to(tl.float32), k_float)
     tl.store(sf_ptr + c, sf)
     inv = tl.math.div_rn(1.0, sf)
     for k0 in range(0, K, BLOCK):
         k = k0 + tl.arange(0, BLOCK)
-        offs = _channel_offsets(k, c, C, INNER)
+        offs = channel_offsets(k, c, C, INNER)
         w = tl.load(w_ptr + offs, mask=k < K, other=0.0).to(tl.float32)
         q = round_clip((clip(w * inv, -1.0, 1.0) + 1.0) * m, 0.0, 2.0 * m)
         tl.store(wq_ptr + offs, cast_to((tl.math.div_rn(q, m) - 1.0) * sf, wq_ptr.dtype.element_ty), mask=k < K)
@@ -333,7 +327,7 @@ def _n2uq_weight_bwd_kernel(g_ptr, dw_ptr, sf_ptr, K, C, INNER, BLOCK: tl.conste
     inv = tl.math.div_rn(1.0, tl.load(sf_ptr + c))
     for k0 in range(0, K, BLOCK):
         k = k0 + tl.arange(0, BLOCK)
-        offs = _channel_offsets(k, c, C, INNER)
+        offs = channel_offsets(k, c, C, INNER)
         g = tl.load(g_ptr + offs, mask=k < K, other=0.0).to(tl.float32)
         tl.store(dw_ptr + offs, cast_to(g * inv, dw_ptr.dtype.element_ty), mask=k < K)
 
