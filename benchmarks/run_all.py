@@ -1,4 +1,4 @@
-"""Every op benchmark in one run, written as one record: <out>/<gpu>-<commit>.{json,md}.
+"""Every op benchmark in one run, written as one record: <out>/<gpu>-<commit>.{json,md,png}.
 
     python benchmarks/run_all.py [--smoke] [--out benchmarks/results]
 """
@@ -44,6 +44,35 @@ def _summary_into_readme(env, record):
     README.write_text(text[:start] + "<!-- results -->\n" + "\n".join(lines) + "\n" + text[end:])
 
 
+def _plot(record, path):
+    """Speedups of the fused ops against each baseline, one group of bars per benchmark."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot")
+        return
+    baselines = ("eager", "compile", "native")
+    names = list(record["benchmarks"])
+    fig, ax = plt.subplots(figsize=(1.8 * len(names) + 2, 4))
+    for j, base in enumerate(baselines):
+        meds = []
+        for name in names:
+            vals = sorted(r[f"speedup_vs_{base}"] for r in record["benchmarks"][name]
+                          if r.get("impl") == "q2kernels" and r.get(f"speedup_vs_{base}") is not None)
+            meds.append(vals[len(vals) // 2] if vals else 0.0)
+        ax.bar([i + 0.27 * (j - 1) for i in range(len(names))], meds, width=0.27, label=f"vs {base}")
+    ax.axhline(1.0, color="black", lw=0.8)
+    ax.set_xticks(range(len(names)), names)
+    ax.set_ylabel("median speedup (x)")
+    ax.set_title(f"q2kernels on {record['env']['device']} at {record['env']['commit']}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv=None):
     args = common.parse_args(__doc__.splitlines()[0], argv)
     env = common.environment()
@@ -61,6 +90,7 @@ def main(argv=None):
         args.out.mkdir(parents=True, exist_ok=True)
         stem = f"{env['device'].replace(' ', '_')}-{env['commit']}"
         (args.out / f"{stem}.json").write_text(json.dumps(record, indent=1))
+        _plot(record, args.out / f"{stem}.png")
         (args.out / f"{stem}.md").write_text(
             f"# q2kernels benchmarks: {env['device']} at {env['commit']}\n\n"
             f"`{json.dumps(env)}`\n\n" + "\n".join(sections))

@@ -47,3 +47,11 @@ def test_benchmark_smoke(name, tmp_path):
     rows = bench.main(["--smoke", "--out", str(tmp_path)])
     assert rows and all(r["fwd_ms"] > 0 for r in rows if "fwd_ms" in r)
     assert list(tmp_path.glob("*.json")) and list(tmp_path.glob("*.md"))
+
+
+def test_run_all_writes_one_record(tmp_path):
+    run_all = importlib.import_module("benchmarks.run_all")
+    record = run_all.main(["--smoke", "--out", str(tmp_path)])
+    assert set(record["benchmarks"]) == {p.stem.removeprefix("bench_") for p in (ROOT / "benchmarks").glob("bench_*.py")}
+    stems = {p.suffix for p in tmp_path.iterdir()}
+    assert stems == {".json", ".md", ".png"}
