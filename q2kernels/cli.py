@@ -65,9 +65,10 @@ def main(argv=None) -> int:
     demo.add_argument("--smoke", action="store_true", help="a run of under a minute, for CI")
     demo.add_argument("--steps", type=int, default=None, help="QAT steps per run")
     demo.add_argument("--out", default="q2k_demo_out", help="directory for the plots")
-    bench = sub.add_parser("bench", help="run the benchmark suite (benchmarks/run_all.py)")
-    bench.add_argument("args", nargs=argparse.REMAINDER)
-    args = parser.parse_args(argv)
+    sub.add_parser("bench", help="run the benchmark suite: benchmarks/run_all.py [--smoke] [--out DIR]")
+    args, rest = parser.parse_known_args(argv)
+    if rest and args.command != "bench":
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     _enable_interpreter_without_gpu()
     if args.command == "doctor":
         return doctor()
@@ -80,7 +81,7 @@ def main(argv=None) -> int:
     if not script.exists():
         print(f"q2k bench: {script} not found (the benchmarks live in the source checkout)", file=sys.stderr)
         return 2
-    sys.argv = [str(script), *args.args]
+    sys.argv = [str(script), *rest]
     runpy.run_path(str(script), run_name="__main__")
     return 0
 
