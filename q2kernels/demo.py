@@ -127,7 +127,8 @@ def train(model, data, cfg, steps, lr, label, teacher=None, distill=None):
 def evaluate(model, data, batch=32):
     model.eval()
     x, y = data
-    device = next((p.device for p in model.parameters()), x.device) if list(model.parameters()) else x.device
+    # An integer model holds buffers only: its device is that of its first tensor of either kind.
+    device = next(iter([*model.parameters(), *model.buffers()]), x).device
     preds = [model(x[i:i + batch].to(device))[0].float().argmax(1).cpu() for i in range(0, x.shape[0], batch)]
     return mean_iou(torch.cat(preds), labels_at_stride(y, STRIDES[0]))
 
