@@ -1,6 +1,7 @@
 """Every op benchmark in one run, written as one record: <out>/<gpu>-<commit>.{json,md,png}.
 
     python benchmarks/run_all.py [--smoke] [--out benchmarks/results]
+    python benchmarks/run_all.py --summarize benchmarks/results/<gpu>-<commit>.json   # README table
 """
 from __future__ import annotations
 
@@ -74,6 +75,12 @@ def _plot(record, path):
 
 
 def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--summarize"]:
+        # A run recorded on the device machine: put its headline numbers into this checkout's README.
+        record = json.loads(Path(argv[1]).read_text())
+        _summary_into_readme(record["env"], record)
+        return record
     args = common.parse_args(__doc__.splitlines()[0], argv)
     env = common.environment()
     sections, record = [], {"env": env, "benchmarks": {}}

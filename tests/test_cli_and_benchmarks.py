@@ -57,3 +57,17 @@ def test_q2k_bench_runs_every_benchmark_into_one_record(tmp_path):
     names = set(json.loads(record.read_text())["benchmarks"])
     assert names == {p.stem.removeprefix("bench_") for p in (ROOT / "benchmarks").glob("bench_*.py")}
     assert {p.suffix for p in tmp_path.iterdir()} == {".json", ".md", ".png"}
+
+
+def test_recorded_gpu_run_summarised_into_the_readme(tmp_path, monkeypatch):
+    run_all = importlib.import_module("benchmarks.run_all")
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- results -->\nnothing yet\n<!-- /results -->\nrest\n")
+    monkeypatch.setattr(run_all, "README", readme)
+    rows = [{"impl": "q2kernels", "speedup_vs_eager": v} for v in (2.0, 4.0, 9.0)] + [{"impl": "eager"}]
+    record = tmp_path / "H100-abc.json"
+    record.write_text(json.dumps({"env": {"device": "H100", "commit": "abc"}, "benchmarks": {"fake_quant": rows}}))
+    run_all.main(["--summarize", str(record)])
+    text = readme.read_text()
+    assert "Recorded on H100 at abc" in text and "| fused fake quant, fwd+bwd vs eager | 4.00x | 2.00x | 9.00x |" in text
+    assert text.startswith("intro\n") and text.endswith("<!-- /results -->\nrest\n") and "nothing yet" not in text
