@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The GPU campaign in one call on the device machine (no network): install offline, run the CUDA
-# tests, run every benchmark; results go to $OUT (or benchmarks/results when run by hand) and are
-# committed unedited under benchmarks/results/.
+# tests, run every benchmark; results go to $OUT (or benchmarks/results when run by hand): doctor.txt,
+# cuda_tests.txt and <gpu>-<commit>.{json,md,png}. Commit them unedited under benchmarks/results/,
+# then `python benchmarks/run_all.py --summarize benchmarks/results/<gpu>-<commit>.json` updates the
+# README's table, and benchmarks/NOTES.md gets each target's measured value.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-benchmarks/results}"
