@@ -31,5 +31,5 @@ def __getattr__(name):
     if name in _FUNCTIONAL:
         return getattr(importlib.import_module(".functional", __name__), name)
     if name == "_C":  # the C++/CUDA extension: compiled on first use, then cached (q2kernels/_ext.py)
-        return importlib.import_module("._ext", __name__).load()
+        return importlib.import_module(".ops.int_conv", __name__).load()
     raise AttributeError(f"module 'q2kernels' has no attribute {name!r}")

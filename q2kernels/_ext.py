@@ -1,9 +1,11 @@
 """Builds and loads the C++/CUDA extension `q2kernels._C` (the integer ops, csrc/).
 
-The extension is compiled with ninja on first use by torch.utils.cpp_extension.load and cached in
-its build directory (TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions/<python>_<accelerator>/):
-later processes reuse the library as long as the sources and flags are unchanged. Nothing is ever
-downloaded. The CUDA sources (csrc/cuda/*.cu) are compiled only where torch sees a GPU and a CUDA
+The extension is compiled with ninja on first use (the first integer op, or `q2k build` ahead of
+time) by torch.utils.cpp_extension.load and cached in its build directory (TORCH_EXTENSIONS_DIR,
+default ~/.cache/torch_extensions/<python>_<accelerator>/): later processes reuse the library as long
+as the sources and flags are unchanged. Importing q2kernels compiles nothing. Nothing is ever
+downloaded. The sources ship inside the package (q2kernels/_csrc in a wheel or sdist install, copied
+there from the checkout's csrc/ by setup.py), so every kind of install builds the same way. The CUDA sources (csrc/cuda/*.cu) are compiled only where torch sees a GPU and a CUDA
 toolkit (CUDA_HOME); otherwise the library holds the CPU kernels alone.
 """
 from __future__ import annotations
@@ -15,7 +17,18 @@ from pathlib import Path
 import torch
 from torch.utils import cpp_extension
 
-CSRC = Path(__file__).resolve().parent.parent / "csrc"
+
+
+def _find_csrc() -> Path:
+    """The C++/CUDA sources: inside the installed package, else in the source checkout (editable)."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "_csrc", here.parent / "csrc"):
+        if (candidate / "ops.cpp").is_file():
+            return candidate
+    return here / "_csrc"
+
+
+CSRC = _find_csrc()
 
 # -ffp-contract=off: the epilogue's floats must be bit-identical to the CUDA kernels' (csrc/epilogue.h),
 # so the compiler may not fuse a multiply and an add into an fma where the source does not say so.
@@ -45,8 +58,8 @@ def cuda_enabled() -> bool:
 def sources(with_cuda: bool) -> list[str]:
     cpp = sorted(CSRC.glob("*.cpp"))
     if not cpp:
-        raise RuntimeError(f"q2kernels._C: no C++ sources in {CSRC}; the integer ops need a source checkout "
-                           "of q2kernels (pip install -e .)")
+        raise RuntimeError(f"q2kernels._C: no C++ sources in {CSRC}: this installation of q2kernels is "
+                           "incomplete (reinstall it; a wheel carries them in q2kernels/_csrc)")
     cu = sorted((CSRC / "cuda").glob("*.cu")) + sorted((CSRC / "cuda").glob("*.cpp")) if with_cuda else []
     return [str(p) for p in cpp + cu]
 
@@ -54,7 +67,8 @@ def sources(with_cuda: bool) -> list[str]:
 @functools.lru_cache(maxsize=None)
 def load():
     """The extension module (compiled on the first call in a process, from the cache afterwards).
-    Loading it registers the ops torch.ops.q2kernels_int.*; the module holds the format constants."""
+    Loading it registers the ops torch.ops.q2kernels_int.*; the module holds the format constants.
+    Callers use q2kernels.ops.int_conv.load(), which also registers the ops' fake implementations."""
     with_cuda = cuda_enabled()
     flags = _CFLAGS + (["-DQ2K_WITH_CUDA"] if with_cuda else [])
     return cpp_extension.load(

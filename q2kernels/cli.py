@@ -1,4 +1,5 @@
-"""The `q2k` command: `q2k demo` (the main job), `q2k doctor` (what runs where), `q2k bench`."""
+"""The `q2k` command: `q2k demo` (the main job), `q2k doctor` (what runs where), `q2k build` (the C++/CUDA
+extension ahead of time), `q2k bench`."""
 from __future__ import annotations
 
 import argparse
@@ -38,11 +39,21 @@ def doctor() -> int:
             chosen = f"error: {e}"
         print(f"  {device.upper()} tensors -> {chosen}: {', '.join(fused_ops)}")
     try:
-        from q2kernels import _ext
-        _ext.load()
+        from q2kernels.ops import int_conv
+        int_conv.load()
         print("C++ extension q2kernels._C: builds and loads")
     except Exception as e:  # noqa: BLE001  (report any build failure verbatim)
         print(f"C++ extension q2kernels._C: does not build here: {type(e).__name__}: {e}")
+    return 0
+
+
+def build() -> int:
+    """Compile (or find in the cache) q2kernels._C and say where it is."""
+    from q2kernels.ops import int_conv
+
+    print("building q2kernels._C (minutes the first time, with the CUDA kernels; then cached)", flush=True)
+    lib = int_conv.load()
+    print(f"q2kernels._C: {lib.__file__} (CUDA kernels: {'yes' if lib.WITH_CUDA else 'no'})")
     return 0
 
 
@@ -61,6 +72,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="q2k", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("doctor", help="versions, GPU, the backend each op uses, the C++ extension")
+    sub.add_parser("build", help="compile the C++/CUDA extension q2kernels._C now instead of at the first integer op")
     demo = sub.add_parser("demo", help="the end-to-end demo (the README's first command)")
     demo.add_argument("--smoke", action="store_true", help="a run of under a minute, for CI")
     demo.add_argument("--steps", type=int, default=None, help="QAT steps per run")
@@ -72,6 +84,8 @@ def main(argv=None) -> int:
     _enable_interpreter_without_gpu()
     if args.command == "doctor":
         return doctor()
+    if args.command == "build":
+        return build()
     if args.command == "demo":
         from q2kernels import demo as demo_mod
         return demo_mod.main(smoke=args.smoke, steps=args.steps, out=args.out)

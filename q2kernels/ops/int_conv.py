@@ -2,9 +2,9 @@
 the float quantize-and-pack op, and the integer conv with its fused epilogue.
 
 The kernels are C++ (CPU) and CUDA (csrc/cuda/, where built), registered with TORCH_LIBRARY as
-torch.ops.q2kernels_int.*; importing this module builds or loads the extension (q2kernels._ext)
-and registers the fake (meta) implementations, so the ops trace under torch.compile. They are
-inference ops: no autograd.
+torch.ops.q2kernels_int.*; the first op called builds or loads the extension (q2kernels._ext) and
+registers the fake (meta) implementations, so the ops trace under torch.compile. Importing this
+module builds nothing. They are inference ops: no autograd.
 
 Packed format (csrc/format.h): uint8 (N, H, W, packed_bytes(C)), NHWC, two codes per byte along
 C, low nibble = even channel, C padded to a multiple of CHANNEL_ALIGN = 32 codes (16 bytes) with
@@ -23,18 +23,46 @@ at the borders: gamma = s_w*beta_a.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .. import _ext
 
-_C = _ext.load()
-_ops = torch.ops.q2kernels_int
-
-CHANNEL_ALIGN: int = _C.CHANNEL_ALIGN
-FORMAT_VERSION: int = _C.FORMAT_VERSION
-EPILOGUE_ROWS: int = _C.EPILOGUE_ROWS
+# The format constants of csrc/format.h and csrc/epilogue.h. They are spelled out here so that
+# importing this module builds nothing; load() checks them against the library it loads.
+CHANNEL_ALIGN: int = 32
+FORMAT_VERSION: int = 1
+EPILOGUE_ROWS: int = 7
 ALPHA, GAMMA, BIAS, AFF_MUL, AFF_ADD, Q_MUL, Q_OFF = range(EPILOGUE_ROWS)
 ACTIVATIONS = {"identity": 0, "relu": 1, "silu": 2}
+
+
+@functools.lru_cache(maxsize=None)
+def load():
+    """Build (first time) or load q2kernels._C, check its format constants against this module's,
+    and register the ops' fake implementations. Every op below calls it through `_ops`."""
+    lib = _ext.load()
+    built = {"CHANNEL_ALIGN": lib.CHANNEL_ALIGN, "FORMAT_VERSION": lib.FORMAT_VERSION,
+             "EPILOGUE_ROWS": lib.EPILOGUE_ROWS}
+    expected = {"CHANNEL_ALIGN": CHANNEL_ALIGN, "FORMAT_VERSION": FORMAT_VERSION, "EPILOGUE_ROWS": EPILOGUE_ROWS}
+    if built != expected:
+        raise RuntimeError(f"q2kernels._C was built with {built}, this q2kernels expects {expected}: "
+                           "a stale build; remove its build directory (q2k doctor shows it) and rerun")
+    for name, fake in _FAKES.items():
+        torch.library.register_fake(f"q2kernels_int::{name}")(fake)
+    return lib
+
+
+class _LazyOps:
+    """torch.ops.q2kernels_int, loading the library on first use: importing q2kernels compiles nothing."""
+
+    def __getattr__(self, name):
+        load()
+        return getattr(torch.ops.q2kernels_int, name)
+
+
+_ops = _LazyOps()
 
 
 def padded_channels(c: int) -> int:
@@ -50,39 +78,33 @@ def _out_hw(h, w, kh, kw, stride, padding, dilation):
             (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1)
 
 
-@torch.library.register_fake("q2kernels_int::pack")
-def _(codes, bits, signed):
+def _fake_pack(codes, bits, signed):
     a, c, b1, b2 = codes.shape
     return codes.new_empty((a, b1, b2, packed_bytes(c)), dtype=torch.uint8)
 
 
-@torch.library.register_fake("q2kernels_int::unpack")
-def _(packed, channels, signed):
+def _fake_unpack(packed, channels, signed):
     a, b1, b2, _ = packed.shape
     return packed.new_empty((a, channels, b1, b2), dtype=torch.int8).contiguous(memory_format=torch.channels_last)
 
 
-@torch.library.register_fake("q2kernels_int::quantize_pack")
-def _(x, qparams, thresholds, qn, qp):
+def _fake_quantize_pack(x, qparams, thresholds, qn, qp):
     n, c, h, w = x.shape
     return x.new_empty((n, h, w, packed_bytes(c)), dtype=torch.uint8)
 
 
-@torch.library.register_fake("q2kernels_int::quantize_pack_out")
-def _(x, qparams, thresholds, qn, qp, c_offset, out):
+def _fake_quantize_pack_out(x, qparams, thresholds, qn, qp, c_offset, out):
     return None
 
 
-@torch.library.register_fake("q2kernels_int::conv2d_acc")
-def _(x, weight, in_channels, x_signed, w_signed, stride, padding, dilation):
+def _fake_conv2d_acc(x, weight, in_channels, x_signed, w_signed, stride, padding, dilation):
     ho, wo = _out_hw(x.shape[1], x.shape[2], weight.shape[1], weight.shape[2], stride, padding, dilation)
     out = x.new_empty((x.shape[0], weight.shape[0], ho, wo), dtype=torch.int32)
     return out.contiguous(memory_format=torch.channels_last)
 
 
-@torch.library.register_fake("q2kernels_int::conv2d")
-def _(x, weight, epilogue, tap_sums, thresholds, in_channels, x_signed, w_signed, w_mul, w_add, stride, padding,
-      dilation, act, qn, qp, out_dtype):
+def _fake_conv2d(x, weight, epilogue, tap_sums, thresholds, in_channels, x_signed, w_signed, w_mul, w_add, stride,
+                 padding, dilation, act, qn, qp, out_dtype):
     n, cout = x.shape[0], weight.shape[0]
     ho, wo = _out_hw(x.shape[1], x.shape[2], weight.shape[1], weight.shape[2], stride, padding, dilation)
     if out_dtype == torch.uint8:
@@ -90,10 +112,15 @@ def _(x, weight, epilogue, tap_sums, thresholds, in_channels, x_signed, w_signed
     return x.new_empty((n, cout, ho, wo), dtype=out_dtype).contiguous(memory_format=torch.channels_last)
 
 
-@torch.library.register_fake("q2kernels_int::conv2d_out")
-def _(x, weight, epilogue, tap_sums, thresholds, in_channels, x_signed, w_signed, w_mul, w_add, stride, padding,
-      dilation, act, qn, qp, c_offset, out):
+def _fake_conv2d_out(x, weight, epilogue, tap_sums, thresholds, in_channels, x_signed, w_signed, w_mul, w_add,
+                     stride, padding, dilation, act, qn, qp, c_offset, out):
     return None
+
+
+# Output shapes of the ops for tracing (torch.compile, opcheck), registered by load().
+_FAKES = {"pack": _fake_pack, "unpack": _fake_unpack, "quantize_pack": _fake_quantize_pack,
+          "quantize_pack_out": _fake_quantize_pack_out, "conv2d_acc": _fake_conv2d_acc, "conv2d": _fake_conv2d,
+          "conv2d_out": _fake_conv2d_out}
 
 
 def _pair(v, name):
