@@ -55,10 +55,13 @@ def load():
 
 
 class _LazyOps:
-    """torch.ops.q2kernels_int, loading the library on first use: importing q2kernels compiles nothing."""
+    """torch.ops.q2kernels_int, loading the library on first use: importing q2kernels compiles nothing.
+    Under torch.compile the library is already loaded (building an integer model runs these ops), and
+    load() is left out of the traced code."""
 
     def __getattr__(self, name):
-        load()
+        if not torch.compiler.is_compiling():
+            load()
         return getattr(torch.ops.q2kernels_int, name)
 
 
