@@ -128,7 +128,6 @@ def _set_blocks(setting):
 def run(smoke: bool, sweep: bool = False) -> list[dict]:
     device = common.DEVICE
     default_blocks = _blocks()
-    compiled = None if smoke else torch.compile(_eager_chain)
     rows = []
     for model, node, branches, hw, batch, layout, dtype in _cases(smoke):
         fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
@@ -146,8 +145,8 @@ def run(smoke: bool, sweep: bool = False) -> list[dict]:
         impls = {"q2kernels": _fused(lambda: None),
                  "q2kernels+ctrl": _fused(_balanced_controller(len(xs), device)),
                  "eager": _eager_chain, "eager+energy": _eager_with_energy}
-        if compiled is not None:
-            impls["compile"] = compiled
+        if not smoke:
+            impls["compile"] = common.Compiled(_eager_chain)
         cat_cl = torch.cat([x.detach() for x in xs], 1).to(memory_format=torch.channels_last).requires_grad_()
         for impl, fn in impls.items():
             rows.append(common.measure(fn, inputs, dy, 2 * n * e + 8 * p, 3 * n * e + 8 * p, impl=impl, **labels))

@@ -27,7 +27,7 @@ COLUMNS = ["recipe", "batch", "impl", "step_ms", "peak_mem_mb", "speedup_vs_eage
 
 def _step_fn(model, x, backend, compiled):
     opt = torch.optim.SGD(model.parameters(), lr=1e-4)
-    forward = torch.compile(model) if compiled else model
+    forward = common.Compiled(model) if compiled else model
 
     def step():
         # bf16 autocast on the GPU; a CPU smoke run stays in fp32 (CPU bf16 convs are slow).
@@ -36,6 +36,7 @@ def _step_fn(model, x, backend, compiled):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+    step.forward = forward
     return step
 
 
@@ -58,7 +59,10 @@ def run(smoke: bool) -> list[dict]:
         for impl, (backend, compiled) in impls.items():
             import copy
             step = _step_fn(copy.deepcopy(base), x, backend, compiled)
-            step()
+            fell_back = common.compile_fell_back(step.forward, step)
+            if fell_back is not None:
+                rows.append(dict(recipe=recipe, batch=batch, impl=impl, **fell_back))
+                continue
             rows.append(dict(recipe=recipe, batch=batch, impl=impl, step_ms=common.time_ms(step, reps=20),
                              peak_mem_mb=common.peak_mem_mb(step)))
     common.add_speedups(rows, ("recipe", "batch"), "eager", metric="step_ms")

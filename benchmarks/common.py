@@ -61,8 +61,58 @@ def backend_impls(fn, smoke: bool) -> dict:
 
     impls = {"q2kernels": under("triton"), "eager": under("reference")}
     if not smoke:
-        impls["compile"] = torch.compile(under("reference"))
+        impls["compile"] = Compiled(under("reference"))
     return impls
+
+
+class CompileFellBack(RuntimeError):
+    """A torch.compile baseline that ran uncompiled: it must not be timed as compiled."""
+
+
+class Compiled:
+    """torch.compile of fn for one benchmark case, verified to really run compiled code.
+
+    Cases share code objects (the closures of backend_impls, one module's forward), and past the
+    recompile limit (8 per code object) Dynamo silently runs the rest eager: a "speedup vs
+    torch.compile" would then be one against eager. So every case compiles from a fresh Dynamo
+    cache, hitting the limit anyway raises (FailOnRecompileLimitHit) instead of falling back, and
+    check() reads Dynamo's counters: no graph compiled raises CompileFellBack; graph breaks (parts
+    of fn left eager) are counted for the row."""
+
+    def __init__(self, fn, backend: str = "inductor"):
+        self.fn, self.backend, self._compiled = fn, backend, None
+
+    def __call__(self, *args):
+        if self._compiled is None:
+            torch._dynamo.reset()
+            torch._dynamo.utils.counters.clear()
+            torch._dynamo.config.fail_on_recompile_limit_hit = True
+            self._compiled = torch.compile(self.fn, backend=self.backend)
+        return self._compiled(*args)
+
+    def check(self) -> dict:
+        """{"graphs": graphs compiled, "graph_breaks": breaks} since this case's first call."""
+        counters = torch._dynamo.utils.counters
+        graphs = counters["stats"]["unique_graphs"]
+        if self._compiled is None or graphs == 0:
+            raise CompileFellBack(f"torch.compile compiled no graph for {getattr(self.fn, '__name__', self.fn)}: "
+                                  "it ran eager")
+        return {"graphs": graphs, "graph_breaks": sum(counters["graph_break"].values())}
+
+
+def compile_fell_back(fn, run) -> dict | None:
+    """None when fn is not a Compiled or run() (its warm-up) ran compiled code; else the row fields
+    that report the fall-back (printed too) in place of a timing."""
+    if not isinstance(fn, Compiled):
+        run()
+        return None
+    try:
+        run()
+        fn.check()
+    except (CompileFellBack, torch._dynamo.exc.FailOnRecompileLimitHit) as e:
+        print(f"torch.compile fell back to eager, not timed: {e}", file=sys.stderr)
+        return {"compile_error": f"{type(e).__name__}: {e}"}
+    return None
 
 
 def time_ms(fn, reps: int = 100) -> float:
@@ -136,6 +186,11 @@ def measure(fn, inputs, grad, bytes_fwd: int, bytes_bwd: int, **labels) -> dict:
         torch.autograd.grad(out, wants, grad, retain_graph=True)
 
     row = dict(labels)
+    fell_back = compile_fell_back(fn, fwd_bwd)
+    if fell_back is not None:
+        return dict(row, **fell_back)
+    if isinstance(fn, Compiled):
+        row.update(fn.check())
     row["fwd_ms"] = time_ms(fwd)
     row["bwd_ms"] = time_ms(bwd)
     row["fwd_bwd_ms"] = time_ms(fwd_bwd)
@@ -155,7 +210,7 @@ def add_speedups(rows: list[dict], keys: tuple[str, ...], baseline_impl: str, im
     base = {tuple(r[k] for k in keys): r for r in rows if r["impl"] == baseline_impl}
     for r in rows:
         b = base.get(tuple(r[k] for k in keys))
-        if r["impl"] == impl and b is not None:
+        if r["impl"] == impl and b is not None and b.get(metric) is not None and r.get(metric) is not None:
             r[f"speedup_vs_{baseline_impl}"] = b[metric] / r[metric]
 
 

@@ -98,7 +98,7 @@ at::Tensor conv2d_acc_cpu(const at::Tensor& x, const at::Tensor& weight, int64_t
 // The epilogue of every output channel of a pixel, into packed codes at c_offset or floats.
 void conv2d_into(const ConvProblem& p, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& epilogue,
                  const c10::optional<at::Tensor>& tap_sums, const c10::optional<at::Tensor>& thresholds, int64_t act,
-                 int64_t qn, int64_t qp, int64_t c_offset, at::Tensor& out) {
+                 int64_t qn, int64_t qp, int64_t c_offset, const at::Tensor& out) {
   const float* ep = epilogue.const_data_ptr<float>();
   const int32_t* ts = tap_sums.has_value() ? tap_sums->const_data_ptr<int32_t>() : nullptr;
   const float* thr = thresholds.has_value() ? thresholds->const_data_ptr<float>() : nullptr;
@@ -140,11 +140,13 @@ at::Tensor conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, const at::T
   return out;
 }
 
+// `out` (schema `Tensor(a!) out`) is taken as const at::Tensor&, as by the CUDA kernel: the dispatcher
+// aborts the load of a library whose kernels of one op differ in C++ signature across devices.
 void conv2d_out_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& epilogue,
                     const c10::optional<at::Tensor>& tap_sums, const c10::optional<at::Tensor>& thresholds,
                     int64_t in_channels, bool x_signed, bool w_signed, int64_t w_mul, int64_t w_add,
                     c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t act,
-                    int64_t qn, int64_t qp, int64_t c_offset, at::Tensor out) {
+                    int64_t qn, int64_t qp, int64_t c_offset, const at::Tensor& out) {
   const ConvProblem p = check_conv2d(x, weight, epilogue, tap_sums, thresholds, in_channels, x_signed, w_signed,
                                      w_mul, w_add, stride, padding, dilation, act, qn, qp,
                                      out.scalar_type() == at::kByte);

@@ -80,7 +80,7 @@ at::Tensor unpack_cpu(const at::Tensor& packed, int64_t channels, bool is_signed
 // The quantizer of a float (N, C, H, W) tensor (any strides), written as codes into the packed
 // (N, H, W, bytes) out from channel c_offset on.
 void quantize_pack_into(const at::Tensor& x, const at::Tensor& qparams, const c10::optional<at::Tensor>& thresholds,
-                        int64_t qn, int64_t qp, int64_t c_offset, at::Tensor& out) {
+                        int64_t qn, int64_t qp, int64_t c_offset, const at::Tensor& out) {
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), cb = out.size(3);
   if (N * C * H * W == 0) return;
   const auto st = x.strides();
@@ -116,9 +116,11 @@ at::Tensor quantize_pack_cpu(const at::Tensor& x, const at::Tensor& qparams,
   return out;
 }
 
+// `out` (schema `Tensor(a!) out`) is taken as const at::Tensor&, as by the CUDA kernel: the dispatcher
+// aborts the load of a library whose kernels of one op differ in C++ signature across devices.
 void quantize_pack_out_cpu(const at::Tensor& x, const at::Tensor& qparams,
                            const c10::optional<at::Tensor>& thresholds, int64_t qn, int64_t qp, int64_t c_offset,
-                           at::Tensor out) {
+                           const at::Tensor& out) {
   check_float_input(x, qparams);
   check_quantizer(thresholds, qn, qp, x);
   TORCH_CHECK_TYPE(out.scalar_type() == at::kByte, "out: expected a packed uint8 tensor, got ", out.scalar_type());

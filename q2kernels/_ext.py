@@ -5,18 +5,22 @@ time) by torch.utils.cpp_extension.load and cached in its build directory (TORCH
 default ~/.cache/torch_extensions/<python>_<accelerator>/): later processes reuse the library as long
 as the sources and flags are unchanged. Importing q2kernels compiles nothing. Nothing is ever
 downloaded. The sources ship inside the package (q2kernels/_csrc in a wheel or sdist install, copied
-there from the checkout's csrc/ by setup.py), so every kind of install builds the same way. The CUDA sources (csrc/cuda/*.cu) are compiled only where torch sees a GPU and a CUDA
-toolkit (CUDA_HOME); otherwise the library holds the CPU kernels alone.
+there from the checkout's csrc/ by setup.py), so every kind of install builds the same way.
+The CUDA sources (csrc/cuda/*.cu) are compiled where torch sees a GPU and a CUDA toolkit
+(cuda_home()), or wherever Q2K_BUILD_CUDA=1 forces them (CI builds and registers the CUDA kernels on a
+machine without a GPU); otherwise the library holds the CPU kernels alone.
 """
 from __future__ import annotations
 
 import functools
+import os
+import re
+import shutil
 import sys
 from pathlib import Path
 
 import torch
 from torch.utils import cpp_extension
-
 
 
 def _find_csrc() -> Path:
@@ -50,9 +54,68 @@ CUDA_FLAGS = ["-O3", "-std=c++17", "--fmad=false", "--threads=4", "-DQ2K_WITH_CU
 ] + ["-gencode=arch=compute_90,code=[sm_90,compute_90]"]
 
 
+def _is_toolkit(home: Path) -> bool:
+    return (home / "bin" / "nvcc").is_file() and (home / "include" / "cuda_runtime.h").is_file()
+
+
+def _toolkit_of_nvcc(nvcc: Path) -> Path | None:
+    """The toolkit an nvcc on PATH belongs to: its real file's bin/.. where that is a toolkit, else the
+    toolkit of the absolute .../bin/nvcc path a wrapper script runs (/usr/local/bin/nvcc here is
+    `exec /usr/local/cuda-13.0/bin/nvcc "$@"`, for which torch's guess, dirname(dirname(nvcc)), gives
+    /usr/local, which has no cuda_runtime.h). The script is read, never run."""
+    real = nvcc.resolve()
+    if _is_toolkit(real.parent.parent):
+        return real.parent.parent
+    with open(real, "rb") as f:
+        head = f.read(4096)
+    if not head.startswith(b"#!"):
+        return None
+    for target in re.findall(rb"(/[^\s'\";|&]*/bin/nvcc)(?![\w.-])", head):
+        home = Path(os.fsdecode(target)).resolve().parent.parent
+        if _is_toolkit(home):
+            return home
+    return None
+
+
+def cuda_home() -> str | None:
+    """The CUDA toolkit to build with: $CUDA_HOME (or $CUDA_PATH) as given; else the toolkit the nvcc on
+    PATH really is (through symlinks and wrapper scripts); else /usr/local/cuda; None when none is found."""
+    given = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if given:
+        return given
+    nvcc = shutil.which("nvcc")
+    home = _toolkit_of_nvcc(Path(nvcc)) if nvcc else None
+    if home is None and _is_toolkit(Path("/usr/local/cuda")):
+        home = Path("/usr/local/cuda")
+    return str(home) if home is not None else None
+
+
 def cuda_enabled() -> bool:
-    """Whether the build includes the CUDA kernels: a GPU is visible and a CUDA toolkit is found."""
-    return torch.cuda.is_available() and cpp_extension.CUDA_HOME is not None
+    """Whether the build includes the CUDA kernels. Q2K_BUILD_CUDA=1 forces them, without a GPU (then a
+    CUDA build of torch and a toolkit are required), Q2K_BUILD_CUDA=0 leaves them out; unset, they are
+    built where a GPU is visible and a toolkit is found."""
+    force = os.environ.get("Q2K_BUILD_CUDA", "")
+    if force not in ("", "0", "1"):
+        raise ValueError(f"Q2K_BUILD_CUDA: expected 0 or 1 (or unset), got {force!r}")
+    if force == "0":
+        return False
+    if force == "1":
+        if torch.version.cuda is None:
+            raise RuntimeError(f"Q2K_BUILD_CUDA=1: torch {torch.__version__} is built without CUDA, so it cannot "
+                               "load CUDA kernels; install a CUDA build of torch")
+        if cuda_home() is None:
+            raise RuntimeError("Q2K_BUILD_CUDA=1: no CUDA toolkit found (set CUDA_HOME, put nvcc on PATH, or "
+                               "install one at /usr/local/cuda)")
+        return True
+    return torch.cuda.is_available() and torch.version.cuda is not None and cuda_home() is not None
+
+
+def registered_kernels() -> dict[str, set[str]]:
+    """Every op of torch.ops.q2kernels_int -> the dispatch keys (of CPU, CUDA, Meta) with a kernel for it,
+    read from torch's dispatcher: needs no GPU, only the loaded library."""
+    ops = sorted(n for n in torch._C._dispatch_get_all_op_names() if n.startswith("q2kernels_int::"))
+    return {op: {key for key in ("CPU", "CUDA", "Meta") if torch._C._dispatch_has_kernel_for_dispatch_key(op, key)}
+            for op in ops}
 
 
 def sources(with_cuda: bool) -> list[str]:
@@ -71,6 +134,10 @@ def load():
     Callers use q2kernels.ops.int_conv.load(), which also registers the ops' fake implementations."""
     with_cuda = cuda_enabled()
     flags = _CFLAGS + (["-DQ2K_WITH_CUDA"] if with_cuda else [])
+    if with_cuda:
+        # torch's builder reads its module-level CUDA_HOME (its own guess, made at import) for nvcc and
+        # the CUDA include/library paths.
+        cpp_extension.CUDA_HOME = cuda_home()
     return cpp_extension.load(
         name="q2kernels_C_cuda" if with_cuda else "q2kernels_C",
         sources=sources(with_cuda),

@@ -38,12 +38,21 @@ def doctor() -> int:
         except RuntimeError as e:
             chosen = f"error: {e}"
         print(f"  {device.upper()} tensors -> {chosen}: {', '.join(fused_ops)}")
+    from q2kernels import _ext
+    print(f"CUDA_HOME: {_ext.cuda_home() or 'none found'}  (torch built with CUDA {torch.version.cuda or 'no'})")
     try:
         from q2kernels.ops import int_conv
+        with_cuda = _ext.cuda_enabled()
         int_conv.load()
-        print("C++ extension q2kernels._C: builds and loads")
+        print(f"C++ extension q2kernels._C: builds and loads ({'with' if with_cuda else 'without'} the CUDA kernels)")
     except Exception as e:  # noqa: BLE001  (report any build failure verbatim)
         print(f"C++ extension q2kernels._C: does not build here: {type(e).__name__}: {e}")
+        return 0
+    kernels = _ext.registered_kernels()
+    for key in ("CPU", "CUDA"):
+        missing = sorted(op.split("::")[1] for op, keys in kernels.items() if key not in keys)
+        state = "all registered" if not missing else f"missing for {', '.join(missing)}"
+        print(f"  {key} kernels of the {len(kernels)} q2kernels_int ops: {state}")
     return 0
 
 

@@ -2,6 +2,11 @@
 import triton
 import triton.language as tl
 
+from ._interpreter_compat import install as _install_interpreter_compat
+
+# Every kernel module imports this one: the interpreter fix is in place before any launch.
+_install_interpreter_compat()
+
 # 1.5 * 2^23: adding and subtracting it rounds an fp32 |v| <= 2^22 to the nearest integer, ties to
 # even, in the hardware's default rounding mode — exactly torch.round / rintf, on every backend
 # (libdevice's rint is not available to the Triton interpreter).
