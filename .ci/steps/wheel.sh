@@ -2,15 +2,24 @@
 # The wheel carries the C++/CUDA sources: build a wheel from this checkout, install it into a fresh
 # directory, and run the integer-op tests against the installed package from outside the checkout,
 # with an empty extension cache, so q2kernels._C is built from the sources inside the wheel.
+# Runs in the main step's environment (torch 2.13, CPU).
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/../.." && pwd)"
-work="$(mktemp -d)"
-trap 'rm -rf "$work"' EXIT
+# shellcheck disable=SC1091
+. "$Q2K_CI_TMP/venv-main/bin/activate"
+work="$Q2K_CI_TMP/wheel"
+mkdir -p "$work"
 
 python -m pip wheel -q --no-deps --no-build-isolation -w "$work/dist" "$repo"
 python -m pip install -q --no-deps --target "$work/site" "$work/dist"/q2kernels-*.whl
-unzip -l "$work/dist"/q2kernels-*.whl | grep -q "q2kernels/_csrc/ops.cpp" \
-  || { echo "wheel: q2kernels/_csrc/ops.cpp missing from the wheel" >&2; exit 1; }
+python - "$work"/dist/q2kernels-*.whl <<'PY'
+import sys, zipfile
+names = zipfile.ZipFile(sys.argv[1]).namelist()
+need = ["q2kernels/_csrc/ops.cpp", "q2kernels/_csrc/format.h", "q2kernels/_csrc/cuda/int_conv.cu"]
+missing = [n for n in need if n not in names]
+assert not missing, f"the wheel lacks the C++/CUDA sources {missing}"
+print(f"wheel: {len(names)} files, C++/CUDA sources included")
+PY
 
 cd "$work"
 export PYTHONPATH="$work/site" TORCH_EXTENSIONS_DIR="$work/ext"
