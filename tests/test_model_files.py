@@ -220,3 +220,15 @@ def test_a_module_name_may_not_shadow_module_attributes(saved, tmp_path):
     rec["nodes"].insert(1, {"name": "f", "op": "call_module", "target": "forward",
                             "args": {"tuple": [{"node": rec["nodes"][0]["name"]}]}, "kwargs": {"dict": {}}})
     _expect(_write(tmp_path, rec), "attribute 'forward' already exists")
+
+
+def test_a_file_written_before_quantizer_settings_were_state_loads(saved, tmp_path):
+    """Quantizer states without _extra_state (format 1 files from before): the record's type and
+    config are the settings; the model computes the same bits."""
+    path, x, expected = saved
+    rec = _record(saved)
+    for slot in ("weight_quantizer", "act_quantizer"):
+        del rec["modules"]["grouped"][slot]["state"]["_extra_state"]
+    assert torch.equal(load_int_model(_write(tmp_path, rec))(x), expected)
+    rec["modules"]["grouped"]["act_quantizer"]["state"]["stray"] = torch.zeros(1)
+    _expect(_write(tmp_path, rec, "stray.pt"), "module 'grouped' (QConv2d)", "act_quantizer.stray")

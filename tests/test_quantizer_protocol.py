@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from q2kernels.deploy import IntConv2d, QuantizePack, convert_to_int, load_int_model, save_int_model
-from q2kernels.nn import (QUANTIZER_KINDS, IntActivation, IntWeight, NoIntegerForm, QConv2d, Quantizer, Recipe,
+from q2kernels.nn import (QUANTIZER_KINDS, IntActivation, IntWeight, NoIntegerForm, Quantizer, Recipe,
                           quantize_model, quantizer_class, register_recipe)
 
 

@@ -270,14 +270,19 @@ def _build_module(name: str, r: dict) -> nn.Module:
         with torch.device("meta"):
             probe = _construct(r)
         for k, v in probe.state_dict().items():
-            if isinstance(v, torch.Tensor) and (not isinstance(state.get(k), torch.Tensor) or state[k].shape != v.shape):
-                got = tuple(state[k].shape) if isinstance(state.get(k), torch.Tensor) else "none"
+            given = state.get(k)
+            if isinstance(v, torch.Tensor) and (not isinstance(given, torch.Tensor) or given.shape != v.shape):
+                got = tuple(given.shape) if isinstance(given, torch.Tensor) else "none"
                 raise MalformedGraph(f"its configuration needs a tensor {k} of shape {tuple(v.shape)}, the file "
                                      f"has {got}")
         m = _construct(r)
         if MODULE_KINDS[r["type"]].tensors == "state":
-            m.load_state_dict(state)
-    except (TypeError, ValueError, RuntimeError, KeyError) as e:
+            # Every tensor is there (the probe checked); a quantizer state written before quantizer
+            # settings were part of it has no _extra_state, and the record's type and config stand in.
+            unexpected = m.load_state_dict(state, strict=False).unexpected_keys
+            if unexpected:
+                raise MalformedGraph(f"the file has tensors the module does not: {unexpected}")
+    except (TypeError, ValueError, RuntimeError, KeyError, AttributeError, IndexError, OverflowError) as e:
         raise MalformedGraph(f"module {name!r} ({r['type']}): {e}") from None
     return m
 

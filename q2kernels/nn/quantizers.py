@@ -106,10 +106,11 @@ def _describe(state) -> str:
     return f"a {state.get('kind')}({settings})"
 
 
-def _all_reduce(t: torch.Tensor, op) -> torch.Tensor:
-    """t reduced over the default process group when torch.distributed is initialised (in place)."""
+def _all_reduce(t: torch.Tensor, op: str) -> torch.Tensor:
+    """t reduced ("SUM" or "MAX") over the default process group when torch.distributed is
+    initialised (in place)."""
     if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t, op)
+        dist.all_reduce(t, getattr(dist.ReduceOp, op))
     return t
 
 
@@ -159,8 +160,8 @@ class LSQQuantizer(Quantizer):
         a = x.detach().float().abs()
         dims = self._dims(x)
         total = (a.sum() if dims is None else a.sum(dim=dims)).reshape(-1)
-        count = a.numel() // max(total.numel(), 1) if a.numel() else 0
-        stats = _all_reduce(torch.cat([total, total.new_full((1,), float(count))]), dist.ReduceOp.SUM)
+        count = a.numel() // total.numel()  # elements per step
+        stats = _all_reduce(torch.cat([total, total.new_full((1,), float(count))]), "SUM")
         _, qp = ref.qrange(self.bits, self.mode)
         s = 2.0 * (stats[:-1] / stats[-1]) / qp**0.5
         ok = _usable(s)
@@ -220,7 +221,7 @@ class LSQPlusQuantizer(LSQQuantizer):
         else:
             neg_lo = -(xf.amin() if dims is None else xf.amin(dim=dims)).reshape(-1)
             hi = (xf.amax() if dims is None else xf.amax(dim=dims)).reshape(-1)
-        stats = _all_reduce(torch.cat([neg_lo, hi]), dist.ReduceOp.MAX)
+        stats = _all_reduce(torch.cat([neg_lo, hi]), "MAX")
         lo, hi = -stats[:neg_lo.numel()], stats[neg_lo.numel():]
         qn, qp = ref.qrange(self.bits, self.mode)
         s = (hi - lo) / (qp - qn)
@@ -257,7 +258,7 @@ class PACTQuantizer(Quantizer):
             return None
         xf = x.detach().float()
         hi = xf.amax().reshape(1) if xf.numel() else xf.new_full((1,), -float("inf"))
-        hi = _all_reduce(hi, dist.ReduceOp.MAX)
+        hi = _all_reduce(hi, "MAX")
         ok = _usable(hi)
         self.alpha.copy_(torch.where(ok, hi.clamp_min(1e-3), self.alpha))
         return ok.all()
