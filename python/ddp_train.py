@@ -27,6 +27,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--recipe", default="lsq")
+    p.add_argument("--lr", type=float, default=0.02)
     args = p.parse_args(argv)
     cuda = torch.cuda.is_available()
     dist.init_process_group("nccl" if cuda else "gloo")
@@ -39,7 +40,7 @@ def main(argv=None):
     model = quantize_model(TwoBranchNet(GatedFusion([32, 32], mode="balanced")), args.recipe, 4, 4).to(device)
     x_all, y_all = make_shapes(64 * world, 32, seed=0)
     ddp = DDP(model, device_ids=[device] if cuda else None)
-    opt = torch.optim.SGD(ddp.parameters(), lr=0.02, momentum=0.9)
+    opt = torch.optim.SGD(ddp.parameters(), lr=args.lr, momentum=0.9)
     g = torch.Generator().manual_seed(1 + rank)  # each rank its own shard of batches
     steps = 20 if args.smoke else 200
     for step in range(steps):
