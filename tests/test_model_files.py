@@ -90,6 +90,7 @@ def test_code_in_a_placeholder_target_does_not_run(saved, tmp_path):
     (lambda r: r["nodes"][1].update(op="call_function", target="builtins.eval"), ["calls 'builtins.eval'"]),
     (lambda r: r["nodes"][1].update(op="call_method", target="__reduce_ex__"), ["calls method '__reduce_ex__'"]),
     (lambda r: r["nodes"][1].update(op="exec"), ["unknown op 'exec'"]),
+    (lambda r: r["nodes"][1].update(op="call_function", target=["unhashable"]), ["calls ['unhashable']"]),
     (lambda r: r["nodes"][1].update(name="a b"), ["name 'a b' is not an identifier"]),
     (lambda r: r["nodes"][1].update(args={"tuple": [{"node": "missing"}]}), ["refers to 'missing'"]),
     (lambda r: r["nodes"][1].update(args={"tuple": [{"evil": 1}]}), ["bad argument value {'evil': 1}"]),
@@ -161,6 +162,8 @@ class _Payload:
     (lambda r: r.pop("nodes"), ["has the keys", "expected"]),
     (lambda r: r.pop("format"), ["is not a q2kernels integer model"]),
     (lambda r: r.update(report={"a": 1}), ["report: expected a dict of strings"]),
+    (lambda r: r.update(format_version=torch.ones(2)), ["has format version tensor"]),
+    (lambda r: r.update({3: "x"}), ["has the keys", "3"]),
     (lambda r: r.update(attrs={"w": "not a tensor"}), ["attrs: w is a str, not a tensor"]),
 ])
 def test_malformed_records_are_refused(saved, tmp_path, edit, fragments):
@@ -202,6 +205,7 @@ def _module_edits():
         (quantizer_bits, ["module 'grouped' (QConv2d)", "holds a PACTQuantizer(bits=4)",
                           "the module is a PACTQuantizer(bits=3)"]),
         (module_type, ["module 'head'", "unknown module type 'Sequential'"]),
+    (lambda r: r["modules"]["head"].update(type=["Conv2d"]), ["module 'head'", "unknown module type ['Conv2d']"]),
         (module_name, ["module 'x;y'", "not a dotted path"]),
         (config_value, ["module 'head' (Conv2d)", "padding_mode"]),
     ]
@@ -232,3 +236,9 @@ def test_a_file_written_before_quantizer_settings_were_state_loads(saved, tmp_pa
     assert torch.equal(load_int_model(_write(tmp_path, rec))(x), expected)
     rec["modules"]["grouped"]["act_quantizer"]["state"]["stray"] = torch.zeros(1)
     _expect(_write(tmp_path, rec, "stray.pt"), "module 'grouped' (QConv2d)", "act_quantizer.stray")
+
+
+def test_a_loaded_model_checks_its_inputs(saved):
+    model = load_int_model(saved[0])
+    with pytest.raises(TypeError, match=r"inputs: the model takes 1 input\(s\), got 2"):
+        model(saved[1], saved[1])

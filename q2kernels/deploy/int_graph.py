@@ -112,20 +112,20 @@ def parse_graph(nodes, modules, attributes) -> list[tuple]:
         if not isinstance(name, str) or not name.isidentifier() or name in names:
             raise MalformedGraph(f"node {i}: name {_short(name)} is not an identifier or is used twice")
         where = f"node {name!r}"
-        if op not in OPS:
+        if not isinstance(op, str) or op not in OPS:
             raise MalformedGraph(f"{where}: unknown op {_short(op)} (known: {', '.join(OPS)})")
         if (op == "output") != (i == len(nodes) - 1):
             raise MalformedGraph(f"{where}: the last node, and only it, must be the output")
         if op == "call_function":
-            if target not in FUNCTIONS:
+            if not isinstance(target, str) or target not in FUNCTIONS:
                 raise MalformedGraph(f"{where}: calls {_short(target)}, which is not an operation of integer "
                                      "models (int_graph.FUNCTIONS)")
             target = FUNCTIONS[target]
-        elif op == "call_method" and target not in METHODS:
+        elif op == "call_method" and not (isinstance(target, str) and target in METHODS):
             raise MalformedGraph(f"{where}: calls method {_short(target)}, which is not in int_graph.METHODS")
-        elif op == "call_module" and target not in modules:
+        elif op == "call_module" and not (isinstance(target, str) and target in modules):
             raise MalformedGraph(f"{where}: calls module {_short(target)}, which the file does not hold")
-        elif op == "get_attr" and target not in attributes:
+        elif op == "get_attr" and not (isinstance(target, str) and target in attributes):
             raise MalformedGraph(f"{where}: reads attribute {_short(target)}, which the file does not hold")
         elif op in ("placeholder", "output") and not (isinstance(target, str) and target.isidentifier()):
             raise MalformedGraph(f"{where}: target {_short(target)} is not an identifier")
@@ -139,7 +139,8 @@ def parse_graph(nodes, modules, attributes) -> list[tuple]:
         args, kwargs = _parse_value(args, names, where), _parse_value(kwargs, names, where)
         if op == "output" and (len(args) != 1 or kwargs):
             raise MalformedGraph(f"{where}: the output takes one argument")
-        if target is tensor_attribute and (len(args) != 2 or args[1] not in TENSOR_ATTRIBUTES or kwargs):
+        if target is tensor_attribute and (len(args) != 2 or not isinstance(args[1], str)
+                                           or args[1] not in TENSOR_ATTRIBUTES or kwargs):
             raise MalformedGraph(f"{where}: getattr reads one of {sorted(TENSOR_ATTRIBUTES)}, got {_short(args)}")
         names[name] = i
         parsed.append((op, target, args, kwargs))

@@ -186,7 +186,7 @@ def _check_module_record(name, r):
     where = f"module {name!r}"
     if not is_module_path(name):
         raise MalformedGraph(f"{where}: the name is not a dotted path of identifiers")
-    if not isinstance(r, dict) or r.get("type") not in MODULE_KINDS:
+    if not isinstance(r, dict) or not isinstance(r.get("type"), str) or r["type"] not in MODULE_KINDS:
         t = r.get("type") if isinstance(r, dict) else r
         raise MalformedGraph(f"{where}: unknown module type {t!r} (known: {', '.join(MODULE_KINDS)})")
     kind = MODULE_KINDS[r["type"]]
@@ -195,7 +195,7 @@ def _check_module_record(name, r):
     if kind.cls is QConv2d:
         expected |= set(_QUANTIZER_SLOTS)
     if set(r) != expected:
-        raise MalformedGraph(f"{where}: expected the keys {sorted(expected)}, got {sorted(r)}")
+        raise MalformedGraph(f"{where}: expected the keys {sorted(expected)}, got {sorted(r, key=str)}")
     _check_config(r["config"], where)
     if kind.tensors == "buffers":
         _check_tensors(r["tensors"], where, allow_none=True)
@@ -205,7 +205,8 @@ def _check_module_record(name, r):
         q = r[slot]
         if q is None:
             continue
-        if not isinstance(q, dict) or set(q) != {"type", "config", "state"} or q["type"] not in QUANTIZER_KINDS:
+        if (not isinstance(q, dict) or set(q) != {"type", "config", "state"} or not isinstance(q["type"], str)
+                or q["type"] not in QUANTIZER_KINDS):
             raise MalformedGraph(f"{where} {slot}: expected a quantizer record of a registered kind "
                                  f"({', '.join(QUANTIZER_KINDS)})")
         _check_config(q["config"], f"{where} {slot}")
@@ -214,20 +215,20 @@ def _check_module_record(name, r):
 
 def check_record(rec) -> None:
     """Check a whole file record (module docstring); MalformedGraph says what is wrong."""
-    if not isinstance(rec, dict) or rec.get("format") != FORMAT:
+    if not isinstance(rec, dict) or not isinstance(rec.get("format"), str) or rec["format"] != FORMAT:
         raise MalformedGraph("is not a q2kernels integer model (save_int_model) file")
     if "format_version" not in rec:
         raise MalformedGraph("has no format_version")
-    if rec["format_version"] != FORMAT_VERSION:
+    if type(rec["format_version"]) is not int or rec["format_version"] != FORMAT_VERSION:
         raise MalformedGraph(f"has format version {rec['format_version']!r}, this version of q2kernels reads "
                              f"version {FORMAT_VERSION}: convert and save the model again")
     if "channel_align" not in rec:
         raise MalformedGraph("has no channel_align")
-    if rec["channel_align"] != ic.CHANNEL_ALIGN:
+    if type(rec["channel_align"]) is not int or rec["channel_align"] != ic.CHANNEL_ALIGN:
         raise MalformedGraph(f"packs channels in multiples of {rec['channel_align']!r}, this build of "
                              f"q2kernels._C in multiples of {ic.CHANNEL_ALIGN}")
     if set(rec) != set(RECORD_KEYS):
-        raise MalformedGraph(f"has the keys {sorted(rec)}; expected {sorted(RECORD_KEYS)}")
+        raise MalformedGraph(f"has the keys {sorted(rec, key=str)}; expected {sorted(RECORD_KEYS)}")
     modules, attrs, report = rec["modules"], rec["attrs"], rec["report"]
     if not isinstance(modules, dict):
         raise MalformedGraph(f"modules: expected a dict, got {type(modules).__name__}")
