@@ -47,7 +47,7 @@ def saved(tmp_path_factory):
         model = convert_to_int(net, x)
     path = tmp_path_factory.mktemp("files") / "model.pt"
     save_int_model(model, path)
-    return path, x, model(x)
+    return path, x, model(x), model
 
 
 def _write(tmp_path, record, name="bad.pt"):
@@ -71,7 +71,7 @@ def _expect(path, *fragments):
 
 
 def test_round_trip_is_exact_and_runs_without_generated_code(saved):
-    path, x, expected = saved
+    path, x, expected, _ = saved
     model = load_int_model(path)
     assert isinstance(model.net, IntGraph)
     assert torch.equal(model(x), expected)
@@ -229,7 +229,7 @@ def test_a_module_name_may_not_shadow_module_attributes(saved, tmp_path):
 def test_a_file_written_before_quantizer_settings_were_state_loads(saved, tmp_path):
     """Quantizer states without _extra_state (format 1 files from before): the record's type and
     config are the settings; the model computes the same bits."""
-    path, x, expected = saved
+    path, x, expected, _ = saved
     rec = _record(saved)
     for slot in ("weight_quantizer", "act_quantizer"):
         del rec["modules"]["grouped"][slot]["state"]["_extra_state"]
@@ -242,3 +242,16 @@ def test_a_loaded_model_checks_its_inputs(saved):
     model = load_int_model(saved[0])
     with pytest.raises(TypeError, match=r"inputs: the model takes 1 input\(s\), got 2"):
         model(saved[1], saved[1])
+
+
+def test_what_cannot_be_loaded_is_not_saved(saved, tmp_path):
+    model = copy.deepcopy(saved[3])
+    graph = model.net.graph
+    out = next(n for n in graph.nodes if n.op == "output")
+    with graph.inserting_before(out):
+        graph.call_method("numpy", (out.args[0],))
+    model.net.recompile()
+    with pytest.raises(ValueError, match="save_int_model: the model cannot be saved: node 'numpy': calls method "
+                                         "'numpy', which is not in int_graph.METHODS"):
+        save_int_model(model, tmp_path / "m.pt")
+    assert not (tmp_path / "m.pt").exists()

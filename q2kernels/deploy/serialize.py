@@ -143,8 +143,13 @@ def save_int_model(model: IntModel, path: str | os.PathLike) -> None:
         elif n["op"] == "get_attr":
             owner, _, attr = n["target"].rpartition(".")
             attrs[n["target"]] = getattr(net.get_submodule(owner), attr)
-    torch.save({"format": FORMAT, "format_version": FORMAT_VERSION, "channel_align": ic.CHANNEL_ALIGN,
-                "nodes": nodes, "modules": modules, "attrs": attrs, "report": dict(model.report)}, path)
+    rec = {"format": FORMAT, "format_version": FORMAT_VERSION, "channel_align": ic.CHANNEL_ALIGN,
+           "nodes": nodes, "modules": modules, "attrs": attrs, "report": dict(model.report)}
+    try:
+        check_record(rec)  # what is written loads: the same checks as load_int_model
+    except MalformedGraph as e:
+        raise ValueError(f"save_int_model: the model cannot be saved: {e}") from None
+    torch.save(rec, path)
 
 
 # Loading: check everything, then build.
