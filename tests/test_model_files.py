@@ -116,7 +116,8 @@ def test_getattr_reads_only_tensor_attributes(saved, tmp_path):
 
 
 def test_graph_tables_are_the_only_extension_point(monkeypatch):
-    """getattr(x, "shape") and getitem run from the tables; a new function is one table entry."""
+    """getattr(x, "shape"), getitem and a dtype argument run from the tables; a new function is one
+    table entry."""
     def rec(name, op, target, *args):
         return {"name": name, "op": op, "target": target, "args": {"tuple": list(args)}, "kwargs": {"dict": {}}}
 
@@ -125,11 +126,18 @@ def test_graph_tables_are_the_only_extension_point(monkeypatch):
              rec("c", "call_function", "_operator.getitem", {"node": "shape"}, 1),
              rec("y", "call_function", "torch.hardtanh", {"node": "x"}),
              rec("out", "output", "output", {"tuple": [{"node": "c"}, {"node": "y"}]})]
+    nodes.insert(4, {"name": "p", "op": "call_function", "target": "torch.softmax",
+                     "args": {"tuple": [{"node": "y"}, 1]}, "kwargs": {"dict": {"dtype": {"dtype": "float64"}}}})
+    nodes[-1]["args"]["tuple"][0]["tuple"].append({"node": "p"})
     with pytest.raises(MalformedGraph, match="calls 'torch.hardtanh'"):
         IntGraph(nodes, {}, {})
     monkeypatch.setitem(int_graph.FUNCTIONS, "torch.hardtanh", torch.nn.functional.hardtanh)
-    c, y = IntGraph(nodes, {}, {})(torch.full((1, 5, 2, 2), 3.0))
+    c, y, p = IntGraph(nodes, {}, {})(torch.full((1, 5, 2, 2), 3.0))
     assert c == 5 and torch.equal(y, torch.ones(1, 5, 2, 2))
+    assert p.dtype == torch.float64 and torch.equal(p, torch.full((1, 5, 2, 2), 0.2, dtype=torch.float64))
+    nodes[4]["kwargs"]["dict"]["dtype"] = {"dtype": "Tensor"}
+    with pytest.raises(MalformedGraph, match="node 'p': bad argument value {'dtype': 'Tensor'}"):
+        IntGraph(nodes, {}, {})
 
 
 def test_empty_truncated_and_corrupt_files(saved, tmp_path):
@@ -255,3 +263,22 @@ def test_what_cannot_be_loaded_is_not_saved(saved, tmp_path):
                                          "'numpy', which is not in int_graph.METHODS"):
         save_int_model(model, tmp_path / "m.pt")
     assert not (tmp_path / "m.pt").exists()
+
+
+class _AnchorLike(nn.Module):
+    """Float graph code of the kind detection heads hold: shape reads, chunk, view, a dtype argument."""
+
+    def forward(self, x):
+        a, b = x.chunk(2, 1)
+        n = x.shape[0]
+        return torch.cat([torch.softmax(a, 1, dtype=torch.float64).view(n, -1), b.sigmoid().flatten(1).double()], 1)
+
+
+def test_a_float_graph_round_trips_through_the_tables(tmp_path):
+    from torch import fx
+    from q2kernels.deploy import IntModel
+    model = IntModel(fx.symbolic_trace(_AnchorLike()), {})
+    x = torch.randn(2, 4, 3, 3)
+    save_int_model(model, tmp_path / "m.pt")
+    loaded = load_int_model(tmp_path / "m.pt")
+    assert isinstance(loaded.net, IntGraph) and torch.equal(loaded(x), model(x))

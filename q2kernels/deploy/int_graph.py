@@ -3,9 +3,9 @@
 A graph is a list of node records, {"name", "op", "target", "args", "kwargs"} (torch.fx's node
 kinds), with argument values encoded as plain data: None, bool, int, float, str, lists, and
 {"node": name} (an earlier node's value), {"tuple": [...]}, {"slice": [start, stop, step]},
-{"dict": {key: value}}. `parse_graph` checks every record before anything is built: names are
-identifiers, every reference names an earlier node, module and attribute targets exist, and what a
-node may call is on the allow-list below — FUNCTIONS (call_function, by qualified name), METHODS
+{"dict": {key: value}}, {"dtype": name} (one of DTYPES). `parse_graph` checks every record before
+anything is built: names are identifiers, every reference names an earlier node, module and
+attribute targets exist, and what a node may call is on the allow-list below — FUNCTIONS (call_function, by qualified name), METHODS
 (call_method on a tensor) and TENSOR_ATTRIBUTES (getattr of a tensor). Adding a safe operation is
 one line in one of these tables. IntGraph then interprets the parsed nodes in order; no value from a
 graph is ever turned into source code or looked up outside these tables.
@@ -21,6 +21,11 @@ from torch import nn
 from torch.fx.node import _get_qualified_name
 
 from .int_modules import channel_affine, packed_maxpool2d, packed_upsample_nearest, packed_write
+
+# The dtypes an argument may name, by their torch name without "torch.".
+DTYPES = {str(d).removeprefix("torch."): d for d in (
+    torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.int8, torch.uint8,
+    torch.bool)}
 
 # What getattr(tensor, name) may read (e.g. YOLO heads read x.shape).
 TENSOR_ATTRIBUTES = frozenset({"shape", "dtype", "device", "ndim"})
@@ -46,7 +51,8 @@ FUNCTIONS[_get_qualified_name(builtins.getattr)] = tensor_attribute
 # call_method targets: methods of torch.Tensor (the receiver is checked to be a tensor).
 METHODS = frozenset({
     "view", "reshape", "flatten", "permute", "transpose", "contiguous", "unsqueeze", "squeeze", "expand",
-    "chunk", "split", "size", "sigmoid", "softmax", "float", "add", "sub", "mul", "div", "sum", "mean"})
+    "chunk", "split", "size", "sigmoid", "softmax", "float", "double", "half", "add", "sub", "mul", "div", "sum",
+    "mean"})
 
 OPS = ("placeholder", "get_attr", "call_function", "call_method", "call_module", "output")
 MAX_DEPTH = 32  # nesting of an argument value
@@ -87,6 +93,8 @@ def _parse_value(v, names: dict[str, int], where: str, depth: int = 0):
             return tuple(_parse_value(a, names, where, depth + 1) for a in body)
         if tag == "slice" and isinstance(body, list) and len(body) == 3:
             return slice(*(_parse_value(a, names, where, depth + 1) for a in body))
+        if tag == "dtype" and isinstance(body, str) and body in DTYPES:
+            return DTYPES[body]
         if tag == "dict" and isinstance(body, dict) and all(isinstance(k, str) for k in body):
             return {k: _parse_value(a, names, where, depth + 1) for k, a in body.items()}
     raise MalformedGraph(f"{where}: bad argument value {_short(v)}")

@@ -30,7 +30,7 @@ from ..nn.protocol import QUANTIZER_KINDS, quantizer_class
 from ..ops import int_conv as ic
 from .convert import IntModel
 from .fusion import FixedFusion
-from .int_graph import FUNCTIONS, MAX_DEPTH, IntGraph, MalformedGraph, is_module_path, parse_graph
+from .int_graph import DTYPES, FUNCTIONS, MAX_DEPTH, IntGraph, MalformedGraph, is_module_path, parse_graph
 from .int_modules import IntConv2d, QuantizePack
 
 FORMAT = "q2kernels.int_model"
@@ -111,6 +111,8 @@ def _encode(v, where):
         return {"dict": {k: _encode(a, where) for k, a in v.items()}}
     if isinstance(v, slice):
         return {"slice": [_encode(v.start, where), _encode(v.stop, where), _encode(v.step, where)]}
+    if isinstance(v, torch.dtype) and str(v).removeprefix("torch.") in DTYPES:
+        return {"dtype": str(v).removeprefix("torch.")}
     if v is None or isinstance(v, (bool, int, float, str)):
         return v
     raise ValueError(f"save_int_model: node {where!r} has an argument of type {type(v).__name__} that cannot be saved")
