@@ -7,8 +7,9 @@ kinds), with argument values encoded as plain data: None, bool, int, float, str,
 anything is built: names are identifiers, every reference names an earlier node, module and
 attribute targets exist, and what a node may call is on the allow-list below — FUNCTIONS
 (call_function, by qualified name), METHODS (call_method on a tensor) and TENSOR_ATTRIBUTES (getattr
-of a tensor). Adding a safe operation is one line in one of these tables. IntGraph then interprets the parsed nodes in order; no value from a
-graph is ever turned into source code or looked up outside these tables.
+of a tensor). Adding a safe operation is one line in one of these tables. IntGraph then interprets
+the parsed nodes in order; no value from a graph is ever turned into source code or looked up
+outside these tables.
 """
 from __future__ import annotations
 
