@@ -2,10 +2,12 @@
 
     torchrun --nproc_per_node 2 python/ddp_train.py [--smoke]
 
-gloo on CPU, nccl on GPUs. The gated fusion's controller all-reduces the branch gradient energies
-over the default process group inside the backward, so each rank moves its gates by the same
-amount; DDP averages the parameter gradients. The run ends by comparing every parameter and the
-gate controller's state across ranks, bit for bit.
+gloo on CPU, nccl on GPUs. The quantizers all-reduce their first-batch initialisation statistics,
+so every rank starts from the same step sizes with no code here; the gated fusion's controller
+all-reduces the branch gradient energies over the default process group inside the backward, so
+each rank moves its gates by the same amount; DDP averages the parameter gradients. The run ends by
+comparing every parameter and the gate controller's state across ranks, bit for bit (NaN included),
+and says which tensors hold non-finite values, if any.
 """
 import argparse
 import os
@@ -25,6 +27,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--recipe", default="lsq")
+    p.add_argument("--lr", type=float, default=0.02)
     args = p.parse_args(argv)
     cuda = torch.cuda.is_available()
     dist.init_process_group("nccl" if cuda else "gloo")
@@ -36,10 +39,8 @@ def main(argv=None):
     torch.manual_seed(0)  # identical initial weights on every rank
     model = quantize_model(TwoBranchNet(GatedFusion([32, 32], mode="balanced")), args.recipe, 4, 4).to(device)
     x_all, y_all = make_shapes(64 * world, 32, seed=0)
-    with torch.no_grad():
-        model(x_all[:16].to(device))  # the same first-batch quantizer init everywhere
     ddp = DDP(model, device_ids=[device] if cuda else None)
-    opt = torch.optim.SGD(ddp.parameters(), lr=0.02, momentum=0.9)
+    opt = torch.optim.SGD(ddp.parameters(), lr=args.lr, momentum=0.9)
     g = torch.Generator().manual_seed(1 + rank)  # each rank its own shard of batches
     steps = 20 if args.smoke else 200
     for step in range(steps):
@@ -54,17 +55,20 @@ def main(argv=None):
     # statistics are rank-local between DDP's broadcasts of rank 0's buffers at each forward.)
     state = {k: v.detach() for k, v in model.named_parameters()}
     state.update({f"fuse.{k}": getattr(model.fuse, k) for k in ("theta", "energy", "energy_ema", "steps")})
-    mismatched = []
+    mismatched, nonfinite = [], [name for name, t in state.items() if not bool(torch.isfinite(t).all())]
     for name, t in state.items():
         gathered = [torch.empty_like(t) for _ in range(world)]
         dist.all_gather(gathered, t.contiguous())
-        if not all(torch.equal(gathered[0], o) for o in gathered[1:]):
+        bits = [g.reshape(-1).view(torch.uint8) for g in gathered]  # bitwise: a NaN equals the same NaN
+        if not all(torch.equal(bits[0], b) for b in bits[1:]):
             mismatched.append(name)
     if rank == 0:
         gates = model.fuse.gates().tolist()
         print(f"{world} ranks, {steps} steps: loss {loss.item():.3f}, gates {gates}; "
               f"{len(state) - len(mismatched)}/{len(state)} tensors bitwise equal across ranks")
     dist.destroy_process_group()
+    if nonfinite:
+        raise SystemExit(f"rank {rank}: training diverged, non-finite values in {nonfinite}")
     if mismatched:
         raise SystemExit(f"rank {rank}: differ across ranks: {mismatched}")
     return 0

@@ -112,8 +112,10 @@ def test_state_dict_round_trip_is_exact(recipe, tmp_path):
     torch.save(m.state_dict(), path)
     fresh = quantize_model(small_net(), recipe, 3, 3)
     fresh.load_state_dict(torch.load(path, weights_only=True))
-    for (k, a), (_, b) in zip(m.state_dict().items(), fresh.state_dict().items()):
-        assert torch.equal(a, b), k
+    saved, loaded = m.state_dict(), fresh.state_dict()
+    assert list(saved) == list(loaded)
+    for k, a in saved.items():
+        assert torch.equal(a, loaded[k]) if isinstance(a, torch.Tensor) else a == loaded[k], k
     for mod in fresh.modules():
         if isinstance(mod, q2kernels.nn.Quantizer):
             assert mod._initialized, "a loaded quantizer must not re-initialise"
@@ -160,3 +162,86 @@ def test_step_size_is_what_q_ada_divides_by():
     p = PACTQuantizer(4, 1.5)
     assert torch.allclose(p.step_size(), torch.tensor([0.1]))
     assert ref.qrange(4, "unsigned") == (0, 15)
+
+
+# ---------------------------------------------------------------- quantizer settings in the state_dict
+
+@pytest.mark.parametrize("w_bits,a_bits,module,saved,model", [
+    (3, 3, "3.weight_quantizer", "bits=4", "bits=3"),
+    (8, 8, "3.weight_quantizer", "bits=4", "bits=8"),
+    (4, 2, "3.act_quantizer", "bits=4", "bits=2"),
+])
+def test_state_dict_of_other_bit_widths_does_not_load(w_bits, a_bits, module, saved, model):
+    src = quantize_model(small_net(), "lsq", 4, 4)
+    dst = quantize_model(small_net(), "lsq", w_bits, a_bits)
+    with pytest.raises(RuntimeError) as e:
+        dst.load_state_dict(src.state_dict())
+    line = next(l for l in str(e.value).splitlines() if f"quantizer {module!r}" in l)
+    assert f"the state_dict holds a LSQQuantizer({saved}" in line and f"the module is a LSQQuantizer({model}" in line
+
+
+def test_state_dict_of_another_kind_or_mode_does_not_load():
+    with pytest.raises(RuntimeError, match=r"'3.act_quantizer': the state_dict holds a LSQQuantizer\(bits=4, "
+                                           r"mode='signed', axis=None\), the module is a PACTQuantizer\(bits=4\)"):
+        quantize_model(small_net(), "pact").load_state_dict(quantize_model(small_net(), "lsq").state_dict())
+    with pytest.raises(RuntimeError, match="holds a LSQQuantizer.*mode='signed'.*the module is a LSQQuantizer.*"
+                                           "mode='unsigned'"):
+        LSQQuantizer(4, "unsigned").load_state_dict(LSQQuantizer(4, "signed").state_dict())
+    with pytest.raises(RuntimeError, match="holds a LSQQuantizer.*axis=None.*the module is a LSQQuantizer.*axis=0"):
+        LSQQuantizer(4, axis=0, channels=1).load_state_dict(LSQQuantizer(4).state_dict())
+    # The settings are plain data: a state_dict with them still loads under weights_only.
+    state = quantize_model(small_net(), "n2uq", 3, 3).state_dict()
+    assert state["3.act_quantizer._extra_state"] == {"kind": "N2UQQuantizer", "bits": 3}
+
+
+# ---------------------------------------------------------------- degenerate first batches
+
+def _lsq_init(x, qp, dims=None):
+    """LSQ's init 2*mean|x|/sqrt(Qp), written out here."""
+    mean = x.abs().mean() if dims is None else x.abs().mean(dim=dims)
+    return (2 * mean / qp ** 0.5).reshape(-1)
+
+
+@pytest.mark.parametrize("bad", [torch.zeros(2, 3, 4, 4), torch.full((2, 3, 4, 4), float("nan")),
+                                 torch.zeros(0, 3, 4, 4)])
+def test_lsq_skips_a_degenerate_first_batch_and_learns(bad):
+    q = LSQQuantizer(4, "signed")
+    q(bad)
+    assert q.s.tolist() == [1.0] and not q._initialized and not bool(q.initialized)
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 4, 4)
+    q(x)
+    torch.testing.assert_close(q.s.detach(), _lsq_init(x, 7), rtol=1e-6, atol=0)
+    assert q._initialized and bool(q.initialized)
+    q(x).square().sum().backward()
+    assert q.s.grad is not None and q.s.grad.abs().item() > 0
+
+
+def test_per_channel_init_keeps_a_zero_channel_at_one():
+    w = torch.randn(4, 3, 3, 3)
+    w[2] = 0
+    q = LSQQuantizer(4, "signed", axis=0, channels=4)
+    q(w)
+    expected = _lsq_init(w, 7, dims=(1, 2, 3))
+    expected[2] = 1.0
+    torch.testing.assert_close(q.s.detach(), expected, rtol=1e-6, atol=0)
+    assert q._initialized
+
+
+def test_lsq_plus_and_pact_skip_degenerate_first_batches():
+    p = LSQPlusQuantizer(4)
+    p(torch.full((2, 3, 4, 4), 0.25))  # constant: max == min
+    assert p.s.tolist() == [1.0] and p.beta.tolist() == [0.0] and not p._initialized
+    x = torch.randn(2, 3, 4, 4)
+    p(x)
+    torch.testing.assert_close(p.s.detach(), ((x.max() - x.min()) / 15).reshape(1))
+    torch.testing.assert_close(p.beta.detach(), x.min().reshape(1))
+    a = PACTQuantizer(4)
+    for bad in (torch.zeros(2, 3), -torch.rand(2, 3), torch.tensor([1.0, float("inf")])):
+        a(bad)
+        assert a.alpha.tolist() == [1.0] and not a._initialized
+    a(torch.tensor([0.5, 2.5, -1.0]))
+    assert a.alpha.tolist() == [2.5] and a._initialized
+    fixed = PACTQuantizer(4, alpha_init=3.0)
+    fixed(torch.zeros(3))
+    assert fixed.alpha.tolist() == [3.0] and fixed._initialized

@@ -17,28 +17,27 @@ The model is traced with torch.fx (QConv2d, quantizers and fusion nodes are leav
 A layer that cannot be converted exactly is kept in float (its fake-quant QConv2d), with a warning
 naming it and the reason (`strict=True` raises instead); the reasons are in `IntModel.report`.
 
-Weight codes (MATH.md 7): LSQ k = R(clip(w/s)) signed (w_int = k, per-channel step s);
-DoReFa w_int = 2q - n (q unsigned, step 1/n per tensor); N2UQ w_int = 2k - (2^b - 1) (k unsigned,
-per-channel step sf/(2^b - 1)). Every code is checked against the fake-quant weight at conversion.
-Activation codes: LSQ/LSQ+ R(clip((x - beta)/s)), PACT R(clip(x, 0, alpha)*n/alpha), N2UQ the count
-of thresholds below alpha1*x — each with the fp32 values the fake-quant forward uses.
+Each quantizer gives its own integer form through the quantizer protocol (q2kernels/nn/protocol.py):
+`int_weight` the weight codes and per-channel step (e.g. LSQ k = R(clip(w/s)); DoReFa 2q - n; N2UQ
+2k - (2^b - 1)), `int_activation` the activation codes (e.g. LSQ/LSQ+ R(clip((x - beta)/s)), PACT
+R(clip(x, 0, alpha)*n/alpha), N2UQ the count of thresholds below alpha1*x), each with the fp32 values
+the fake-quant forward uses. Every weight code is checked against the fake-quant weight here.
 """
 from __future__ import annotations
 
 import copy
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from .. import reference as ref
 from ..nn.fusion import GatedFusion
 from ..nn.modules import QConv2d
-from ..nn.n2uq import N2UQQuantizer, N2UQWeightQuantizer
-from ..nn.quantizers import DoReFaWeightQuantizer, LSQPlusQuantizer, LSQQuantizer, PACTQuantizer, Quantizer
+from ..nn.protocol import IntActivation, NoIntegerForm
+from ..nn.quantizers import Quantizer
 from ..ops import int_conv as ic
 from .fusion import FixedFusion, layernorm_affine
 from .int_modules import (HEAD_CODES, HEAD_FLOAT, IntConv2d, QuantizePack, packed_maxpool2d,
@@ -53,9 +52,10 @@ class Refusal(Exception):
 
 class IntModel(nn.Module):
     """A converted model: `net` (a torch.fx GraphModule of IntConv2d heads, packed-code ops and float
-    ops) and `report` ({module name: what the conversion did with it, and why})."""
+    ops; loaded from a file, the same graph as an int_graph.IntGraph) and `report` ({module name: what
+    the conversion did with it, and why})."""
 
-    def __init__(self, net: fx.GraphModule, report: dict[str, str]):
+    def __init__(self, net: nn.Module, report: dict[str, str]):
         super().__init__()
         self.net = net
         self.report = dict(report)
@@ -65,18 +65,9 @@ class IntModel(nn.Module):
 
 
 @dataclass(eq=False)
-class _ActSpec:
-    """An activation quantizer as the integer path uses it: codes = R(clip((x - q_off)*q_mul, qn, qp))
-    or qn + #{thresholds < (x - q_off)*q_mul}; the consumer sees xhat = step*q + offset."""
-    name: str
-    qn: int
-    qp: int
-    q_mul: float
-    q_off: float
-    thresholds: torch.Tensor | None
-    step: float
-    offset: float
-    monotone: bool
+class _ActSpec(IntActivation):
+    """An activation quantizer's integer form (protocol.IntActivation), with the quantizer's name."""
+    name: str = ""
 
     @property
     def signed(self):
@@ -105,31 +96,12 @@ def _fits_nibble(qn, qp):
 
 
 def _act_spec(q: Quantizer, name: str) -> _ActSpec:
-    """The integer form of an activation quantizer, with exactly the fp32 values its forward uses."""
-    if isinstance(q, LSQQuantizer):
-        if q.axis is not None:
-            raise Refusal(f"its activation quantizer {name!r} is per channel: the input step would not factor "
-                          "out of the conv's sum")
-        qn, qp = ref.qrange(q.bits, q.mode)
-        s = q.s.detach().float().reshape(()).clamp_min(ref.fake_quant.SCALE_FLOOR)
-        beta = float(q.beta.detach().float().reshape(())) if isinstance(q, LSQPlusQuantizer) else 0.0
-        spec = _ActSpec(name, qn, qp, float(1.0 / s), beta, None, float(s), beta, True)
-    elif isinstance(q, PACTQuantizer):
-        a = q.alpha.detach().float().reshape(())
-        if not a > 0:
-            raise Refusal(f"its activation quantizer {name!r} has clip alpha {float(a)} <= 0: every input maps to "
-                          "one level")
-        n = float(2**q.bits - 1)
-        # The reference's fp32 values: q = R(clip(x, 0, a) * (n/a)), y = q * (a/n).
-        spec = _ActSpec(name, 0, int(n), float(a.new_full((), n) / a), 0.0, None, float(a / n), 0.0, True)
-    elif isinstance(q, N2UQQuantizer):
-        # k = #{i : alpha1*x > t_i} (the thresholds as the reference's fp32 running sums), y = k*I*alpha2.
-        _, thresholds, _ = ref.n2uq.ltq_tables(q.start.detach(), q.a.detach())
-        alpha1 = float(q.alpha1.detach().float().reshape(()))
-        step = ref.n2uq.ltq_interval(q.bits) * float(q.alpha2.detach().float().reshape(()))
-        spec = _ActSpec(name, 0, 2**q.bits - 1, alpha1, 0.0, thresholds.float().contiguous(), step, 0.0, alpha1 > 0)
-    else:
-        raise Refusal(f"its activation quantizer {name!r} ({type(q).__name__}) has no integer form here")
+    """The integer form of an activation quantizer (its protocol answer), named for the report."""
+    try:
+        form = q.int_activation()
+    except NoIntegerForm as e:
+        raise Refusal(f"its activation quantizer {name!r} {e}") from None
+    spec = _ActSpec(name=name, **{f.name: getattr(form, f.name) for f in fields(IntActivation)})
     if not _fits_nibble(spec.qn, spec.qp):
         raise Refusal(f"its activation quantizer {name!r} has levels [{spec.qn}, {spec.qp}]: more than a 4-bit code")
     return spec
@@ -137,44 +109,24 @@ def _act_spec(q: Quantizer, name: str) -> _ActSpec:
 
 def _weight_codes(conv: QConv2d, name: str):
     """(codes k (C_out, C_in, KH, KW) int64, signed, w_mul, w_add, per-channel step (float64)) with
-    step*(w_mul*k + w_add) = the fake-quant weight."""
+    step*(w_mul*k + w_add) = the fake-quant weight (the quantizer's protocol answer, checked here)."""
     q = conv.weight_quantizer
     w = conv.weight.detach()
-    out = w.size(0)
     with torch.no_grad():
         wq = q(w).double()
-    if isinstance(q, LSQPlusQuantizer):
-        raise Refusal(f"its weight quantizer {name!r} has an offset (LSQ+): weights need a symmetric grid")
-    if isinstance(q, LSQQuantizer):
-        if q.axis not in (None, 0):
-            raise Refusal(f"its weight quantizer {name!r} is per channel along axis {q.axis}, not the output channels")
-        qn, qp = ref.qrange(q.bits, q.mode)
-        step = q.s.detach().float().clamp_min(ref.fake_quant.SCALE_FLOOR).double().expand(out).contiguous()
-        k = torch.round(wq / step.view(-1, 1, 1, 1))
-        signed, w_mul, w_add = qn < 0, 1, 0
-    elif isinstance(q, DoReFaWeightQuantizer):
-        n = 2**q.bits - 1
-        qn, qp = 0, n
-        k = torch.round((wq + 1.0) * (n / 2.0))
-        signed, w_mul, w_add = False, 2, -n
-        step = torch.full((out,), 1.0 / n, dtype=torch.float64, device=w.device)
-    elif isinstance(q, N2UQWeightQuantizer):
-        n = 2**q.bits - 1
-        qn, qp = 0, n
-        sf = ref.n2uq_weight_scale(w, q.bits).double()
-        k = torch.round((wq / sf.view(-1, 1, 1, 1) + 1.0) * (n / 2.0))
-        signed, w_mul, w_add = False, 2, -n
-        step = sf / n
-    else:
-        raise Refusal(f"its weight quantizer {name!r} ({type(q).__name__}) has no integer form here")
+    try:
+        form = q.int_weight(w, wq)
+    except NoIntegerForm as e:
+        raise Refusal(f"its weight quantizer {name!r} {e}") from None
+    k, qn, qp = form.codes, form.qn, form.qp
     if not _fits_nibble(qn, qp):
         raise Refusal(f"its weight quantizer {name!r} has levels [{qn}, {qp}]: more than a 4-bit code")
-    levels = w_mul * k + w_add
-    recon = step.view(-1, 1, 1, 1) * levels
+    levels = form.w_mul * k + form.w_add
+    recon = form.step.view(-1, 1, 1, 1) * levels
     tol = 1e-5 * wq.abs() + 1e-6 * wq.abs().max()
     if (k < qn).any() or (k > qp).any() or bool(((recon - wq).abs() > tol).any()):
         raise Refusal(f"the codes of its weight quantizer {name!r} do not reproduce its fake-quant weights")
-    return k.long(), signed, w_mul, w_add, step
+    return k.long(), qn < 0, form.w_mul, form.w_add, form.step
 
 
 def _conv_padding(conv: nn.Conv2d):

@@ -48,6 +48,7 @@ class IntConv2d(nn.Module):
         self.stride, self.padding, self.dilation = (tuple(int(v) for v in t) for t in (stride, padding, dilation))
         self.x_signed, self.w_signed, self.w_mul, self.w_add = bool(x_signed), bool(w_signed), int(w_mul), int(w_add)
         self.act, self.heads, self.source = act, [dict(h) for h in heads], source
+        _check_int_conv(self, weight, epilogues, thresholds, tap_sums)
         self.register_buffer("weight", weight)
         self.register_buffer("epilogues", epilogues)
         self.register_buffer("thresholds", thresholds)
@@ -84,6 +85,46 @@ class IntConv2d(nn.Module):
                 f"padding={self.padding}, act={self.act!r}, heads=[{kinds}], source={self.source!r}")
 
 
+_HEAD_KEYS = {"kind", "qn", "qp", "nthr", "signed"}
+
+
+def _expect(ok: bool, what: str) -> None:
+    if not ok:
+        raise ValueError(what)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_int_conv(m: IntConv2d, weight, epilogues, thresholds, tap_sums) -> None:
+    """What the module itself indexes (heads, epilogue and threshold rows) and the shapes the op expects,
+    so that a bad model file fails here, naming the field, rather than inside the conv."""
+    _expect(m.act in ic.ACTIVATIONS, f"act: expected one of {sorted(ic.ACTIVATIONS)}, got {m.act!r}")
+    _expect(isinstance(m.heads, list) and len(m.heads) > 0, "heads: expected a non-empty list")
+    for h in m.heads:
+        _expect(set(h) == _HEAD_KEYS and h["kind"] in (HEAD_CODES, HEAD_FLOAT)
+                and all(_is_int(h[k]) for k in ("qn", "qp", "nthr")) and isinstance(h["signed"], bool)
+                and 0 <= h["nthr"] <= thresholds.shape[-1],
+                f"heads: expected dicts with keys {sorted(_HEAD_KEYS)}, kind codes|float, 0 <= nthr <= "
+                f"{thresholds.shape[-1]}, got {h!r}")
+    kh, kw = m.kernel_size
+    nh = len(m.heads)
+    _expect(isinstance(weight, torch.Tensor) and weight.dtype == torch.uint8
+            and tuple(weight.shape) == (m.out_channels, kh, kw, ic.packed_bytes(m.in_channels)),
+            f"weight: expected uint8 {(m.out_channels, kh, kw, ic.packed_bytes(m.in_channels))}, got "
+            f"{getattr(weight, 'dtype', type(weight).__name__)} {tuple(getattr(weight, 'shape', ()))}")
+    _expect(isinstance(epilogues, torch.Tensor) and tuple(epilogues.shape) == (nh, ic.EPILOGUE_ROWS, m.out_channels),
+            f"epilogues: expected shape {(nh, ic.EPILOGUE_ROWS, m.out_channels)}, got "
+            f"{tuple(getattr(epilogues, 'shape', ()))}")
+    _expect(isinstance(thresholds, torch.Tensor) and thresholds.dim() == 2 and thresholds.shape[0] == nh,
+            f"thresholds: expected shape ({nh}, T), got {tuple(getattr(thresholds, 'shape', ()))}")
+    _expect(tap_sums is None or (isinstance(tap_sums, torch.Tensor)
+                                 and tuple(tap_sums.shape) == (m.out_channels, kh + 1, kw + 1)),
+            f"tap_sums: expected None or shape {(m.out_channels, kh + 1, kw + 1)}, got "
+            f"{tuple(getattr(tap_sums, 'shape', ()))}")
+
+
 class QuantizePack(nn.Module):
     """Float (N, C, H, W) -> packed codes of a quantizer: q_mul/q_off per channel (rows of qparams),
     rounding to [qn, qp] or counting thresholds. With scale/shift, x*scale + shift (per channel, in
@@ -93,6 +134,12 @@ class QuantizePack(nn.Module):
                  scale: torch.Tensor | None = None, shift: torch.Tensor | None = None, source: str = ""):
         super().__init__()
         self.channels, self.qn, self.qp, self.source = int(channels), int(qn), int(qp), source
+        _expect(isinstance(qparams, torch.Tensor) and tuple(qparams.shape) == (2, self.channels),
+                f"qparams: expected shape (2, {self.channels}), got {tuple(getattr(qparams, 'shape', ()))}")
+        for name, t in (("scale", scale), ("shift", shift)):
+            _expect(t is None or (isinstance(t, torch.Tensor) and tuple(t.shape) == (self.channels,)),
+                    f"{name}: expected None or shape ({self.channels},), got {tuple(getattr(t, 'shape', ()))}")
+        _expect((scale is None) == (shift is None), "scale and shift: give both or neither")
         self.register_buffer("qparams", qparams)
         self.register_buffer("thresholds", thresholds)
         self.register_buffer("scale", scale)

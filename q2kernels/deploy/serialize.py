@@ -1,38 +1,41 @@
 """save_int_model / load_int_model: a converted integer model as plain data.
 
 The file holds only what torch.load(weights_only=True) accepts: the graph as a list of node records
-(operation, target name, arguments), each module as its type name, constructor arguments and
-tensors (packed codes, scales, epilogues), the conversion report, and the format version. Loading
-never unpickles code: modules are rebuilt from a fixed list of types and functions are looked up in
-a fixed table, so a file cannot run anything but these.
+(int_graph's format), each module as its type name, constructor arguments and tensors (packed
+codes, scales, epilogues), the conversion report, the format version and the channel alignment.
+
+Loading never turns file content into code. The whole record is checked before anything is built:
+its keys, version and alignment, every module record (a type from MODULE_KINDS, plain-data
+constructor arguments, tensors; quantizers by their registered kind), every node (int_graph.
+parse_graph: identifiers, references that resolve, calls from the allow-lists). Each module is
+then built first on the meta device, so that constructor arguments that disagree with the file's
+tensors are refused before any memory is allocated for them, and the model runs as an int_graph.
+IntGraph, which interprets the checked nodes. Every problem is a ValueError naming the file and
+what is wrong.
 """
 from __future__ import annotations
 
-import operator
 import os
+import pickle
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.node import _get_qualified_name
 
 from ..nn.fusion import GatedFusion
 from ..nn.modules import QConv2d
-from ..nn.n2uq import N2UQQuantizer, N2UQWeightQuantizer
-from ..nn.quantizers import DoReFaWeightQuantizer, LSQPlusQuantizer, LSQQuantizer, PACTQuantizer
+from ..nn.protocol import QUANTIZER_KINDS, quantizer_class
 from ..ops import int_conv as ic
 from .convert import IntModel
 from .fusion import FixedFusion
-from .int_modules import (IntConv2d, QuantizePack, channel_affine, packed_maxpool2d, packed_upsample_nearest,
-                          packed_write)
+from .int_graph import DTYPES, FUNCTIONS, MAX_DEPTH, IntGraph, MalformedGraph, is_module_path, parse_graph
+from .int_modules import IntConv2d, QuantizePack
 
 FORMAT = "q2kernels.int_model"
 FORMAT_VERSION = 1
-
-_FUNCTIONS = {_get_qualified_name(f): f for f in (
-    torch.cat, torch.add, torch.mul, torch.relu, torch.sigmoid, torch.flatten, operator.add, operator.mul,
-    operator.getitem, F.silu, F.relu, F.interpolate, F.max_pool2d, packed_upsample_nearest, packed_maxpool2d,
-    packed_write, channel_affine)}
+RECORD_KEYS = ("format", "format_version", "channel_align", "nodes", "modules", "attrs", "report")
 
 
 def _conv_config(m: nn.Conv2d) -> dict:
@@ -41,95 +44,60 @@ def _conv_config(m: nn.Conv2d) -> dict:
             "bias": m.bias is not None, "padding_mode": m.padding_mode}
 
 
+@dataclass(frozen=True)
+class ModuleKind:
+    """A module type a file may hold: its class, its constructor arguments, and where its tensors go:
+    "state" (load_state_dict), "buffers" (constructor arguments, its buffers) or "none"."""
+    cls: type
+    config: Callable[[nn.Module], dict]
+    tensors: str
+
+
+def _no_config(m):
+    return {}
+
+
+MODULE_KINDS: dict[str, ModuleKind] = {k.cls.__name__: k for k in (
+    ModuleKind(IntConv2d, IntConv2d.config, "buffers"),
+    ModuleKind(QuantizePack, QuantizePack.config, "buffers"),
+    ModuleKind(FixedFusion, lambda m: {"channels": m.channels, "fuse": m.fuse}, "buffers"),
+    ModuleKind(nn.Conv2d, _conv_config, "state"),
+    ModuleKind(QConv2d, _conv_config, "state"),
+    ModuleKind(nn.BatchNorm2d, lambda m: {"num_features": m.num_features, "eps": m.eps, "momentum": m.momentum,
+                                          "affine": m.affine, "track_running_stats": m.track_running_stats}, "state"),
+    ModuleKind(GatedFusion, lambda m: {"channels": m.channels, "mode": m.mode, "fuse": m.fuse,
+                                       "affine": m.gamma is not None, "eps": m.eps}, "state"),
+    ModuleKind(nn.Upsample, lambda m: {"size": m.size, "scale_factor": m.scale_factor, "mode": m.mode,
+                                       "align_corners": m.align_corners}, "none"),
+    ModuleKind(nn.MaxPool2d, lambda m: {"kernel_size": m.kernel_size, "stride": m.stride, "padding": m.padding,
+                                        "dilation": m.dilation, "ceil_mode": m.ceil_mode}, "none"),
+    ModuleKind(nn.LeakyReLU, lambda m: {"negative_slope": m.negative_slope}, "none"),
+    *(ModuleKind(c, _no_config, "none") for c in (nn.SiLU, nn.ReLU, nn.Identity, nn.Sigmoid, nn.Hardswish)))}
+
+_QUANTIZER_SLOTS = ("weight_quantizer", "act_quantizer")
+
+
+# Saving.
 def _quantizer_record(q):
-    if q is None:
-        return None
-    if isinstance(q, LSQQuantizer):
-        cfg = {"bits": q.bits, "mode": q.mode, "axis": q.axis, "grad_scale": q.grad_scale,
-               "channels": None if q.axis is None else q.s.numel()}
-    elif isinstance(q, PACTQuantizer):
-        cfg = {"bits": q.bits, "alpha_init": q.alpha_init}
-    elif isinstance(q, (DoReFaWeightQuantizer, N2UQQuantizer, N2UQWeightQuantizer)):
-        cfg = {"bits": q.bits}
-    else:
-        raise ValueError(f"save_int_model: a {type(q).__name__} quantizer cannot be saved")
-    return {"type": type(q).__name__, "config": cfg, "state": q.state_dict()}
-
-
-_QUANTIZERS = {c.__name__: c for c in (LSQQuantizer, LSQPlusQuantizer, PACTQuantizer, DoReFaWeightQuantizer,
-                                        N2UQQuantizer, N2UQWeightQuantizer)}
-
-
-def _build_quantizer(rec):
-    if rec is None:
-        return None
-    q = _QUANTIZERS[rec["type"]](**rec["config"])
-    q.load_state_dict(rec["state"])
-    return q
-
-
-# Activations without constructor arguments.
-_SIMPLE = {c.__name__: c for c in (nn.SiLU, nn.ReLU, nn.Identity, nn.Sigmoid, nn.Hardswish)}
+    """A quantizer as its kind, constructor arguments and state (the quantizer protocol)."""
+    return None if q is None else {"type": q.kind, "config": q.config(), "state": q.state_dict()}
 
 
 def _module_record(name: str, m: nn.Module) -> dict:
     t = type(m).__name__
-    if isinstance(m, (IntConv2d, QuantizePack)):
-        return {"type": t, "config": m.config(), "tensors": {k: b for k, b in m._buffers.items()}}
-    if type(m) is nn.Conv2d:
-        return {"type": t, "config": _conv_config(m), "state": m.state_dict()}
-    if type(m) is QConv2d:
-        return {"type": t, "config": _conv_config(m), "state": {k: v for k, v in m.state_dict().items()
-                                                               if k in ("weight", "bias")},
-                "weight_quantizer": _quantizer_record(m.weight_quantizer),
-                "act_quantizer": _quantizer_record(m.act_quantizer)}
-    if type(m) is nn.BatchNorm2d:
-        return {"type": t, "config": {"num_features": m.num_features, "eps": m.eps, "momentum": m.momentum,
-                                      "affine": m.affine, "track_running_stats": m.track_running_stats},
-                "state": m.state_dict()}
-    if type(m) is nn.Upsample:
-        return {"type": t, "config": {"size": m.size, "scale_factor": m.scale_factor, "mode": m.mode,
-                                      "align_corners": m.align_corners}}
-    if type(m) is nn.MaxPool2d:
-        return {"type": t, "config": {"kernel_size": m.kernel_size, "stride": m.stride, "padding": m.padding,
-                                      "dilation": m.dilation, "ceil_mode": m.ceil_mode}}
-    if type(m) is nn.LeakyReLU:
-        return {"type": t, "config": {"negative_slope": m.negative_slope}}
-    if type(m) is FixedFusion:
-        return {"type": t, "config": {"channels": m.channels, "fuse": m.fuse},
-                "tensors": {k: b for k, b in m._buffers.items()}}
-    if type(m) is GatedFusion:
-        return {"type": t, "config": {"channels": m.channels, "mode": m.mode, "fuse": m.fuse,
-                                      "affine": m.gamma is not None, "eps": m.eps},
-                "state": m.state_dict()}
-    if type(m) in _SIMPLE.values():
-        return {"type": t, "config": {}}
-    raise ValueError(f"save_int_model: module {name!r} of type {t} cannot be saved (supported: IntConv2d, "
-                     "QuantizePack, Conv2d, QConv2d, BatchNorm2d, Upsample, MaxPool2d, activations, FixedFusion, "
-                     "GatedFusion)")
-
-
-def _build_module(rec: dict) -> nn.Module:
-    t, cfg = rec["type"], rec["config"]
-    if t == "IntConv2d":
-        return IntConv2d(**{k: v for k, v in cfg.items()}, **rec["tensors"])
-    if t == "QuantizePack":
-        return QuantizePack(**cfg, **rec["tensors"])
-    if t == "FixedFusion":
-        return FixedFusion(cfg["channels"], cfg["fuse"], **rec["tensors"])
-    classes = {"Conv2d": nn.Conv2d, "BatchNorm2d": nn.BatchNorm2d, "Upsample": nn.Upsample,
-               "MaxPool2d": nn.MaxPool2d, "LeakyReLU": nn.LeakyReLU, "GatedFusion": GatedFusion, **_SIMPLE}
-    if t == "QConv2d":
-        m = QConv2d(**cfg, weight_quantizer=_build_quantizer(rec["weight_quantizer"]),
-                    act_quantizer=_build_quantizer(rec["act_quantizer"]))
-        m.load_state_dict({**m.state_dict(), **rec["state"]})
-        return m
-    if t not in classes:
-        raise ValueError(f"load_int_model: unknown module type {t!r} in the file")
-    m = classes[t](**cfg)
-    if "state" in rec:
-        m.load_state_dict(rec["state"])
-    return m
+    kind = MODULE_KINDS.get(t)
+    if kind is None or type(m) is not kind.cls:
+        raise ValueError(f"save_int_model: module {name!r} of type {t} cannot be saved (supported: "
+                         f"{', '.join(MODULE_KINDS)})")
+    rec = {"type": t, "config": kind.config(m)}
+    if kind.tensors == "buffers":
+        rec["tensors"] = dict(m._buffers)
+    elif type(m) is QConv2d:
+        rec["state"] = {k: v for k, v in m.state_dict().items() if k in ("weight", "bias")}
+        rec.update({slot: _quantizer_record(getattr(m, slot)) for slot in _QUANTIZER_SLOTS})
+    elif kind.tensors == "state":
+        rec["state"] = m.state_dict()
+    return rec
 
 
 def _encode(v, where):
@@ -143,78 +111,207 @@ def _encode(v, where):
         return {"dict": {k: _encode(a, where) for k, a in v.items()}}
     if isinstance(v, slice):
         return {"slice": [_encode(v.start, where), _encode(v.stop, where), _encode(v.step, where)]}
+    if isinstance(v, torch.dtype) and str(v).removeprefix("torch.") in DTYPES:
+        return {"dtype": str(v).removeprefix("torch.")}
     if v is None or isinstance(v, (bool, int, float, str)):
         return v
     raise ValueError(f"save_int_model: node {where!r} has an argument of type {type(v).__name__} that cannot be saved")
 
 
-def _decode(v, env):
-    if isinstance(v, list):
-        return [_decode(a, env) for a in v]
-    if isinstance(v, dict):
-        if "node" in v:
-            return env[v["node"]]
-        if "tuple" in v:
-            return tuple(_decode(a, env) for a in v["tuple"])
-        if "slice" in v:
-            return slice(*(_decode(a, env) for a in v["slice"]))
-        return {k: _decode(a, env) for k, a in v["dict"].items()}
-    return v
-
-
-def save_int_model(model: IntModel, path: str | os.PathLike) -> None:
-    """Write a converted model (convert_to_int) to `path` (module docstring)."""
-    if not isinstance(model, IntModel):
-        raise TypeError(f"model: expected an IntModel from convert_to_int, got {type(model).__name__}")
-    gm = model.net
-    nodes, modules, attrs = [], {}, {}
+def _node_records(gm: fx.GraphModule) -> list[dict]:
+    nodes = []
     for n in gm.graph.nodes:
         target = n.target
         if n.op == "call_function":
             target = _get_qualified_name(n.target)
-            if target not in _FUNCTIONS:
-                raise ValueError(f"save_int_model: node {n.name!r} calls {target}, which cannot be saved")
-        elif n.op == "call_module" and target not in modules:
-            modules[target] = _module_record(target, gm.get_submodule(target))
-        elif n.op == "get_attr":
-            attrs[target] = getattr(gm, target)
+            if target not in FUNCTIONS:
+                raise ValueError(f"save_int_model: node {n.name!r} calls {target}, which cannot be saved "
+                                 "(int_graph.FUNCTIONS)")
         nodes.append({"name": n.name, "op": n.op, "target": target, "args": _encode(n.args, n.name),
                       "kwargs": _encode(dict(n.kwargs), n.name)})
-    torch.save({"format": FORMAT, "format_version": FORMAT_VERSION, "channel_align": ic.CHANNEL_ALIGN,
-                "nodes": nodes, "modules": modules, "attrs": attrs, "report": dict(model.report)}, path)
+    return nodes
+
+
+def save_int_model(model: IntModel, path: str | os.PathLike) -> None:
+    """Write a converted model (convert_to_int, or one load_int_model read) to `path` (module docstring)."""
+    if not isinstance(model, IntModel):
+        raise TypeError(f"model: expected an IntModel from convert_to_int, got {type(model).__name__}")
+    net = model.net
+    nodes = net.records if isinstance(net, IntGraph) else _node_records(net)
+    modules, attrs = {}, {}
+    for n in nodes:
+        if n["op"] == "call_module" and n["target"] not in modules:
+            modules[n["target"]] = _module_record(n["target"], net.get_submodule(n["target"]))
+        elif n["op"] == "get_attr":
+            owner, _, attr = n["target"].rpartition(".")
+            attrs[n["target"]] = getattr(net.get_submodule(owner), attr)
+    rec = {"format": FORMAT, "format_version": FORMAT_VERSION, "channel_align": ic.CHANNEL_ALIGN,
+           "nodes": nodes, "modules": modules, "attrs": attrs, "report": dict(model.report)}
+    try:
+        check_record(rec)  # what is written loads: the same checks as load_int_model
+    except MalformedGraph as e:
+        raise ValueError(f"save_int_model: the model cannot be saved: {e}") from None
+    torch.save(rec, path)
+
+
+# Loading: check everything, then build.
+def _check_plain(v, where, depth=0):
+    """Constructor arguments: None, bool, int, float, str, and lists/tuples/str-keyed dicts of them."""
+    if depth > MAX_DEPTH:
+        raise MalformedGraph(f"{where}: nested deeper than {MAX_DEPTH}")
+    if isinstance(v, (list, tuple)):
+        for a in v:
+            _check_plain(a, where, depth + 1)
+    elif isinstance(v, dict):
+        for k, a in v.items():
+            if not isinstance(k, str):
+                raise MalformedGraph(f"{where}: a key {k!r} that is not a string")
+            _check_plain(a, where, depth + 1)
+    elif not (v is None or isinstance(v, (bool, int, float, str))):
+        raise MalformedGraph(f"{where}: a value of type {type(v).__name__} where plain data belongs")
+
+
+def _check_config(cfg, where):
+    if not isinstance(cfg, dict) or not all(isinstance(k, str) and k.isidentifier() for k in cfg):
+        raise MalformedGraph(f"{where}: config must be a dict with identifier keys")
+    _check_plain(cfg, f"{where} config")
+
+
+def _check_tensors(d, where, allow_none=False, allow_plain=False):
+    if not isinstance(d, dict) or not all(isinstance(k, str) and k for k in d):
+        raise MalformedGraph(f"{where}: expected a dict of named tensors")
+    for k, v in d.items():
+        if isinstance(v, torch.Tensor) or (allow_none and v is None):
+            continue
+        if allow_plain and k.rpartition(".")[2] == "_extra_state":
+            _check_plain(v, f"{where} {k}")
+            continue
+        raise MalformedGraph(f"{where}: {k} is a {type(v).__name__}, not a tensor")
+
+
+def _check_module_record(name, r):
+    where = f"module {name!r}"
+    if not is_module_path(name):
+        raise MalformedGraph(f"{where}: the name is not a dotted path of identifiers")
+    if not isinstance(r, dict) or not isinstance(r.get("type"), str) or r["type"] not in MODULE_KINDS:
+        t = r.get("type") if isinstance(r, dict) else r
+        raise MalformedGraph(f"{where}: unknown module type {t!r} (known: {', '.join(MODULE_KINDS)})")
+    kind = MODULE_KINDS[r["type"]]
+    where = f"{where} ({r['type']})"
+    expected = {"type", "config", *({"buffers": ["tensors"], "state": ["state"], "none": []}[kind.tensors])}
+    if kind.cls is QConv2d:
+        expected |= set(_QUANTIZER_SLOTS)
+    if set(r) != expected:
+        raise MalformedGraph(f"{where}: expected the keys {sorted(expected)}, got {sorted(r, key=str)}")
+    _check_config(r["config"], where)
+    if kind.tensors == "buffers":
+        _check_tensors(r["tensors"], where, allow_none=True)
+    elif kind.tensors == "state":
+        _check_tensors(r["state"], where)
+    for slot in _QUANTIZER_SLOTS if kind.cls is QConv2d else ():
+        q = r[slot]
+        if q is None:
+            continue
+        if (not isinstance(q, dict) or set(q) != {"type", "config", "state"} or not isinstance(q["type"], str)
+                or q["type"] not in QUANTIZER_KINDS):
+            raise MalformedGraph(f"{where} {slot}: expected a quantizer record of a registered kind "
+                                 f"({', '.join(QUANTIZER_KINDS)})")
+        _check_config(q["config"], f"{where} {slot}")
+        _check_tensors(q["state"], f"{where} {slot}", allow_plain=True)
+
+
+def check_record(rec) -> None:
+    """Check a whole file record (module docstring); MalformedGraph says what is wrong."""
+    if not isinstance(rec, dict) or not isinstance(rec.get("format"), str) or rec["format"] != FORMAT:
+        raise MalformedGraph("is not a q2kernels integer model (save_int_model) file")
+    if "format_version" not in rec:
+        raise MalformedGraph("has no format_version")
+    if type(rec["format_version"]) is not int or rec["format_version"] != FORMAT_VERSION:
+        raise MalformedGraph(f"has format version {rec['format_version']!r}, this version of q2kernels reads "
+                             f"version {FORMAT_VERSION}: convert and save the model again")
+    if "channel_align" not in rec:
+        raise MalformedGraph("has no channel_align")
+    if type(rec["channel_align"]) is not int or rec["channel_align"] != ic.CHANNEL_ALIGN:
+        raise MalformedGraph(f"packs channels in multiples of {rec['channel_align']!r}, this build of "
+                             f"q2kernels._C in multiples of {ic.CHANNEL_ALIGN}")
+    if set(rec) != set(RECORD_KEYS):
+        raise MalformedGraph(f"has the keys {sorted(rec, key=str)}; expected {sorted(RECORD_KEYS)}")
+    modules, attrs, report = rec["modules"], rec["attrs"], rec["report"]
+    if not isinstance(modules, dict):
+        raise MalformedGraph(f"modules: expected a dict, got {type(modules).__name__}")
+    for name, r in modules.items():
+        _check_module_record(name, r)
+    _check_tensors(attrs, "attrs")
+    bad = [k for k in attrs if not is_module_path(k)]
+    if bad:
+        raise MalformedGraph(f"attrs: {bad[0]!r} is not a dotted path of identifiers")
+    if not isinstance(report, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in report.items()):
+        raise MalformedGraph("report: expected a dict of strings")
+    parse_graph(rec["nodes"], modules, attrs)
+
+
+def _construct(r: dict) -> nn.Module:
+    kind, cfg = MODULE_KINDS[r["type"]], r["config"]
+    if kind.cls is FixedFusion:
+        return FixedFusion(cfg["channels"], cfg["fuse"], **r["tensors"])
+    if kind.tensors == "buffers":
+        return kind.cls(**cfg, **r["tensors"])
+    if kind.cls is QConv2d:
+        quantizers = {slot: None if r[slot] is None else quantizer_class(r[slot]["type"])(**r[slot]["config"])
+                      for slot in _QUANTIZER_SLOTS}
+        return QConv2d(**cfg, **quantizers)
+    return kind.cls(**cfg)
+
+
+def _state(r: dict) -> dict:
+    """Every tensor the file gives the module, by its state_dict key."""
+    state = dict(r.get("state", r.get("tensors", {})))
+    for slot in _QUANTIZER_SLOTS:
+        if r.get(slot) is not None:
+            state.update({f"{slot}.{k}": v for k, v in r[slot]["state"].items()})
+    return state
+
+
+def _build_module(name: str, r: dict) -> nn.Module:
+    try:
+        state = _state(r)
+        with torch.device("meta"):
+            probe = _construct(r)
+        for k, v in probe.state_dict().items():
+            given = state.get(k)
+            if isinstance(v, torch.Tensor) and (not isinstance(given, torch.Tensor) or given.shape != v.shape):
+                got = tuple(given.shape) if isinstance(given, torch.Tensor) else "none"
+                raise MalformedGraph(f"its configuration needs a tensor {k} of shape {tuple(v.shape)}, the file "
+                                     f"has {got}")
+        m = _construct(r)
+        if MODULE_KINDS[r["type"]].tensors == "state":
+            # Every tensor is there (the probe checked); a quantizer state written before quantizer
+            # settings were part of it has no _extra_state, and the record's type and config stand in.
+            unexpected = m.load_state_dict(state, strict=False).unexpected_keys
+            if unexpected:
+                raise MalformedGraph(f"the file has tensors the module does not: {unexpected}")
+    except (TypeError, ValueError, RuntimeError, KeyError, AttributeError, IndexError, OverflowError) as e:
+        raise MalformedGraph(f"module {name!r} ({r['type']}): {e}") from None
+    return m
 
 
 def load_int_model(path: str | os.PathLike, map_location=None) -> IntModel:
-    """Read a model written by save_int_model (torch.load with weights_only=True)."""
-    rec = torch.load(path, map_location=map_location, weights_only=True)
-    if not isinstance(rec, dict) or rec.get("format") != FORMAT:
-        raise ValueError(f"path: {os.fspath(path)!r} is not a q2kernels integer model (save_int_model) file")
-    if rec.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"path: {os.fspath(path)!r} has format version {rec.get('format_version')!r}, this version "
-                         f"of q2kernels reads version {FORMAT_VERSION}: convert and save the model again")
-    if rec.get("channel_align") != ic.CHANNEL_ALIGN:
-        raise ValueError(f"path: {os.fspath(path)!r} packs channels in multiples of {rec.get('channel_align')!r}, "
-                         f"this build of q2kernels._C in multiples of {ic.CHANNEL_ALIGN}")
-    targets = {name: _build_module(r) for name, r in rec["modules"].items()}
-    targets.update(rec["attrs"])
-    graph, env = fx.Graph(), {}
-    for n in rec["nodes"]:
-        op, target = n["op"], n["target"]
-        args, kwargs = _decode(n["args"], env), _decode(n["kwargs"], env)
-        if op == "placeholder":
-            node = graph.placeholder(target)
-        elif op == "output":
-            node = graph.output(args[0])
-        elif op == "call_function":
-            if target not in _FUNCTIONS:
-                raise ValueError(f"load_int_model: the file calls {target!r}, which is not an operation of "
-                                 "integer models")
-            node = graph.call_function(_FUNCTIONS[target], tuple(args), kwargs)
-        elif op == "call_module":
-            node = graph.call_module(target, tuple(args), kwargs)
-        elif op == "call_method":
-            node = graph.call_method(target, tuple(args), kwargs)
-        else:
-            node = graph.get_attr(target)
-        env[n["name"]] = node
-    return IntModel(fx.GraphModule(targets, graph), rec["report"]).eval()
+    """Read a model written by save_int_model (torch.load with weights_only=True; module docstring)."""
+    where = f"load_int_model: {os.fspath(path)!r}"
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"{where} is empty (0 bytes), not a q2kernels integer model file")
+    try:
+        rec = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:  # torch's message suggests weights_only=False: not for a model file
+        detail = str(e).split("WeightsUnpickler error:")[-1].split("Check the documentation")[0].strip()
+        raise ValueError(f"{where} is corrupt or holds objects other than tensors and plain data "
+                         f"({detail})") from None
+    except Exception as e:  # torch.load's errors on a damaged file are of many types
+        raise ValueError(f"{where} is truncated or corrupt: torch.load failed with {type(e).__name__}: {e}") from None
+    try:
+        check_record(rec)
+        modules = {name: _build_module(name, r) for name, r in rec["modules"].items()}
+        net = IntGraph(rec["nodes"], modules, rec["attrs"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise ValueError(f"{where}: {e}") from None
+    return IntModel(net, rec["report"]).eval()

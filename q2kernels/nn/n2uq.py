@@ -1,11 +1,14 @@
 """N2UQ quantizer modules (MATH.md 4): the learnable-threshold activation quantizer and the N2UQ
-weight quantizer, on the Quantizer base of quantizers.py."""
+weight quantizer, on the Quantizer base of quantizers.py, with their answers to the deployment
+protocol (protocol.py) and the "n2uq" quantize_model recipe."""
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from .. import functional as F
 from .. import reference as ref
+from .protocol import IntActivation, IntWeight, Recipe, register_recipe
 from .quantizers import Quantizer
 
 
@@ -30,11 +33,30 @@ class N2UQQuantizer(Quantizer):
         """The output step I*|alpha2| (the thresholds on the input side are not uniform)."""
         return (ref.n2uq.ltq_interval(self.bits) * self.alpha2.detach()).abs()
 
+    def int_activation(self):
+        """k = #{i : alpha1*x > t_i} (the thresholds as the reference's fp32 running sums), y = k*I*alpha2."""
+        _, thresholds, _ = ref.n2uq.ltq_tables(self.start.detach(), self.a.detach())
+        alpha1 = float(self.alpha1.detach().float().reshape(()))
+        step = ref.n2uq.ltq_interval(self.bits) * float(self.alpha2.detach().float().reshape(()))
+        return IntActivation(0, 2**self.bits - 1, q_mul=alpha1, q_off=0.0, step=step, offset=0.0,
+                             thresholds=thresholds.float().contiguous(), monotone=alpha1 > 0)
+
 
 class N2UQWeightQuantizer(Quantizer):
     """N2UQ weights: per output channel (dim 0) scale sf = mean|W|*(2^bits-1)/2^(bits-1), computed
     from the weights at every call (not learned), 2^bits symmetric levels with no zero in [-sf, sf],
-    and the straight-through gradient dW = g/sf. No learnable parameters."""
+    and the straight-through gradient dW = g/sf. No learnable parameters. Integer form: wq =
+    (sf/n)*(2k - n) with k in [0, n], n = 2^bits - 1."""
 
     def quantize(self, w):
         return F.n2uq_weight_quantize(w, self.bits)
+
+    def int_weight(self, w, wq):
+        n = 2**self.bits - 1
+        sf = ref.n2uq_weight_scale(w, self.bits).double()
+        k = torch.round((wq / sf.view(-1, *[1] * (w.dim() - 1)) + 1.0) * (n / 2.0))
+        return IntWeight(k, 0, n, w_mul=2, w_add=-n, step=sf / n)
+
+
+register_recipe("n2uq", Recipe(weight=lambda layer, bits: N2UQWeightQuantizer(bits),
+                               act=lambda layer, bits: N2UQQuantizer(bits)))

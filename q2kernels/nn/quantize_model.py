@@ -1,48 +1,17 @@
 """quantize_model: swap a model's Conv2d/Linear layers for QConv2d/QLinear under a recipe.
 
-A recipe names the weight and activation quantizers. Weights are quantised per output channel
-where the method allows it (LSQ, LSQ+, N2UQ), per tensor where it does not (DoReFa).
+A recipe (protocol.Recipe) names the weight and activation quantizers; each quantizer kind's file
+registers its recipes (register_recipe). Weights are quantised per output channel where the method
+allows it (LSQ, LSQ+, N2UQ), per tensor where it does not (DoReFa).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Iterable
 
 from torch import nn
 
 from .modules import QConv2d, QLinear
-from .n2uq import N2UQQuantizer, N2UQWeightQuantizer
-from .quantizers import DoReFaWeightQuantizer, LSQPlusQuantizer, LSQQuantizer, PACTQuantizer, Quantizer
-
-
-@dataclass(frozen=True)
-class Recipe:
-    """weight(layer, bits) and act(layer, bits) build the two quantizers of one layer."""
-    weight: Callable[[nn.Module, int], Quantizer]
-    act: Callable[[nn.Module, int], Quantizer]
-
-
-def _out_channels(layer):
-    return layer.out_channels if isinstance(layer, nn.Conv2d) else layer.out_features
-
-
-def _lsq_weight(layer, bits):
-    return LSQQuantizer(bits, "signed", axis=0, channels=_out_channels(layer))
-
-
-RECIPES: dict[str, Recipe] = {
-    "lsq": Recipe(weight=_lsq_weight, act=lambda layer, bits: LSQQuantizer(bits, "signed")),
-    "lsq_plus": Recipe(weight=_lsq_weight, act=lambda layer, bits: LSQPlusQuantizer(bits, "unsigned")),
-    "pact": Recipe(weight=lambda layer, bits: DoReFaWeightQuantizer(bits),
-                   act=lambda layer, bits: PACTQuantizer(bits)),
-    "n2uq": Recipe(weight=lambda layer, bits: N2UQWeightQuantizer(bits),
-                   act=lambda layer, bits: N2UQQuantizer(bits)),
-}
-
-
-def register_recipe(name: str, recipe: Recipe) -> None:
-    """Make `name` available to quantize_model."""
-    RECIPES[name] = recipe
+from .protocol import RECIPES
 
 
 def quantize_model(model: nn.Module, recipe: str = "lsq", w_bits: int = 4, a_bits: int = 4,

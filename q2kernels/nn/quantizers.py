@@ -1,23 +1,46 @@
-"""Quantizer modules: learnable parameters, first-batch initialisation, and the functional op.
+"""Quantizer modules: learnable parameters, first-batch initialisation, the functional op, and each
+kind's answers to the deployment protocol (protocol.py).
 
-Each quantizer initialises its parameters from the first tensor it sees (MATH.md's initialisations)
-and records that in the `initialized` buffer, so a loaded state_dict resumes without re-initialising.
-The Python mirror `_initialized` is what forward reads: checking the buffer would sync with the host.
+Initialisation (docs/math.md §1-§3's data inits) is deferred to the first non-degenerate batch: a
+batch whose statistics give no usable parameter (all zeros: LSQ s = 0, LSQ+ max = min, PACT max <= 0;
+NaN or inf anywhere) leaves the parameters at their constructor values and the quantizer tries again
+on the next batch. The parameters are updated with torch.where on the device, and the `initialized`
+buffer records success, so a loaded state_dict resumes without re-initialising. The Python mirror
+`_initialized` is what forward checks: reading the buffer would sync with the host. The mirror is
+refreshed from the device once per forward only while the quantizer is uninitialised (normally the
+first step only); from then on forward does no host read. The read is deliberate: with
+torch.distributed initialised, the statistics are all-reduced over the default process group (so
+every rank starts from the same parameters without user code), and every rank must then make the
+same decision about calling the collective again, which a host-side flag read from the
+all-reduced result guarantees. Every rank must therefore run the quantizer's first batches (DDP does).
 """
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from .. import functional as F
 from .. import reference as ref
 from .._validate import check_bits
+from .protocol import IntActivation, IntWeight, NoIntegerForm, Recipe, register_quantizer, register_recipe
 
 
 class Quantizer(nn.Module):
-    """Base class. Subclasses implement `quantize(x)`, optionally `initialize(x)` (run once, under
-    no_grad, on the first input), and activation quantizers `step_size()`: the quantisation step
-    (a tensor of 1 or C elements) that Q-ADA's distortion term divides by."""
+    """Base class of every quantizer kind. Subclasses implement `quantize(x)` and, where deployment
+    needs them, the protocol's `config`, `state_keys`, `int_activation`, `int_weight` (protocol.py);
+    data-initialised kinds implement `initialize(x)`; activation quantizers `step_size()`: the
+    quantisation step (a tensor of 1 or C elements) that Q-ADA's distortion term divides by.
+    A subclass is registered under `kind` (its class name unless it sets one) when it is defined."""
+
+    kind = "Quantizer"
+    state_keys: tuple[str, ...] = ("bits",)
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "kind" not in cls.__dict__:
+            cls.kind = cls.__name__
+        register_quantizer(cls)
 
     def __init__(self, bits: int):
         super().__init__()
@@ -25,25 +48,70 @@ class Quantizer(nn.Module):
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
         self._initialized = False
 
-    def initialize(self, x: torch.Tensor) -> None:
-        """Set the parameters from the first input (no-op for quantizers without data init)."""
+    def initialize(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Set the parameters from a batch, under no_grad, where its statistics are usable (module
+        docstring); return a 0-d bool tensor: whether they were. None: this kind has no data init."""
+        return None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._initialized:
             with torch.no_grad():
-                self.initialize(x)
-            self.initialized.fill_(True)
-            self._initialized = True
+                usable = self.initialize(x)
+                if usable is None:
+                    self.initialized.fill_(True)
+                else:
+                    self.initialized.copy_(usable)
+                self._initialized = usable is None or bool(usable)  # only on uninitialised steps
         return self.quantize(x)
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+    # The protocol (protocol.py).
+    def config(self) -> dict:
+        """The constructor arguments that rebuild this quantizer."""
+        return {"bits": self.bits}
+
+    def int_activation(self) -> IntActivation:
+        raise NoIntegerForm(f"({self.kind}) has no integer form as an activation quantizer")
+
+    def int_weight(self, w: torch.Tensor, wq: torch.Tensor) -> IntWeight:
+        raise NoIntegerForm(f"({self.kind}) has no integer form as a weight quantizer")
+
+    # The kind and state_keys travel in the state_dict (as its "_extra_state").
+    def get_extra_state(self) -> dict:
+        return {"kind": self.kind, **{k: getattr(self, k) for k in self.state_keys}}
+
+    def set_extra_state(self, state) -> None:
+        """Nothing to set: the settings come from the constructor; _load_from_state_dict compares them."""
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        saved, mine = state_dict.get(prefix + "_extra_state"), self.get_extra_state()
+        if saved is not None and saved != mine:
+            error_msgs.append(f"quantizer {prefix[:-1] or '(root)'!r}: the state_dict holds {_describe(saved)}, "
+                              f"the module is {_describe(mine)}")
+            return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
         flag = state_dict.get(prefix + "initialized")
         if flag is not None:
             self._initialized = bool(flag)
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}"
+
+
+def _describe(state) -> str:
+    if not isinstance(state, dict):
+        return f"a malformed quantizer state {state!r}"
+    settings = ", ".join(f"{k}={v!r}" for k, v in state.items() if k != "kind")
+    return f"a {state.get('kind')}({settings})"
+
+
+def _all_reduce(t: torch.Tensor, op: str) -> torch.Tensor:
+    """t reduced ("SUM" or "MAX") over the default process group when torch.distributed is
+    initialised (in place)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t, getattr(dist.ReduceOp, op))
+    return t
 
 
 def _channels_arg(axis, channels):
@@ -55,9 +123,22 @@ def _channels_arg(axis, channels):
     return 1 if channels is None else channels
 
 
+def _usable(*values: torch.Tensor) -> torch.Tensor:
+    """Per element: every value finite, the first (a step) > 0."""
+    ok = values[0] > 0
+    for v in values:
+        ok = ok & torch.isfinite(v)
+    return ok
+
+
 class LSQQuantizer(Quantizer):
     """LSQ (MATH.md 1). Per tensor, or per channel along `axis` with `channels` steps (weights:
-    axis=0, channels=out_channels). mode: "signed" | "unsigned" | "symmetric"."""
+    axis=0, channels=out_channels). mode: "signed" | "unsigned" | "symmetric".
+
+    Init: s = 2*mean|x|/sqrt(Qp) (per channel: over the channel's elements) from the first batch
+    where it is positive and finite for some channel; channels where it is not keep s = 1."""
+
+    state_keys = ("bits", "mode", "axis")
 
     def __init__(self, bits: int = 4, mode: str = "signed", axis: int | None = None,
                  channels: int | None = None, grad_scale="auto"):
@@ -66,8 +147,26 @@ class LSQQuantizer(Quantizer):
         self.mode, self.axis, self.grad_scale = mode, axis, grad_scale
         self.s = nn.Parameter(torch.ones(_channels_arg(axis, channels)))
 
+    def _dims(self, x):
+        """The dimensions a statistic reduces over: all (per tensor), all but `axis` (per channel)."""
+        if self.axis is None:
+            return None
+        if not -x.dim() <= self.axis < x.dim() or x.size(self.axis) != self.s.numel():
+            raise ValueError(f"x: expected {self.s.numel()} channels along axis {self.axis} (a per-channel "
+                             f"quantizer), got shape {tuple(x.shape)}")
+        return [d for d in range(x.dim()) if d != self.axis % x.dim()]
+
     def initialize(self, x):
-        self.s.copy_(ref.lsq_init_scale(x, self.bits, self.mode, self.axis))
+        a = x.detach().float().abs()
+        dims = self._dims(x)
+        total = (a.sum() if dims is None else a.sum(dim=dims)).reshape(-1)
+        count = a.numel() // total.numel()  # elements per step
+        stats = _all_reduce(torch.cat([total, total.new_full((1,), float(count))]), "SUM")
+        _, qp = ref.qrange(self.bits, self.mode)
+        s = 2.0 * (stats[:-1] / stats[-1]) / qp**0.5
+        ok = _usable(s)
+        self.s.copy_(torch.where(ok, s, self.s))
+        return ok.any()
 
     def quantize(self, x):
         return F.lsq_quantize(x, self.s, self.bits, self.mode, self.axis, self.grad_scale)
@@ -75,12 +174,39 @@ class LSQQuantizer(Quantizer):
     def step_size(self):
         return self.s.detach().clamp_min(ref.fake_quant.SCALE_FLOOR)
 
+    def config(self):
+        return {"bits": self.bits, "mode": self.mode, "axis": self.axis, "grad_scale": self.grad_scale,
+                "channels": None if self.axis is None else self.s.numel()}
+
+    def _offset(self) -> float:
+        return 0.0
+
+    def int_activation(self):
+        if self.axis is not None:
+            raise NoIntegerForm("is per channel: the input step would not factor out of the conv's sum")
+        qn, qp = ref.qrange(self.bits, self.mode)
+        s = self.s.detach().float().reshape(()).clamp_min(ref.fake_quant.SCALE_FLOOR)
+        beta = self._offset()
+        return IntActivation(qn, qp, q_mul=float(1.0 / s), q_off=beta, step=float(s), offset=beta)
+
+    def int_weight(self, w, wq):
+        if self.axis not in (None, 0):
+            raise NoIntegerForm(f"is per channel along axis {self.axis}, not the output channels")
+        qn, qp = ref.qrange(self.bits, self.mode)
+        step = self.s.detach().float().clamp_min(ref.fake_quant.SCALE_FLOOR).double().expand(w.size(0)).contiguous()
+        k = torch.round(wq / step.view(-1, *[1] * (w.dim() - 1)))
+        return IntWeight(k, qn, qp, w_mul=1, w_add=0, step=step)
+
     def extra_repr(self):
         return f"bits={self.bits}, mode={self.mode!r}, axis={self.axis}, channels={self.s.numel()}"
 
 
 class LSQPlusQuantizer(LSQQuantizer):
-    """LSQ+ (MATH.md 2): LSQ with a learnable offset beta; unsigned grid by default."""
+    """LSQ+ (MATH.md 2): LSQ with a learnable offset beta; unsigned grid by default.
+
+    Init: s = (max - min)/(Qp - Qn), beta = min - Qn*s from the first batch where s is positive and
+    both are finite for some channel (a constant batch, e.g. all zeros, is skipped); channels where
+    they are not keep s = 1, beta = 0."""
 
     def __init__(self, bits: int = 4, mode: str = "unsigned", axis: int | None = None,
                  channels: int | None = None, grad_scale="auto"):
@@ -88,17 +214,37 @@ class LSQPlusQuantizer(LSQQuantizer):
         self.beta = nn.Parameter(torch.zeros(_channels_arg(axis, channels)))
 
     def initialize(self, x):
-        s, beta = ref.lsq_plus_init(x, self.bits, self.mode, self.axis)
-        self.s.copy_(s)
-        self.beta.copy_(beta)
+        xf, dims = x.detach().float(), self._dims(x)
+        if xf.numel() == 0:  # no data: the identities of min and max, so other ranks still reduce
+            shape = (self.s.numel(),)
+            neg_lo, hi = xf.new_full(shape, -float("inf")), xf.new_full(shape, -float("inf"))
+        else:
+            neg_lo = -(xf.amin() if dims is None else xf.amin(dim=dims)).reshape(-1)
+            hi = (xf.amax() if dims is None else xf.amax(dim=dims)).reshape(-1)
+        stats = _all_reduce(torch.cat([neg_lo, hi]), "MAX")
+        lo, hi = -stats[:neg_lo.numel()], stats[neg_lo.numel():]
+        qn, qp = ref.qrange(self.bits, self.mode)
+        s = (hi - lo) / (qp - qn)
+        beta = lo - qn * s
+        ok = _usable(s, beta)
+        self.s.copy_(torch.where(ok, s, self.s))
+        self.beta.copy_(torch.where(ok, beta, self.beta))
+        return ok.any()
 
     def quantize(self, x):
         return F.lsq_plus_quantize(x, self.s, self.beta, self.bits, self.mode, self.axis, self.grad_scale)
 
+    def _offset(self):
+        return float(self.beta.detach().float().reshape(()))
+
+    def int_weight(self, w, wq):
+        raise NoIntegerForm("has an offset (LSQ+): weights need a symmetric grid")
+
 
 class PACTQuantizer(Quantizer):
     """PACT (MATH.md 3): clip to a learnable [0, alpha], 2^bits - 1 steps. alpha starts at
-    `alpha_init`, or, when that is None, at the first batch's maximum (at least 1e-3)."""
+    `alpha_init`, or, when that is None, at the maximum (at least 1e-3) of the first batch whose
+    maximum is positive and finite (an all-zero or all-negative batch is skipped)."""
 
     def __init__(self, bits: int = 4, alpha_init: float | None = None):
         super().__init__(bits)
@@ -108,8 +254,14 @@ class PACTQuantizer(Quantizer):
         self.alpha = nn.Parameter(torch.full((1,), 1.0 if alpha_init is None else float(alpha_init)))
 
     def initialize(self, x):
-        if self.alpha_init is None:
-            self.alpha.copy_(x.detach().float().amax().clamp_min(1e-3).reshape(1))
+        if self.alpha_init is not None:
+            return None
+        xf = x.detach().float()
+        hi = xf.amax().reshape(1) if xf.numel() else xf.new_full((1,), -float("inf"))
+        hi = _all_reduce(hi, "MAX")
+        ok = _usable(hi)
+        self.alpha.copy_(torch.where(ok, hi.clamp_min(1e-3), self.alpha))
+        return ok.all()
 
     def quantize(self, x):
         return F.pact_quantize(x, self.alpha, self.bits)
@@ -117,10 +269,42 @@ class PACTQuantizer(Quantizer):
     def step_size(self):
         return self.alpha.detach() / (2**self.bits - 1)
 
+    def config(self):
+        return {"bits": self.bits, "alpha_init": self.alpha_init}
+
+    def int_activation(self):
+        a = self.alpha.detach().float().reshape(())
+        if not a > 0:
+            raise NoIntegerForm(f"has clip alpha {float(a)} <= 0: every input maps to one level")
+        n = float(2**self.bits - 1)
+        # The reference's fp32 values: q = R(clip(x, 0, a) * (n/a)), y = q * (a/n).
+        return IntActivation(0, int(n), q_mul=float(a.new_full((), n) / a), q_off=0.0, step=float(a / n), offset=0.0)
+
 
 class DoReFaWeightQuantizer(Quantizer):
     """DoReFa weights (MATH.md 3), paired with PACT activations. No learnable parameters; the
-    output lies in [-1, 1] (DoReFa's convention), so the conv's scale is absorbed by BatchNorm."""
+    output lies in [-1, 1] (DoReFa's convention), so the conv's scale is absorbed by BatchNorm.
+    Integer form: wq = (2q - n)/n with q in [0, n], n = 2^bits - 1."""
 
     def quantize(self, w):
         return F.dorefa_weight_quantize(w, self.bits)
+
+    def int_weight(self, w, wq):
+        n = 2**self.bits - 1
+        k = torch.round((wq + 1.0) * (n / 2.0))
+        return IntWeight(k, 0, n, w_mul=2, w_add=-n,
+                         step=torch.full((w.size(0),), 1.0 / n, dtype=torch.float64, device=w.device))
+
+
+def _out_channels(layer):
+    return layer.out_channels if isinstance(layer, nn.Conv2d) else layer.out_features
+
+
+def _lsq_weight(layer, bits):
+    return LSQQuantizer(bits, "signed", axis=0, channels=_out_channels(layer))
+
+
+register_recipe("lsq", Recipe(weight=_lsq_weight, act=lambda layer, bits: LSQQuantizer(bits, "signed")))
+register_recipe("lsq_plus", Recipe(weight=_lsq_weight, act=lambda layer, bits: LSQPlusQuantizer(bits, "unsigned")))
+register_recipe("pact", Recipe(weight=lambda layer, bits: DoReFaWeightQuantizer(bits),
+                               act=lambda layer, bits: PACTQuantizer(bits)))

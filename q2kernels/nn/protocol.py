@@ -1,0 +1,88 @@
+"""The quantizer protocol: what deployment and model files ask of a quantizer kind, and the registries.
+
+A quantizer kind is one class in one file (a subclass of q2kernels.nn.Quantizer). It answers, itself:
+- `config()`: the constructor arguments that rebuild it (a model file stores them);
+- `state_keys`: the settings a state_dict must match to load into it (its kind always);
+- `int_activation()`: its integer form as an input quantizer (an `IntActivation`), or NoIntegerForm;
+- `int_weight(w, wq)`: the integer codes of a fake-quant weight (an `IntWeight`), or NoIntegerForm.
+Subclassing Quantizer registers the class under its `kind` (QUANTIZER_KINDS), and the file may add
+a quantize_model recipe with `register_recipe`. deploy/convert.py, deploy/serialize.py and
+quantize_model ask only through these, never by class or by private parameter.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+
+class NoIntegerForm(Exception):
+    """A quantizer has no exact integer form in the role asked. The message completes the sentence
+    "its activation (weight) quantizer ...", e.g. "is per channel: ..."."""
+
+
+@dataclass(eq=False)
+class IntActivation:
+    """An activation quantizer as the integer path computes it (docs/math.md §7), with exactly the fp32
+    values its forward uses. Codes: q = R(clip((x - q_off)*q_mul, qn, qp)), or, with thresholds,
+    q = qn + #{i : thresholds_i < (x - q_off)*q_mul}. The consumer sees xhat = step*q + offset.
+    monotone: q is non-decreasing in x (max pooling may then run on the codes)."""
+    qn: int
+    qp: int
+    q_mul: float
+    q_off: float
+    step: float
+    offset: float
+    thresholds: torch.Tensor | None = None
+    monotone: bool = True
+
+
+@dataclass(eq=False)
+class IntWeight:
+    """The codes of a fake-quant weight wq: codes k (int64, wq's shape) in [qn, qp], integer levels
+    w_mul*k + w_add, and a float64 step per output channel (dim 0) with
+    step_c * (w_mul*k + w_add) = wq (the converter checks this to 1e-5)."""
+    codes: torch.Tensor
+    qn: int
+    qp: int
+    w_mul: int
+    w_add: int
+    step: torch.Tensor
+
+
+QUANTIZER_KINDS: dict[str, type] = {}
+
+
+def register_quantizer(cls: type) -> type:
+    """Register a quantizer class under cls.kind (Quantizer subclasses are registered when defined).
+    Another class may not take a kind already registered: a model file names its quantizers by kind."""
+    old = QUANTIZER_KINDS.get(cls.kind)
+    if old is not None and (old.__module__, old.__qualname__) != (cls.__module__, cls.__qualname__):
+        raise TypeError(f"quantizer kind {cls.kind!r}: already registered by {old.__module__}.{old.__qualname__}; "
+                        f"give {cls.__qualname__} another `kind`")
+    QUANTIZER_KINDS[cls.kind] = cls
+    return cls
+
+
+def quantizer_class(kind: str) -> type:
+    """The registered quantizer class of `kind` (KeyError naming the known kinds otherwise)."""
+    if not isinstance(kind, str) or kind not in QUANTIZER_KINDS:
+        raise KeyError(f"unknown quantizer kind {kind!r} (registered: {sorted(QUANTIZER_KINDS)})")
+    return QUANTIZER_KINDS[kind]
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """weight(layer, bits) and act(layer, bits) build the two quantizers of one layer."""
+    weight: Callable[[nn.Module, int], nn.Module]
+    act: Callable[[nn.Module, int], nn.Module]
+
+
+RECIPES: dict[str, Recipe] = {}
+
+
+def register_recipe(name: str, recipe: Recipe) -> None:
+    """Make `name` available to quantize_model."""
+    RECIPES[name] = recipe

@@ -1,0 +1,105 @@
+"""The quantizer protocol (q2kernels/nn/protocol.py): a new quantizer kind is one class in one file.
+
+FixedScaleQuantizer below is such a kind, defined here and nowhere in the package: a uniform
+quantizer with a fixed power-of-two step. Nothing else is edited, yet quantize_model uses its recipe,
+convert_to_int turns it into integer layers, and save_int_model/load_int_model store and rebuild it;
+the integer model's output equals the fake-quant model's bit for bit (every value is dyadic, so the
+fp32 sums of both are exact).
+"""
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from q2kernels.deploy import IntConv2d, QuantizePack, convert_to_int, load_int_model, save_int_model
+from q2kernels.nn import (QUANTIZER_KINDS, IntActivation, IntWeight, NoIntegerForm, Quantizer, Recipe,
+                          quantize_model, quantizer_class, register_recipe)
+
+
+class FixedScaleQuantizer(Quantizer):
+    """q = clip(R(x * (1/step)), qn, qp), y = q*step, with the straight-through gradient. No parameters."""
+
+    state_keys = ("bits", "step", "signed")
+
+    def __init__(self, bits: int = 4, step: float = 0.25, signed: bool = True):
+        super().__init__(bits)
+        self.step, self.signed = float(step), bool(signed)
+        self.qn, self.qp = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
+
+    def quantize(self, x):
+        q = torch.clamp(torch.round(x * (1.0 / self.step)), self.qn, self.qp)
+        return x + (q * self.step - x).detach()
+
+    def config(self):
+        return {"bits": self.bits, "step": self.step, "signed": self.signed}
+
+    def int_activation(self):
+        return IntActivation(self.qn, self.qp, q_mul=1.0 / self.step, q_off=0.0, step=self.step, offset=0.0)
+
+    def int_weight(self, w, wq):
+        step = torch.full((w.size(0),), self.step, dtype=torch.float64, device=w.device)
+        return IntWeight(torch.round(wq / self.step), self.qn, self.qp, w_mul=1, w_add=0, step=step)
+
+
+register_recipe("fixed_scale", Recipe(weight=lambda layer, bits: FixedScaleQuantizer(bits, 2.0**-4),
+                                      act=lambda layer, bits: FixedScaleQuantizer(bits, 0.25, signed=False)))
+
+
+def _net():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.ReLU(),
+                        nn.Conv2d(8, 6, 3, padding=1, bias=False), nn.ReLU(),
+                        nn.Conv2d(6, 4, 1, bias=False))
+    quantize_model(net, "fixed_scale", 4, 4, keep_first_last=False)
+    return net.eval()
+
+
+def test_a_kind_defined_in_one_file_is_registered():
+    assert quantizer_class("FixedScaleQuantizer") is FixedScaleQuantizer
+    assert QUANTIZER_KINDS["FixedScaleQuantizer"] is FixedScaleQuantizer
+    with pytest.raises(KeyError, match="unknown quantizer kind 'Nope'"):
+        quantizer_class("Nope")
+    with pytest.raises(TypeError, match="quantizer kind 'FixedScaleQuantizer': already registered"):
+        type("FixedScaleQuantizer", (Quantizer,), {"__module__": "elsewhere"})
+
+
+def test_new_kind_converts_to_integer_and_round_trips_through_a_file(tmp_path):
+    net = _net()
+    x = torch.randn(2, 3, 9, 7) * 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        int_model = convert_to_int(net, x, strict=True)
+    kinds = [type(m) for m in int_model.net.modules()]
+    assert kinds.count(IntConv2d) == 3 and kinds.count(QuantizePack) == 1
+    with torch.no_grad():
+        expected = net(x)
+    out = int_model(x)
+    assert out.dtype == torch.float32 and torch.equal(out, expected)
+    save_int_model(int_model, tmp_path / "m.pt")
+    again = load_int_model(tmp_path / "m.pt")
+    assert torch.equal(again(x), expected)
+    save_int_model(again, tmp_path / "again.pt")  # a loaded model saves again, unchanged
+    assert torch.equal(load_int_model(tmp_path / "again.pt")(x), expected)
+
+
+def test_its_settings_guard_its_state_dict():
+    with pytest.raises(RuntimeError, match=r"holds a FixedScaleQuantizer\(bits=4, step=0.25, signed=True\), "
+                                           r"the module is a FixedScaleQuantizer\(bits=4, step=0.5, signed=True\)"):
+        FixedScaleQuantizer(4, 0.5).load_state_dict(FixedScaleQuantizer(4, 0.25).state_dict())
+
+
+class _NoInteger(Quantizer):
+    def quantize(self, x):
+        return x
+
+
+def test_a_kind_without_an_integer_form_is_kept_in_float_by_name():
+    net = _net()
+    net[2].act_quantizer = _NoInteger(4)
+    with pytest.warns(UserWarning, match=r"layer '2' is kept in float: its activation quantizer "
+                                         r"'2.act_quantizer' \(_NoInteger\) has no integer form"):
+        report = convert_to_int(net, torch.randn(1, 3, 5, 5)).report
+    assert report["2"].startswith("kept in float") and report["0"].startswith("integer conv")
+    with pytest.raises(NoIntegerForm, match="as a weight quantizer"):
+        _NoInteger(4).int_weight(torch.ones(2, 2), torch.ones(2, 2))
