@@ -13,6 +13,8 @@ per-channel scale as every other quantizer here does (MATH.md 0): `inv = 1/sf` o
 """
 from __future__ import annotations
 
+import struct
+
 import torch
 
 # a+ = a if a > 1e-3 else 1e-3, with 1e-3 rounded to fp32 (the authors' eps is an fp32 tensor).
@@ -25,8 +27,11 @@ def ltq_levels(bits: int) -> int:
 
 
 def ltq_interval(bits: int) -> float:
-    """I = 2/n rounded to fp32 (a Python float holding that fp32 value exactly)."""
-    return float(torch.tensor(2.0, dtype=torch.float32) / ltq_levels(bits))
+    """I = 2/n rounded to fp32 (a Python float holding that fp32 value exactly). Python arithmetic
+    only (no tensor): torch.compile traces it as a constant instead of breaking the graph. 2/n in
+    double, then rounded to fp32 by the struct round trip, equals the fp32 quotient: double carries
+    more than 2*24 + 2 bits, so the two roundings give the correctly rounded fp32 result."""
+    return struct.unpack("f", struct.pack("f", 2.0 / ltq_levels(bits)))[0]
 
 
 def ltq_init(bits: int, device=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -133,7 +138,7 @@ class _N2UQWeight(torch.autograd.Function):
         sf = n2uq_weight_scale(w, bits)
         view = (-1,) + (1,) * (w.dim() - 1)
         sf_v = sf.reshape(view)
-        inv = 1.0 / sf_v
+        inv = torch.where(sf_v == 0, 0.0, 1.0 / sf_v)  # an all-zero channel: wq = 0, dW = 0
         m = sf.new_full((), (2**bits - 1) / 2)
         c = (w.float() * inv).clamp(-1.0, 1.0)
         wq = (torch.round((c + 1.0) * m) / m - 1.0) * sf_v
@@ -148,5 +153,9 @@ class _N2UQWeight(torch.autograd.Function):
 
 def n2uq_weight_fake_quant(w, bits: int = 4):
     """N2UQ weight quantizer (MATH.md 4): per output channel (dim 0) scale sf = mean|W|*(2^b-1)/2^(b-1),
-    2^b symmetric levels with no zero, dW = g/sf (no clip mask)."""
+    2^b symmetric levels with no zero, dW = g/sf (no clip mask).
+
+    An all-zero channel (sf = 0) has no scale to divide by: 1/sf is taken as 0 there, so its
+    outputs are 0 (the one zero output; sf*(level) with sf = 0) and its gradient dW is 0. A NaN
+    weight makes its channel's sf, outputs and gradients NaN."""
     return _N2UQWeight.apply(w, bits)
