@@ -34,6 +34,8 @@ def _grad_scale(grad_scale, x, axis, qp):
         return 1.0
     if isinstance(grad_scale, bool) or not isinstance(grad_scale, (int, float)):
         raise TypeError(f"grad_scale: expected 'auto', None or a number, got {grad_scale!r}")
+    if not math.isfinite(grad_scale):
+        raise ValueError(f"grad_scale: expected a finite number, got {grad_scale!r}")
     return float(grad_scale)
 
 
