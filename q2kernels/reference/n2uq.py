@@ -103,8 +103,10 @@ class _LTQ(torch.autograd.Function):
         dalpha2 = (gf * (k.float() * interval)).sum()
         # Per segment: P_i = sum G*I/a+_i and Q_i = sum G*I*(u - d_{i-1})/a+_i^2 over its elements.
         q = torch.where(inside, w * (u - edges[seg]) / a_pos[seg], zero)
-        P = torch.zeros(n, dtype=torch.float32, device=u.device).index_add_(0, seg[inside], w[inside])
-        Q = torch.zeros_like(P).index_add_(0, seg[inside], q[inside])
+        # Every element is added (w and q are 0 outside, at seg 0: x + 0 is exact): a boolean index
+        # would have a data-dependent size and break a torch.compile graph.
+        P = torch.zeros(n, dtype=torch.float32, device=u.device).index_add_(0, seg.reshape(-1), w.reshape(-1))
+        Q = torch.zeros_like(P).index_add_(0, seg.reshape(-1), q.reshape(-1))
         # da_j = -sum_{i>j} P_i - Q_j: the exclusive suffix sum, built without a subtraction.
         suffix = torch.cat([P.flip(0).cumsum(0).flip(0)[1:], P.new_zeros(1)])
         da = torch.where(a.float().reshape(-1) > A_FLOOR, -(suffix + Q), torch.zeros_like(P))
