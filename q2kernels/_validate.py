@@ -22,7 +22,12 @@ def check_float_tensor(x, name: str) -> torch.Tensor:
 
 
 def check_param(p, name: str, like: torch.Tensor, numel: int | None = None) -> torch.Tensor:
-    """A learnable parameter of an op: a float tensor on `like`'s device, of `numel` elements."""
+    """A learnable parameter of an op: a float tensor on `like`'s device, of `numel` elements.
+
+    Returns p contiguous: the kernels read a parameter as a flat array (p_ptr + c), so a strided
+    (t[::2]) or expanded (t.expand(C)) one is copied here, once, for every op. The copy is
+    differentiable, so the gradient still reaches the original tensor; a contiguous p is returned
+    as is (no copy for the usual nn.Parameter)."""
     if not isinstance(p, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(p).__name__}")
     if not p.is_floating_point():
@@ -31,7 +36,7 @@ def check_param(p, name: str, like: torch.Tensor, numel: int | None = None) -> t
         raise ValueError(f"{name}: is on {p.device} but the input is on {like.device}")
     if numel is not None and p.numel() != numel:
         raise ValueError(f"{name}: expected {numel} element(s), got shape {tuple(p.shape)}")
-    return p
+    return p.contiguous()
 
 
 def check_axis(axis, ndim: int, name: str = "axis") -> int:

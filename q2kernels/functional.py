@@ -17,20 +17,25 @@ from .ops import n2uq as _n2uq  # noqa: F401  (registers q2kernels::n2uq_act, q2
 
 
 def _check_scale_param(p, name, x, axis):
+    """p checked and made contiguous (check_param): use the returned tensor."""
     numel = 1 if axis is None else x.size(axis)
-    check_param(p, name, x, numel)
+    p = check_param(p, name, x, numel)
     if p.dtype != torch.float32:
         raise TypeError(f"{name}: expected a float32 parameter, got {p.dtype}")
     return p
 
 
-def _grad_scale(grad_scale, x, s, qp):
+def _grad_scale(grad_scale, x, axis, qp):
     if grad_scale == "auto":
-        return ref.lsq_grad_scale(x.numel() // s.numel(), qp)
+        # N = the elements sharing one step: all of x, or one channel's (also with 0 channels).
+        per_step = math.prod(n for d, n in enumerate(x.shape) if d != axis) if axis is not None else x.numel()
+        return ref.lsq_grad_scale(per_step, qp)
     if grad_scale is None:
         return 1.0
     if isinstance(grad_scale, bool) or not isinstance(grad_scale, (int, float)):
         raise TypeError(f"grad_scale: expected 'auto', None or a number, got {grad_scale!r}")
+    if not math.isfinite(grad_scale):
+        raise ValueError(f"grad_scale: expected a finite number, got {grad_scale!r}")
     return float(grad_scale)
 
 
@@ -47,10 +52,10 @@ def lsq_quantize(x, s, bits: int = 4, mode: str = "signed", axis: int | None = N
     if axis is not None:
         axis = check_axis(axis, x.dim())
     qn, qp = ref.qrange(bits, mode)
-    _check_scale_param(s, "s", x, axis)
+    s = _check_scale_param(s, "s", x, axis)
     if beta is not None:
-        _check_scale_param(beta, "beta", x, axis)
-    gs = _grad_scale(grad_scale, x, s, qp)
+        beta = _check_scale_param(beta, "beta", x, axis)
+    gs = _grad_scale(grad_scale, x, axis, qp)
     if _backend.resolve(x) == "triton":
         kind = _fq.LSQ if beta is None else _fq.LSQ_PLUS
         return torch.ops.q2kernels.fake_quant(x, s, beta, kind, float(qn), float(qp), axis, gs)
@@ -69,7 +74,7 @@ def pact_quantize(x, alpha, bits: int = 4):
     """PACT activation quantisation (MATH.md 3): clip to [0, alpha], 2^bits - 1 uniform steps."""
     check_float_tensor(x, "x")
     check_bits(bits)
-    _check_scale_param(alpha, "alpha", x, None)
+    alpha = _check_scale_param(alpha, "alpha", x, None)
     n = float(2**bits - 1)
     if _backend.resolve(x) == "triton":
         return torch.ops.q2kernels.fake_quant(x, alpha, None, _fq.PACT, 0.0, n, None, 1.0)
@@ -94,12 +99,12 @@ def n2uq_act_quantize(x, start, a, alpha1, alpha2, bits: int = 4):
     """
     check_float_tensor(x, "x")
     check_bits(bits)
-    for p, name in ((start, "start"), (alpha1, "alpha1"), (alpha2, "alpha2")):
-        _check_scale_param(p, name, x, None)
+    start, alpha1, alpha2 = (_check_scale_param(p, name, x, None)
+                             for p, name in ((start, "start"), (alpha1, "alpha1"), (alpha2, "alpha2")))
     n = 2**bits - 1
     if isinstance(a, torch.Tensor) and a.numel() != n:
         raise ValueError(f"a: expected 2^bits - 1 = {n} intervals for bits={bits}, got shape {tuple(a.shape)}")
-    check_param(a, "a", x, n)
+    a = check_param(a, "a", x, n)
     if a.dtype != torch.float32:
         raise TypeError(f"a: expected a float32 parameter, got {a.dtype}")
     if _backend.resolve(x) == "triton":
@@ -164,7 +169,7 @@ def q_ada_loss(T, S, Sq=None, delta=None, lam: float = ref.ada.LAMBDA, gamma: fl
         if Sq is None:
             raise ValueError("delta: given without Sq; the distortion term it scales needs Sq")
         if isinstance(delta, torch.Tensor):
-            check_param(delta, "delta", S)
+            delta = check_param(delta, "delta", S)
             if delta.numel() not in (1, S.shape[1]):
                 raise ValueError(f"delta: expected 1 or C = {S.shape[1]} elements, got shape {tuple(delta.shape)}")
             delta = delta.detach().reshape(-1)
@@ -179,9 +184,11 @@ def q_ada_loss(T, S, Sq=None, delta=None, lam: float = ref.ada.LAMBDA, gamma: fl
 
 
 def _check_fusion_param(p, name, like, numel):
-    check_param(p, name, like, numel)
+    """p checked and made contiguous (check_param): use the returned tensor."""
+    p = check_param(p, name, like, numel)
     if p.dtype != torch.float32:
         raise TypeError(f"{name}: expected a float32 parameter, got {p.dtype}")
+    return p
 
 
 def gated_fusion(xs, theta, gamma=None, beta=None, fuse: str = "concat", eps: float = ref.fusion.EPS,
@@ -220,11 +227,11 @@ def gated_fusion(xs, theta, gamma=None, beta=None, fuse: str = "concat", eps: fl
     if fuse == "sum" and len(set(channels)) != 1:
         raise ValueError(f"xs: fuse='sum' needs equal channel counts, got {channels}")
     C = sum(channels) if fuse == "concat" else channels[0]
-    _check_fusion_param(theta, "theta", x0, len(xs))
+    theta = _check_fusion_param(theta, "theta", x0, len(xs))
     if gamma is not None:
-        _check_fusion_param(gamma, "gamma", x0, C)
+        gamma = _check_fusion_param(gamma, "gamma", x0, C)
     if beta is not None:
-        _check_fusion_param(beta, "beta", x0, C)
+        beta = _check_fusion_param(beta, "beta", x0, C)
     eps = _check_number(eps, "eps", 0.0, lo_allowed=False)
     if controller is not None:
         if not isinstance(controller, ref.GateController):

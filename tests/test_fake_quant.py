@@ -1,6 +1,8 @@
 """LSQ / LSQ+ / PACT / DoReFa: the reference against float64 autograd, the fused Triton kernels
 (run by the interpreter on CPU) against the reference, edge cases, registration and bad input."""
 
+import math
+
 import pytest
 import torch
 
@@ -43,7 +45,7 @@ def test_lsq_reference_matches_float64_autograd(mode, axis, with_beta):
     beta = torch.randn(C, dtype=torch.float64) * 0.3 if with_beta else None
     bits = 3
     qn, qp = ref.qrange(bits, mode)
-    gscale = ref.lsq_grad_scale(x.numel() // C, qp)
+    gscale = _literal_grad_scale(x, axis, qp)
     g = torch.randn_like(x)
 
     leaves = [t.clone().requires_grad_() for t in (x, s) + ((beta,) if with_beta else ())]
@@ -99,7 +101,90 @@ def test_dorefa_reference_matches_float64_autograd():
     torch.testing.assert_close(dw.double(), dw64, rtol=1e-4, atol=1e-5)
 
 
-def _check_against_reference(fn, x, params, g, exact_levels=True):
+def _literal_grad_scale(x, axis, qp):
+    """LSQ's 1/sqrt(N*Qp), N = the elements sharing one step (all of x, or one channel's), written
+    out here so that no test takes it from the code under test."""
+    n = x.numel() if axis is None else math.prod(size for d, size in enumerate(x.shape) if d != axis)
+    return 1.0 / math.sqrt(n * qp)
+
+
+def _param_grads64(kind, x, params, g, qn, qp, axis, gscale):
+    """[(grad, sum of |terms|)] of each parameter from MATH.md 1-3: the fp32 per-element terms (the
+    level decisions are the contract's), summed in float64. An oracle for the reductions: its only
+    rounding is that of the terms, so an fp32 sum's error is bounded by a multiple of 2^-24 of
+    sum |terms|."""
+    xf, gf = x.detach().float(), g.float()
+    shape = [1] * x.dim()
+    if axis is not None:
+        shape[axis] = -1
+    dims = [d for d in range(x.dim()) if d != axis]
+
+    def view(p):
+        return p.detach().float().reshape(shape)
+
+    def reduce(t, p):
+        t = t.double()
+        return (t.sum(dim=dims) if dims else t).reshape(p.shape), (t.abs().sum(dim=dims) if dims else t.abs()).reshape(p.shape)
+
+    if kind == "pact":
+        alpha = params[0]
+        live = (alpha.detach() >= 1e-8).double()
+        grad, mag = reduce(torch.where(xf >= view(alpha).clamp_min(1e-8), gf, 0.0), alpha)
+        return [(grad * live, mag)]
+    s = params[0]
+    s_ = view(s).clamp_min(1e-8)
+    beta = view(params[1]) if kind == "lsq_plus" else 0.0
+    v = (xf - beta) * (1.0 / s_)
+    inside = (v >= qn) & (v <= qp)
+    q = torch.round(v.clamp(qn, qp))
+    ds, ds_mag = reduce(gf * torch.where(inside, q - v, torch.where(v < qn, float(qn), float(qp))), s)
+    out = [(ds * gscale * (s.detach() >= 1e-8).double(), ds_mag * gscale)]
+    if kind == "lsq_plus":
+        dbeta, dbeta_mag = reduce(torch.where(inside, 0.0, gf), params[1])
+        out.append((dbeta * gscale, dbeta_mag * gscale))
+    return out
+
+
+def _assert_reduction_close(got, want, terms_abs_sum, n_terms, what):
+    """got within the error bound of an fp32 sum of n_terms terms (rounded terms, a tree of
+    log2(n) levels in the kernel, a column sum over its programs, the reference's cascade sum):
+    (2 log2(n) + 8) * 2^-24 * sum|terms|. Far below 1% of any gradient that is not a near-total
+    cancellation: a 1% error in ds, dbeta or dalpha fails at every bit width."""
+    bound = (2 * math.ceil(math.log2(max(n_terms, 2))) + 8) * 2.0**-24
+    tol = bound * terms_abs_sum + 2.0**-24 * want.abs()
+    err = (got.double() - want).abs()
+    assert bool((err <= tol).all()), f"{what}: max err {err.max().item():.3e} (tol {tol.min().item():.3e})"
+
+
+def _plant_ties_and_bounds(x, step, qn, qp, axis=None, offset=None):
+    """x changed in place (layout and dtype kept): a quarter of its elements onto exact ties
+    (k + 1/2)*step + offset and an eighth onto each clamp bound Qn*step + offset, Qp*step + offset
+    of their channel, so that every random sweep exercises round-half-to-even and the closed
+    clamp interval. With a power-of-two step and no offset the ties are exact in fp32."""
+    shape = [1] * x.dim()
+    if axis is not None:
+        shape[axis] = -1
+    step = step.detach().float().reshape(shape)
+    offset = 0.0 if offset is None else offset.detach().float().reshape(shape)
+    k = torch.randint(int(qn), int(qp), x.shape).float()
+    pick = torch.randint(0, 8, x.shape)
+    planted = torch.where(pick < 2, (k + 0.5) * step + offset, x.detach().float())
+    planted = torch.where(pick == 2, qn * step + offset, planted)
+    planted = torch.where(pick == 3, qp * step + offset, planted)
+    with torch.no_grad():
+        x.copy_(planted)
+    return x
+
+
+def _steps(C):
+    """C steps: powers of two (exact ties) and arbitrary values, alternately."""
+    pow2 = 2.0 ** -torch.randint(1, 5, (C,)).float()
+    return torch.where(torch.arange(C) % 2 == 0, pow2, torch.rand(C) * 0.3 + 0.1)
+
+
+def _check_against_reference(fn, x, params, g, oracle, exact_levels=True):
+    """The fused kernels against the reference (y exact, dx exact) and both backends' parameter
+    grads against the float64 oracle. oracle: dict(kind=, qn=, qp=, axis=, gscale=)."""
     x = x.detach().requires_grad_()
     (y0, grads0), (y1, grads1) = run_both(fn, [x, *params], g)
     assert len(grads1) == 1 + len(params)
@@ -109,19 +194,28 @@ def _check_against_reference(fn, x, params, g, exact_levels=True):
     if exact_levels:
         torch.testing.assert_close(y1, y0, rtol=0, atol=0, equal_nan=True)
     assert torch.equal(grads1[0], grads0[0]), "dx is a mask times g: it must be exact"
-    for p1, p0 in zip(grads1[1:], grads0[1:]):
-        assert p1.dtype == torch.float32
-        assert_sum_close(p1, p0, g.float().abs().sum() * 8)
+    n_terms = x.numel() // max(params[0].numel(), 1)
+    want = _param_grads64(x=x, params=params, g=g, **oracle)
+    for i, (p1, p0, (w, mag)) in enumerate(zip(grads1[1:], grads0[1:], want)):
+        assert p1.dtype == torch.float32 and p1.shape == params[i].shape
+        _assert_reduction_close(p1, w, mag, n_terms, f"triton grad of param {i}")
+        _assert_reduction_close(p0, w, mag, n_terms, f"reference grad of param {i}")
     return y1, grads1
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("mode", ["signed", "unsigned", "symmetric"])
-def test_lsq_kernel_bits_and_modes(bits, mode):
+@pytest.mark.parametrize("axis", [None, 1])
+def test_lsq_kernel_bits_and_modes(bits, mode, axis):
     x = torch.randn(2, 5, 7, 9) * 2
-    s = torch.tensor([0.37])
+    C = 1 if axis is None else 5
+    s = _steps(C)
+    qn, qp = ref.qrange(bits, mode)
+    s = s * (8 / 2**bits)  # the grid spans x's range at every width
+    _plant_ties_and_bounds(x, s, qn, qp, axis)
     g = torch.randn_like(x)
-    _check_against_reference(lambda x, s: F.lsq_quantize(x, s, bits, mode), x, [s.requires_grad_()], g)
+    oracle = dict(kind="lsq", qn=qn, qp=qp, axis=axis, gscale=_literal_grad_scale(x, axis, qp))
+    _check_against_reference(lambda x, s: F.lsq_quantize(x, s, bits, mode, axis), x, [s.requires_grad_()], g, oracle)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -139,36 +233,65 @@ def test_lsq_kernel_layouts_and_dtypes(dtype, layout, axis):
         x = base
     x = x.to(dtype)
     C = 1 if axis is None else x.shape[axis]
-    s = torch.rand(C) * 0.3 + 0.1
+    s = _steps(C) * 0.5
+    _plant_ties_and_bounds(x, s, -8, 7, axis)
     g = torch.randn(x.shape).to(dtype)
-    _check_against_reference(lambda x, s: F.lsq_quantize(x, s, 4, "signed", axis), x, [s.requires_grad_()], g)
+    oracle = dict(kind="lsq", qn=-8, qp=7, axis=axis, gscale=_literal_grad_scale(x, axis, 7))
+    _check_against_reference(lambda x, s: F.lsq_quantize(x, s, 4, "signed", axis), x, [s.requires_grad_()], g, oracle)
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("axis", [None, 1])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_lsq_plus_kernel(axis, dtype, channels_last):
+def test_lsq_plus_kernel(bits, axis, dtype, channels_last):
     x = (torch.randn(2, 11, 3, 5) * 2 - 0.3).to(dtype)
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
     C = 1 if axis is None else 11
-    s, beta = torch.rand(C) * 0.3 + 0.1, torch.randn(C) * 0.2
+    qn, qp = ref.qrange(bits, "unsigned")
+    # beta a multiple of 2^-6: with a power-of-two step, x - beta and the planted ties are exact
+    s, beta = _steps(C) * (8 / 2**bits), torch.round(torch.randn(C) * 0.2 * 64) / 64
+    _plant_ties_and_bounds(x, s, qn, qp, axis, beta)
     g = torch.randn(x.shape).to(dtype)
-    fn = lambda x, s, b: F.lsq_plus_quantize(x, s, b, 3, "unsigned", axis)  # noqa: E731
+    fn = lambda x, s, b: F.lsq_plus_quantize(x, s, b, bits, "unsigned", axis)  # noqa: E731
     # y = q*s + beta: the kernel may fuse the multiply-add (one rounding), so allow 1 ulp.
     (y0, _), (y1, _) = run_both(fn, [x, s, beta], None)
     torch.testing.assert_close(y1.float(), y0.float(), rtol=2**-22, atol=1e-7)
-    _check_against_reference(fn, x, [s.requires_grad_(), beta.requires_grad_()], g, exact_levels=False)
+    oracle = dict(kind="lsq_plus", qn=qn, qp=qp, axis=axis, gscale=_literal_grad_scale(x, axis, qp))
+    _check_against_reference(fn, x, [s.requires_grad_(), beta.requires_grad_()], g, oracle, exact_levels=False)
 
 
-@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_pact_kernel(bits, dtype):
     x = (torch.randn(3, 5, 6, 7) * 3).to(dtype).to(memory_format=torch.channels_last)
     alpha = torch.tensor([2.25])
+    n = 2**bits - 1
+    _plant_ties_and_bounds(x, alpha / n, 0, n)
     x[0, 0, 0, :4] = torch.tensor([0.0, 2.25, -0.0, 2.2500002]).to(dtype)  # on and around the bounds
     g = torch.randn(x.shape).to(dtype)
-    _check_against_reference(lambda x, a: F.pact_quantize(x, a, bits), x, [alpha.requires_grad_()], g)
+    oracle = dict(kind="pact", qn=0, qp=n, axis=None, gscale=1.0)
+    _check_against_reference(lambda x, a: F.pact_quantize(x, a, bits), x, [alpha.requires_grad_()], g, oracle)
+
+
+@pytest.mark.parametrize("axis", [None, 1, 3])
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_lsq_auto_grad_scale_is_one_over_sqrt_n_qp(axis, backend):
+    """grad_scale="auto" is 1/sqrt(N*Qp) with N the elements per step: per channel, N is one
+    channel's count (4*5*3 = 60 on axis 1), not x.numel(). Literal values, not the code's helper."""
+    x = torch.randn(4, 6, 5, 3)
+    C = {None: 1, 1: 6, 3: 3}[axis]
+    N = {None: 360, 1: 60, 3: 120}[axis]
+    s = torch.rand(C) * 0.3 + 0.1
+    g = torch.randn_like(x)
+    grads = []
+    with q2kernels.use_backend(backend):
+        for gs in ("auto", None):
+            sl = s.clone().requires_grad_()
+            grads.append(torch.autograd.grad(F.lsq_quantize(x, sl, 4, "signed", axis, grad_scale=gs), sl, g)[0])
+    # (the kernel scales each term, the reference the sum: they differ in the last bits)
+    torch.testing.assert_close(grads[0], grads[1] / math.sqrt(N * 7), rtol=1e-4, atol=1e-7)
 
 
 def _levels(y, s):
@@ -251,7 +374,8 @@ def test_int64_offsets_path(monkeypatch, triton_backend):
     x = torch.randn(2, 3, 5, 5).to(memory_format=torch.channels_last)
     s = torch.rand(3) + 0.1
     g = torch.randn_like(x)
-    _check_against_reference(lambda x, s: F.lsq_quantize(x, s, 4, "signed", 1), x, [s.requires_grad_()], g)
+    oracle = dict(kind="lsq", qn=-8, qp=7, axis=1, gscale=_literal_grad_scale(x, 1, 7))
+    _check_against_reference(lambda x, s: F.lsq_quantize(x, s, 4, "signed", 1), x, [s.requires_grad_()], g, oracle)
     w = torch.randn(4, 3, 3, 3)
     (y0, _), (y1, _) = run_both(lambda w: F.dorefa_weight_quantize(w, 4), [w], None)
     assert (y0 != y1).float().mean() < 0.01
@@ -319,8 +443,12 @@ def test_cuda_kernels_match_reference_at_scale(dtype, axis):
     s = torch.rand(C, device="cuda") * 0.2 + 0.05
     beta = torch.randn(C, device="cuda") * 0.1
     g = torch.randn(x.shape, device="cuda").to(dtype)
-    _check_against_reference(lambda x, s: F.lsq_quantize(x, s, 4, "signed", axis), x, [s.requires_grad_()], g)
+    gscale = dict(signed=_literal_grad_scale(x, axis, 7), unsigned=_literal_grad_scale(x, axis, 15))
+    _check_against_reference(lambda x, s: F.lsq_quantize(x, s, 4, "signed", axis), x, [s.requires_grad_()], g,
+                             dict(kind="lsq", qn=-8, qp=7, axis=axis, gscale=gscale["signed"]))
     _check_against_reference(lambda x, s, b: F.lsq_plus_quantize(x, s, b, 4, axis=axis), x,
-                             [s.requires_grad_(), beta.requires_grad_()], g, exact_levels=False)
+                             [s.requires_grad_(), beta.requires_grad_()], g,
+                             dict(kind="lsq_plus", qn=0, qp=15, axis=axis, gscale=gscale["unsigned"]), exact_levels=False)
     _check_against_reference(lambda x, a: F.pact_quantize(x, a, 4), x,
-                             [torch.tensor([2.0], device="cuda").requires_grad_()], g)
+                             [torch.tensor([2.0], device="cuda").requires_grad_()], g,
+                             dict(kind="pact", qn=0, qp=15, axis=None, gscale=1.0))

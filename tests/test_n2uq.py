@@ -596,6 +596,27 @@ def test_n2uq_model_state_dict_round_trip_and_compile(tmp_path, triton_backend):
     assert all(p.grad is not None for p in m.parameters() if p.requires_grad)
 
 
+def test_n2uq_model_compiles_without_graph_break_on_the_reference_backend():
+    """No graph break in an N2UQ-quantized conv net on the reference backend, forward or backward:
+    the reference turned a tensor into a Python number (ltq_interval, every call: 45 breaks in a
+    YOLO11s) and indexed with a boolean mask (a data-dependent size) in the LTQ backward. explain()
+    counts breaks that fullgraph=True lets through inside an autograd.Function."""
+    torch._dynamo.reset()
+    m = quantize_model(_small_net(), "n2uq", 3, 3)
+    x = torch.randn(2, 3, 8, 8)
+    with q2kernels.use_backend("reference"):
+        eager = m(x)
+        eager_grads = torch.autograd.grad(eager.square().sum(), list(m.parameters()))
+        report = torch._dynamo.explain(m)(x)
+        assert report.graph_break_count == 0, [r.reason.splitlines()[0] for r in report.break_reasons]
+        compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
+        out = compiled(x)
+        grads = torch.autograd.grad(out.square().sum(), list(m.parameters()))
+    torch.testing.assert_close(out, eager)
+    for got, want in zip(grads, eager_grads):
+        torch.testing.assert_close(got, want)
+
+
 # ---------------------------------------------------------------- CUDA, at real sizes
 
 

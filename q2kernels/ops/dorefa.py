@@ -9,6 +9,9 @@ deterministic torch reduction over one value per program.
 tanh is computed from exp in the kernel (libdevice's tanh is not available to the interpreter), so
 its last ulp can differ from torch.tanh: the level decisions then agree with the reference except
 where u*n lies within a few ulps of a rounding tie.
+
+Degenerate input follows the reference (reference/fake_quant.py): an all-zero tensor (m = 0) gives
+u = 1/2 and zero gradients, a NaN weight makes m, and so every output, NaN.
 """
 from __future__ import annotations
 
@@ -31,13 +34,19 @@ def _tanh(w):
 
 
 @triton.jit
+def _max_keep_nan(a, b):
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
 def _absmax_kernel(w_ptr, part_ptr, N, BLOCK: tl.constexpr, INT64: tl.constexpr):
     pid = tl.program_id(0)
     if INT64:
         pid = pid.to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     w = tl.load(w_ptr + offs, mask=offs < N, other=0.0).to(tl.float32)
-    tl.store(part_ptr + tl.program_id(0), tl.max(tl.abs(_tanh(w)), axis=0))
+    # A NaN weight makes m NaN, as torch.amax does (tl.max would skip it).
+    tl.store(part_ptr + tl.program_id(0), tl.reduce(tl.abs(_tanh(w)), 0, _max_keep_nan))
 
 
 @triton.jit
@@ -48,7 +57,8 @@ def _dorefa_fwd_kernel(w_ptr, wq_ptr, m_ptr, N, n, two_over_n, BLOCK: tl.constex
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
     t = _tanh(tl.load(w_ptr + offs, mask=mask).to(tl.float32))
-    inv_2m = tl.math.div_rn(1.0, 2.0 * tl.load(m_ptr))
+    m = tl.load(m_ptr)
+    inv_2m = tl.where(m == 0.0, 0.0, tl.math.div_rn(1.0, 2.0 * m))  # m = 0: all t are 0, u = 1/2
     q = round_clip((t * inv_2m + 0.5) * n, 0.0, n)
     tl.store(wq_ptr + offs, cast_to(q * two_over_n - 1.0, wq_ptr.dtype.element_ty), mask=mask)
 
@@ -81,9 +91,10 @@ def _dorefa_bwd_kernel(w_ptr, g_ptr, dw_ptr, m_ptr, gt_ptr, ties_ptr, N,
     m = tl.load(m_ptr)
     # d(wq)/dt = 1/m directly; through m = max|t| the gradient -sum(g*t)/m^2 is shared equally by
     # the elements at the max, with the sign of t (torch.amax's rule).
-    dm_share = tl.math.div_rn(tl.math.div_rn(-tl.load(gt_ptr), m * m), tl.load(ties_ptr))
+    # An all-zero tensor (m = 0) passes no gradient.
+    dm_share = tl.where(m == 0.0, 0.0, tl.math.div_rn(tl.math.div_rn(-tl.load(gt_ptr), m * m), tl.load(ties_ptr)))
     sign = tl.where(t > 0.0, 1.0, tl.where(t < 0.0, -1.0, 0.0))
-    dt = tl.math.div_rn(g, m) + tl.where(tl.abs(t) == m, sign * dm_share, 0.0)
+    dt = tl.where(m == 0.0, 0.0, tl.math.div_rn(g, m)) + tl.where(tl.abs(t) == m, sign * dm_share, 0.0)
     tl.store(dw_ptr + offs, cast_to(dt * (1.0 - t * t), dw_ptr.dtype.element_ty), mask=mask)
 
 

@@ -26,6 +26,9 @@ from . import _layout
 from ._triton_utils import cast_to, channel_offsets, clip, round_clip
 
 LSQ, LSQ_PLUS, PACT = 0, 1, 2
+# The same kinds as the kernels see them (a @triton.jit function reads only constexpr globals).
+_LSQ_PLUS: tl.constexpr = tl.constexpr(LSQ_PLUS)
+_PACT: tl.constexpr = tl.constexpr(PACT)
 
 _SCALE_FLOOR: tl.constexpr = tl.constexpr(SCALE_FLOOR)
 
@@ -34,6 +37,12 @@ _SCALE_FLOOR: tl.constexpr = tl.constexpr(SCALE_FLOOR)
 # (one fp32 per program and channel) under 0.1% of the traffic.
 BLOCK_ELEMS = 4096
 NUM_WARPS = 8
+
+
+@triton.jit
+def _floored(s):
+    """s' = max(s, 1e-8), NaN kept as torch.clamp_min keeps it (a plain maximum would return the floor)."""
+    return tl.maximum(s, _SCALE_FLOOR, propagate_nan=tl.PropagateNan.ALL)
 
 
 @triton.jit
@@ -64,13 +73,14 @@ def _fake_quant_fwd_kernel(x_ptr, y_ptr, s_ptr, beta_ptr, N_K, C, INNER, qn, qp,
     _, offs, mask, c = _tile(tl.program_id(0), N_K, C, INNER, PER_CHANNEL, BLOCK_K, BLOCK_C, INT64)
     x = tl.load(x_ptr + offs, mask=mask).to(tl.float32)
     s = tl.load(s_ptr + c, mask=c < C, other=1.0)[None, :]
-    if KIND == 2:  # PACT: s is the clip alpha, qp = 2^k - 1
+    if KIND == _PACT:  # s is the clip alpha, floored as LSQ's step; qp = 2^k - 1
+        s = _floored(s)
         q = round_clip(clip(x, 0.0, s) * tl.math.div_rn(qp, s), 0.0, qp)
         y = q * tl.math.div_rn(s, qp)
     else:
-        s = tl.maximum(s, _SCALE_FLOOR)
+        s = _floored(s)
         inv_s = tl.math.div_rn(1.0, s)
-        if KIND == 1:  # LSQ+
+        if KIND == _LSQ_PLUS:
             beta = tl.load(beta_ptr + c, mask=c < C, other=0.0)[None, :]
             y = round_clip((x - beta) * inv_s, qn, qp) * s + beta
         else:
@@ -89,14 +99,16 @@ def _fake_quant_bwd_kernel(x_ptr, g_ptr, dx_ptr, s_ptr, beta_ptr, ds_part_ptr, d
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     s = tl.load(s_ptr + c, mask=c < C, other=1.0)[None, :]
     part = pid_k * C + c
-    if KIND == 2:  # PACT
-        inside = (x >= 0.0) & (x < s)
-        dalpha = tl.sum(tl.where(x >= s, g, 0.0), axis=0)
+    # max(s, 1e-8) passes the gradient only where s is at or above the floor.
+    s_live = s >= _SCALE_FLOOR
+    if KIND == _PACT:
+        alpha = _floored(s)
+        inside = (x >= 0.0) & (x < alpha)
+        dalpha = tl.sum(tl.where((x >= alpha) & s_live, g, 0.0), axis=0)
         tl.store(ds_part_ptr + part, dalpha, mask=c < C)
     else:
-        s_clamped = tl.maximum(s, _SCALE_FLOOR)
-        inv_s = tl.math.div_rn(1.0, s_clamped)
-        if KIND == 1:
+        inv_s = tl.math.div_rn(1.0, _floored(s))
+        if KIND == _LSQ_PLUS:
             beta = tl.load(beta_ptr + c, mask=c < C, other=0.0)[None, :]
             v = (x - beta) * inv_s
         else:
@@ -104,11 +116,9 @@ def _fake_quant_bwd_kernel(x_ptr, g_ptr, dx_ptr, s_ptr, beta_ptr, ds_part_ptr, d
         inside = (v >= qn) & (v <= qp)
         q = round_clip(v, qn, qp)
         ds_elem = g * tl.where(inside, q - v, tl.where(v < qn, qn, qp))
-        # max(s, 1e-8) passes the gradient only where s is at or above the floor.
-        s_live = tl.where(s >= _SCALE_FLOOR, grad_scale, 0.0)
-        ds = tl.sum(ds_elem * s_live, axis=0)
+        ds = tl.sum(ds_elem * tl.where(s_live, grad_scale, 0.0), axis=0)
         tl.store(ds_part_ptr + part, ds, mask=c < C)
-        if KIND == 1:
+        if KIND == _LSQ_PLUS:
             dbeta = tl.sum(tl.where(inside, 0.0, g), axis=0) * grad_scale
             tl.store(dbeta_part_ptr + part, dbeta, mask=c < C)
     tl.store(dx_ptr + offs, cast_to(tl.where(inside, g, 0.0), dx_ptr.dtype.element_ty), mask=mask)
@@ -160,12 +170,13 @@ def fake_quant_backward(g: torch.Tensor, x: torch.Tensor, s: torch.Tensor, beta:
     x = _layout.dense(x)
     g = _layout.like(x, g)
     dx = torch.empty_like(x, dtype=g.dtype)
-    sizes, n_k_blocks, grid, meta = _launch_geometry(x, axis)
-    n_programs = n_k_blocks if x.numel() else 0
+    n_programs = 0  # an empty x (also one with 0 channels) launches nothing: every grad sums to 0
+    if x.numel():
+        sizes, n_programs, grid, meta = _launch_geometry(x, axis)
     ds_part = torch.empty((n_programs, s.numel()), device=x.device, dtype=torch.float32)
     dbeta_part = torch.empty((n_programs, s.numel()) if kind == LSQ_PLUS else (0,),
                              device=x.device, dtype=torch.float32)
-    if x.numel():
+    if n_programs:
         _fake_quant_bwd_kernel[grid](x, g, dx, s, s if beta is None else beta, ds_part, dbeta_part,
                                      *sizes, float(qn), float(qp), float(grad_scale), KIND=kind, **meta)
     ds = ds_part.sum(dim=0).reshape(s.shape)

@@ -297,6 +297,12 @@ n2uq_act.register_autograd(_act_backward, setup_context=_act_setup_context)
 
 
 @triton.jit
+def _inverse_scale(sf):
+    """1/sf, and 0 for an all-zero channel (sf = 0): its outputs and gradients are 0, as in the reference."""
+    return tl.where(sf == 0.0, 0.0, tl.math.div_rn(1.0, sf))
+
+
+@triton.jit
 def _n2uq_weight_fwd_kernel(w_ptr, wq_ptr, sf_ptr, K, C, INNER, k_float, gamma, m,
                             BLOCK: tl.constexpr, INT64: tl.constexpr):
     c = tl.program_id(0)
@@ -310,7 +316,7 @@ def _n2uq_weight_fwd_kernel(w_ptr, wq_ptr, sf_ptr, K, C, INNER, k_float, gamma, 
         acc += tl.abs(tl.load(w_ptr + channel_offsets(k, c, C, INNER), mask=k < K, other=0.0).to(tl.float64))
     sf = gamma * tl.math.div_rn(tl.sum(acc, axis=0).to(tl.float32), k_float)
     tl.store(sf_ptr + c, sf)
-    inv = tl.math.div_rn(1.0, sf)
+    inv = _inverse_scale(sf)
     for k0 in range(0, K, BLOCK):
         k = k0 + tl.arange(0, BLOCK)
         offs = channel_offsets(k, c, C, INNER)
@@ -324,7 +330,7 @@ def _n2uq_weight_bwd_kernel(g_ptr, dw_ptr, sf_ptr, K, C, INNER, BLOCK: tl.conste
     c = tl.program_id(0)
     if INT64:
         c = c.to(tl.int64)
-    inv = tl.math.div_rn(1.0, tl.load(sf_ptr + c))
+    inv = _inverse_scale(tl.load(sf_ptr + c))
     for k0 in range(0, K, BLOCK):
         k = k0 + tl.arange(0, BLOCK)
         offs = channel_offsets(k, c, C, INNER)

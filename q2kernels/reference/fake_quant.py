@@ -106,7 +106,7 @@ def lsq_plus_fake_quant(x, s, beta, bits=4, mode="unsigned", axis=None, grad_sca
 class _PACT(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, alpha, n):
-        a = alpha.float().reshape(())
+        a = alpha.float().reshape(()).clamp_min(SCALE_FLOOR)
         c = torch.minimum(torch.clamp_min(x.float(), 0.0), a)
         # Both divisions correctly rounded (Tensor.__rtruediv__ would multiply by a reciprocal).
         y = torch.round(c * (a.new_full((), n) / a)) * (a / n)
@@ -116,14 +116,21 @@ class _PACT(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         x, alpha = ctx.saved_tensors
-        xf, gf, a = x.float(), g.float(), alpha.float().reshape(())
+        xf, gf, a_raw = x.float(), g.float(), alpha.float().reshape(())
+        a = a_raw.clamp_min(SCALE_FLOOR)
         dx = torch.where((xf >= 0) & (xf < a), gf, torch.zeros_like(gf))
-        dalpha = torch.where(xf >= a, gf, torch.zeros_like(gf)).sum().reshape(alpha.shape)
+        # clamp_min passes the gradient only where alpha >= the floor (as LSQ's s).
+        dalpha = torch.where(xf >= a, gf, torch.zeros_like(gf)).sum() * (a_raw >= SCALE_FLOOR)
+        dalpha = dalpha.reshape(alpha.shape)
         return dx.to(x.dtype), dalpha.to(alpha.dtype), None
 
 
 def pact_fake_quant(x, alpha, bits=4):
-    """PACT activation quantizer (MATH.md 3): clip to [0, alpha], 2^bits-1 uniform steps."""
+    """PACT activation quantizer (MATH.md 3): clip to [0, alpha], 2^bits-1 uniform steps.
+
+    alpha is floored as LSQ's step is, alpha' = max(alpha, 1e-8) (no gradient below the floor):
+    n/alpha then stays finite (a denormal alpha would make it inf, and 0*inf a NaN level), so a
+    tiny or non-positive alpha gives outputs in [0, 1e-8] and a NaN alpha NaN outputs."""
     return _PACT.apply(x, alpha, float(2**bits - 1))
 
 
@@ -131,8 +138,8 @@ class _DoReFaWeight(torch.autograd.Function):
     @staticmethod
     def forward(ctx, w, n):
         t = torch.tanh(w.float())
-        m = t.abs().amax()
-        inv_2m = 1.0 / (2.0 * m)
+        m = _absmax(t)
+        inv_2m = torch.where(m == 0, 0.0, 1.0 / (2.0 * m))  # m = 0: every t is 0, u = 1/2
         q = torch.round((t * inv_2m + 0.5) * n)
         wq = q * (2.0 / n) - 1.0
         ctx.save_for_backward(w)
@@ -143,18 +150,29 @@ class _DoReFaWeight(torch.autograd.Function):
         (w,) = ctx.saved_tensors
         gf = g.float()
         t = torch.tanh(w.float())
-        m = t.abs().amax()
+        m = _absmax(t)
         # wq = 2u - 1 through the straight-through round, u = t/(2m) + 1/2:
         # dt = g/m directly, and through m = max|t| (shared among ties, as torch.amax does):
         # dm = -sum(g*t)/m^2, handed to the argmax elements with the sign of t.
+        # An all-zero tensor (m = 0) passes no gradient; a NaN m makes every gradient NaN.
         is_max = t.abs() == m
-        dm = -(gf * t).sum() / (m * m)
-        dt = gf / m + torch.where(is_max, torch.sign(t) * dm / is_max.sum(), torch.zeros_like(t))
+        dm = torch.where(m == 0, 0.0, -(gf * t).sum() / (m * m))
+        dt = torch.where(m == 0, 0.0, gf / m) + torch.where(is_max, torch.sign(t) * dm / is_max.sum(),
+                                                             torch.zeros_like(t))
         return (dt * (1.0 - t * t)).to(w.dtype), None
 
 
+def _absmax(t: torch.Tensor) -> torch.Tensor:
+    """m = max|t| (NaN if any t is NaN); 0 for an empty t, which then has nothing to quantise."""
+    return t.abs().amax() if t.numel() else t.new_zeros(())
+
+
 def dorefa_weight_fake_quant(w, bits=4):
-    """DoReFa weight quantizer (MATH.md 3), used with PACT activations."""
+    """DoReFa weight quantizer (MATH.md 3), used with PACT activations.
+
+    Degenerate tensors: all-zero weights have m = 0, and every u is taken as 1/2 (t/(2m) with t = 0),
+    so wq = 2*R(n/2)/n - 1 = 1/n (n/2 is a tie, rounded to the even 2^(bits-1)), with zero
+    gradients; an empty w gives an empty wq; one NaN weight makes m, hence every output, NaN."""
     return _DoReFaWeight.apply(w, float(2**bits - 1))
 
 

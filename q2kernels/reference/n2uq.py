@@ -13,6 +13,8 @@ per-channel scale as every other quantizer here does (MATH.md 0): `inv = 1/sf` o
 """
 from __future__ import annotations
 
+import struct
+
 import torch
 
 # a+ = a if a > 1e-3 else 1e-3, with 1e-3 rounded to fp32 (the authors' eps is an fp32 tensor).
@@ -25,8 +27,11 @@ def ltq_levels(bits: int) -> int:
 
 
 def ltq_interval(bits: int) -> float:
-    """I = 2/n rounded to fp32 (a Python float holding that fp32 value exactly)."""
-    return float(torch.tensor(2.0, dtype=torch.float32) / ltq_levels(bits))
+    """I = 2/n rounded to fp32 (a Python float holding that fp32 value exactly). Python arithmetic
+    only (no tensor): torch.compile traces it as a constant instead of breaking the graph. 2/n in
+    double, then rounded to fp32 by the struct round trip, equals the fp32 quotient: double carries
+    more than 2*24 + 2 bits, so the two roundings give the correctly rounded fp32 result."""
+    return struct.unpack("f", struct.pack("f", 2.0 / ltq_levels(bits)))[0]
 
 
 def ltq_init(bits: int, device=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -98,8 +103,10 @@ class _LTQ(torch.autograd.Function):
         dalpha2 = (gf * (k.float() * interval)).sum()
         # Per segment: P_i = sum G*I/a+_i and Q_i = sum G*I*(u - d_{i-1})/a+_i^2 over its elements.
         q = torch.where(inside, w * (u - edges[seg]) / a_pos[seg], zero)
-        P = torch.zeros(n, dtype=torch.float32, device=u.device).index_add_(0, seg[inside], w[inside])
-        Q = torch.zeros_like(P).index_add_(0, seg[inside], q[inside])
+        # Every element is added (w and q are 0 outside, at seg 0: x + 0 is exact): a boolean index
+        # would have a data-dependent size and break a torch.compile graph.
+        P = torch.zeros(n, dtype=torch.float32, device=u.device).index_add_(0, seg.reshape(-1), w.reshape(-1))
+        Q = torch.zeros_like(P).index_add_(0, seg.reshape(-1), q.reshape(-1))
         # da_j = -sum_{i>j} P_i - Q_j: the exclusive suffix sum, built without a subtraction.
         suffix = torch.cat([P.flip(0).cumsum(0).flip(0)[1:], P.new_zeros(1)])
         da = torch.where(a.float().reshape(-1) > A_FLOOR, -(suffix + Q), torch.zeros_like(P))
@@ -133,7 +140,7 @@ class _N2UQWeight(torch.autograd.Function):
         sf = n2uq_weight_scale(w, bits)
         view = (-1,) + (1,) * (w.dim() - 1)
         sf_v = sf.reshape(view)
-        inv = 1.0 / sf_v
+        inv = torch.where(sf_v == 0, 0.0, 1.0 / sf_v)  # an all-zero channel: wq = 0, dW = 0
         m = sf.new_full((), (2**bits - 1) / 2)
         c = (w.float() * inv).clamp(-1.0, 1.0)
         wq = (torch.round((c + 1.0) * m) / m - 1.0) * sf_v
@@ -148,5 +155,9 @@ class _N2UQWeight(torch.autograd.Function):
 
 def n2uq_weight_fake_quant(w, bits: int = 4):
     """N2UQ weight quantizer (MATH.md 4): per output channel (dim 0) scale sf = mean|W|*(2^b-1)/2^(b-1),
-    2^b symmetric levels with no zero, dW = g/sf (no clip mask)."""
+    2^b symmetric levels with no zero, dW = g/sf (no clip mask).
+
+    An all-zero channel (sf = 0) has no scale to divide by: 1/sf is taken as 0 there, so its
+    outputs are 0 (the one zero output; sf*(level) with sf = 0) and its gradient dW is 0. A NaN
+    weight makes its channel's sf, outputs and gradients NaN."""
     return _N2UQWeight.apply(w, bits)
