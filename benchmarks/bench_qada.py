@@ -8,9 +8,9 @@ Variants: "ada" (SimAM form, no distortion term: GABFusion's ADA; T, S), "qada-s
 the student's distortion term shared: T, S, Sq) and "qada-q2" (the Q2 form with each side's own
 distortion term, QADALoss's default: T, S, Sq, Tq). Byte floors (N = B*C*H*W elements of e bytes;
 k = 2, 3, 4 input tensors): the forward reads each input once, kNe; the backward reads them once
-more and writes dS, (k+1)Ne (the per-row statistics, 44 bytes a row, are negligible). `peak_vs_student` is the forward+backward
-peak allocator memory in units of one student-sized tensor (the target: at most 1, which dS itself
-takes). --sweep also times the fused op under every (TILE, ELEMS_PER_THREAD) of ops/ada.py's
+more and writes dS, (k+1)Ne (the per-row statistics, 44 bytes a row, are negligible).
+`peak_vs_student` is the forward+backward peak allocator memory in units of one student-sized
+tensor (the target: at most 1, which dS itself takes). --sweep also times the fused op under every (TILE, ELEMS_PER_THREAD) of ops/ada.py's
 tiling rule on the batch-16 bf16 cases, to retune those two constants on a new GPU.
 """
 from __future__ import annotations

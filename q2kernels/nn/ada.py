@@ -79,8 +79,8 @@ class QADALoss(nn.Module):
     gamma, lam, kappa and reduction ("mean" | "sum" over each feature's rows) are those of
     q2kernels.functional.qada_loss. distortion: "own" (each side's term from its own quantized
     feature, as Q2 defines it) | "shared" (the student's term on both sides). form="simam",
-    distortion="shared" is this loss's original behaviour; with gamma = 0 it is GABFusion's ADA. Calling the module
-    consumes the features recorded since the last call. `remove()` (or leaving a `with` block, or
+    distortion="shared" is this loss's original behaviour; with gamma = 0 it is GABFusion's ADA.
+    Calling the module consumes the features recorded since the last call. `remove()` (or leaving a `with` block, or
     the module being garbage collected) removes every hook it registered.
     """
 
