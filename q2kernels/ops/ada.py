@@ -362,17 +362,6 @@ def _q_ada_bwd_kernel(g_ptr,      # [] upstream gradient of the loss
     tl.store(ds_ptr + offs, cast_to(ds, ds_ptr.dtype.element_ty), mask=mask)
 
 
-def _row_strides(x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
-    """x (copied only if it is not dense or its H, W do not merge into one stride) and its
-    (SB, SC, SM): the batch, channel and pixel strides of the rows of x."""
-    x = _layout.dense(x)
-    _, _, H, W = x.shape
-    if H > 1 and W > 1 and x.stride(2) != W * x.stride(3):
-        x = x.contiguous()
-    sm = x.stride(3) if W > 1 else (x.stride(2) if H > 1 else 1)
-    return x, (x.stride(0), x.stride(1), sm)
-
-
 def _geometry(s_strides, C: int, M: int) -> tuple[int, int, int]:
     """(BLOCK_R, BLOCK_M, num_warps) from S's layout: tiles run along c for channels-innermost
     rows, else along m; small tiles get fewer warps."""
@@ -388,10 +377,10 @@ def _geometry(s_strides, C: int, M: int) -> tuple[int, int, int]:
 
 def _prepare(T, S, Sq, Tq):
     """(T, S, Sq, Tq, their 12 strides, int64): S stands in for an absent Sq or Tq (never read)."""
-    S, s_str = _row_strides(S)
-    T, t_str = _row_strides(T)
-    q, q_str = (S, s_str) if Sq is None else _row_strides(Sq)
-    tq, tq_str = (S, s_str) if Tq is None else _row_strides(Tq)
+    S, s_str = _layout.rows(S)
+    T, t_str = _layout.rows(T)
+    q, q_str = (S, s_str) if Sq is None else _layout.rows(Sq)
+    tq, tq_str = (S, s_str) if Tq is None else _layout.rows(Tq)
     int64 = any(_layout.needs_int64(x) for x in (T, S, q, tq))
     return T, S, q, tq, (*t_str, *s_str, *q_str, *tq_str), int64
 
@@ -458,7 +447,7 @@ def q_ada_backward(g: torch.Tensor, T: torch.Tensor, S: torch.Tensor, Sq: Option
 
 @q_ada_backward.register_fake
 def _(g, T, S, Sq, Tq, stats, form, gamma, kl, mean):
-    return torch.empty_like(_row_strides(S)[0])
+    return torch.empty_like(_layout.rows(S)[0])
 
 
 def _setup_context(ctx, inputs, output):
