@@ -2,6 +2,8 @@
 They look at shapes, dtypes and devices only, never at values, so none synchronises with the host."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -43,3 +45,11 @@ def check_axis(axis, ndim: int, name: str = "axis") -> int:
     if isinstance(axis, bool) or not isinstance(axis, int) or not -ndim <= axis < ndim:
         raise ValueError(f"{name}: expected an integer in [{-ndim}, {ndim}) for a {ndim}-d input, got {axis!r}")
     return axis % ndim
+
+
+def check_number(v, name: str, lo: float, lo_allowed: bool) -> float:
+    """A finite Python number >= lo (> lo when not lo_allowed), as a float."""
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    if not ok or v < lo or (v == lo and not lo_allowed):
+        raise ValueError(f"{name}: expected a finite number {'>=' if lo_allowed else '>'} {lo}, got {v!r}")
+    return float(v)

@@ -21,25 +21,38 @@ DIVERGENCES = ("js", "kl")
 # ---------------------------------------------------------------------------------------------
 # Oracles, written independently of the reference.
 
-def oracle(T, S, Sq=None, delta=None, lam=1e-4, gamma=1.0, divergence="js", reduction="mean"):
-    """MATH.md 6 in float64 with autograd; the distortion map is computed without a graph."""
+def oracle(T, S, Sq=None, delta=None, Tq=None, form="simam", lam=1e-4, kappa=1e-6, gamma=1.0,
+           divergence="js", reduction="mean"):
+    """MATH.md 6 in float64 with autograd; the distortion maps are computed without a graph."""
     M = T.shape[2] * T.shape[3]
 
-    def attention(x, gd):
+    def moments(x):
         mu = x.mean(dim=(2, 3), keepdim=True)
-        var = ((x - mu) ** 2).sum(dim=(2, 3), keepdim=True) / max(M - 1, 1)
-        a = torch.sigmoid((x - mu) ** 2 / (4 * (var + lam)) + 0.5 + gd)
-        return a / a.sum(dim=(2, 3), keepdim=True), var
+        return mu, ((x - mu) ** 2).sum(dim=(2, 3), keepdim=True) / max(M - 1, 1)
+
+    def distortion(x, xq):
+        with torch.no_grad():
+            den = moments(x)[1].sqrt() if delta is None else delta.double().reshape(1, -1, 1, 1)
+            if form == "simam":
+                return gamma * (xq.double() - x).abs() / (den + 1e-6)
+            r = (x - xq.double()).abs() / (den + kappa)
+            return gamma * torch.log(1 + r ** 2)
+
+    def attention(x, g):
+        mu, var = moments(x)
+        if form == "simam":
+            score = (x - mu) ** 2 / (4 * (var + lam)) + 0.5
+        else:
+            z = (x - mu).abs() / (var.sqrt() + kappa)
+            score = torch.log(1 + z ** 2)
+        a = torch.sigmoid(score + g)
+        return a / a.sum(dim=(2, 3), keepdim=True)
 
     t, s = T.double(), S.double()
-    gd = 0.0
-    if Sq is not None:
-        with torch.no_grad():
-            var_s = ((s - s.mean(dim=(2, 3), keepdim=True)) ** 2).sum(dim=(2, 3), keepdim=True) / max(M - 1, 1)
-            den = var_s.sqrt() if delta is None else delta.double().reshape(1, -1, 1, 1)
-            gd = gamma * (Sq.double() - s).abs() / (den + 1e-6)
-    p_t, _ = attention(t, gd)
-    p_s, _ = attention(s, gd)
+    g_s = 0.0 if Sq is None else distortion(s, Sq)
+    g_t = g_s if Tq is None else distortion(t, Tq)
+    p_t = attention(t, g_t)
+    p_s = attention(s, g_s)
     if divergence == "kl":
         rows = (p_t * torch.log(p_t / p_s)).sum(dim=(2, 3))
     else:
@@ -68,14 +81,17 @@ def simam_ada(T, S):
 # ---------------------------------------------------------------------------------------------
 # Inputs and comparisons.
 
-def make(shape, sq_mode="none", dtype=torch.float32, layout="nchw", scale=1.0, offset=0.0):
-    """(T, S, Sq, delta). sq_mode: "none" | "var" (Sq, no delta) | "scalar" | "channel"."""
+def make(shape, sq_mode="none", dtype=torch.float32, layout="nchw", scale=1.0, offset=0.0, own=False):
+    """(T, S, Sq, delta, Tq). sq_mode: "none" | "var" (Sq, no delta) | "scalar" | "channel";
+    own: Tq, T quantized with the same step (None unless Sq is given)."""
     T = (torch.randn(shape) * scale + offset).to(dtype)
     S = (torch.randn(shape) * 1.3 * scale + 0.2 + offset).to(dtype)
-    Sq = delta = None
+    Sq = delta = Tq = None
     if sq_mode != "none":
         step = 0.3 * scale
         Sq = (torch.round(S.float() / step) * step).to(dtype)
+        if own:
+            Tq = (torch.round(T.float() / step) * step).to(dtype)
         if sq_mode == "scalar":
             delta = torch.tensor([step])
         elif sq_mode == "channel":
@@ -87,16 +103,23 @@ def make(shape, sq_mode="none", dtype=torch.float32, layout="nchw", scale=1.0, o
         elif Sq is not None:
             Sq = Sq.contiguous(memory_format=torch.channels_last)
     move = (lambda x: None if x is None else x.to(DEVICE))
-    return move(T), move(S), move(Sq), move(delta)
+    return move(T), move(S), move(Sq), move(delta), move(Tq)
 
 
-def loss_and_grad(backend, T, S, Sq=None, delta=None, g=None, **kw):
+def loss_and_grad(backend, T, S, Sq=None, delta=None, Tq=None, g=None, **kw):
     """(loss, dS) for the upstream gradient g (a number; 1 if None)."""
     leaf = S.detach().clone().requires_grad_()
     with q2kernels.use_backend(backend):
-        loss = F.q_ada_loss(T, leaf, Sq, delta, **kw)
+        loss = F.qada_loss(T, leaf, Sq, delta, Tq=Tq, **kw)
     (dS,) = torch.autograd.grad(loss, leaf, None if g is None else torch.tensor(g, device=loss.device))
     return loss, dS
+
+
+def oracle_loss_and_grad(T, S, Sq=None, delta=None, Tq=None, g=1.0, **kw):
+    S64 = S.double().requires_grad_()
+    want = oracle(T, S64, Sq, delta, Tq, **kw)
+    (want_dS,) = torch.autograd.grad(want, S64, torch.tensor(g, dtype=torch.float64))
+    return want, want_dS
 
 
 def assert_loss_close(actual, expected, rows, reduction="mean", rtol=1e-5):
@@ -120,87 +143,127 @@ def assert_grad_close(actual, expected, dtype=torch.float32):
 # ---------------------------------------------------------------------------------------------
 # The reference.
 
+FORMS = ("q2", "simam")
+# (sq_mode, own): no distortion, then each distortion denominator shared and own.
+DISTORTION_CASES = [("none", False)] + [(m, own) for m in ("var", "scalar", "channel") for own in (False, True)]
+
+
 @pytest.mark.parametrize("divergence", DIVERGENCES)
-@pytest.mark.parametrize("sq_mode", ["none", "var", "scalar", "channel"])
+@pytest.mark.parametrize("sq_mode,own", DISTORTION_CASES)
+@pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("shape", [(2, 3, 5, 7), (1, 4, 20, 20)])
-def test_reference_matches_float64_autograd(shape, sq_mode, divergence):
+def test_reference_matches_float64_autograd(shape, form, sq_mode, own, divergence):
     torch.manual_seed(1)
-    T, S, Sq, delta = make(shape, sq_mode)
+    T, S, Sq, delta, Tq = make(shape, sq_mode, own=own)
     for reduction in ("mean", "sum"):
-        loss, dS = loss_and_grad("reference", T, S, Sq, delta, divergence=divergence, reduction=reduction)
-        S64 = S.double().requires_grad_()
-        want = oracle(T, S64, Sq, delta, divergence=divergence, reduction=reduction)
-        (want_dS,) = torch.autograd.grad(want, S64)
+        kw = dict(form=form, divergence=divergence, reduction=reduction)
+        loss, dS = loss_and_grad("reference", T, S, Sq, delta, Tq, **kw)
+        want, want_dS = oracle_loss_and_grad(T, S, Sq, delta, Tq, **kw)
         assert_loss_close(loss, want, shape[0] * shape[1], reduction)
         assert_grad_close(dS, want_dS)
+
+
+def test_own_and_shared_distortion_differ():
+    """The teacher's own distortion term is used: Tq changes the loss and the gradient."""
+    T, S, Sq, delta, Tq = make((2, 3, 6, 6), "scalar", own=True)
+    for form in FORMS:
+        shared = loss_and_grad("reference", T, S, Sq, delta, form=form)
+        own = loss_and_grad("reference", T, S, Sq, delta, Tq, form=form)
+        assert abs(shared[0].item() - own[0].item()) > 1e-4 * abs(shared[0].item())
+        assert (shared[1] - own[1]).abs().max() > 1e-3 * shared[1].abs().max()
+
+
+def test_q_ada_loss_is_the_simam_form():
+    """The original entry point keeps its meaning: qada_loss(form="simam") without Tq."""
+    T, S, Sq, delta, _ = make((2, 3, 6, 6), "channel")
+    for backend in ("reference", "triton"):
+        with q2kernels.use_backend(backend):
+            assert torch.equal(F.q_ada_loss(T, S, Sq, delta), F.qada_loss(T, S, Sq, delta, form="simam"))
 
 
 @pytest.mark.parametrize("shape", [(2, 3, 6, 6), (1, 8, 13, 17)])
 def test_reference_gamma0_is_simam_ada(shape):
     torch.manual_seed(2)
-    T, S, Sq, _ = make(shape, "var")
+    T, S, Sq, _, Tq = make(shape, "var", own=True)
     want = simam_ada(T, S)
-    for sq in (None, Sq):  # gamma = 0: Sq changes nothing
-        loss, _ = loss_and_grad("reference", T, S, sq, gamma=0.0)
+    for sq, tq in ((None, None), (Sq, None), (Sq, Tq)):  # gamma = 0: Sq and Tq change nothing
+        loss, _ = loss_and_grad("reference", T, S, sq, None, tq, form="simam", gamma=0.0)
         assert_loss_close(loss, want, shape[0] * shape[1])
     # and the distortion term does change the loss when gamma > 0
-    assert abs(loss_and_grad("reference", T, S, Sq)[0].item() - want.item()) > 1e-5
+    assert abs(loss_and_grad("reference", T, S, Sq, form="simam")[0].item() - want.item()) > 1e-5
 
 
+@pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 @pytest.mark.parametrize("shape", [(2, 3, 1, 1), (1, 2, 1, 9), (1, 2, 7, 1)])
-def test_one_pixel_and_thin_maps_are_finite(backend, shape):
-    """SimAM divides by H*W - 1: NaN for 1x1 maps. MATH.md uses max(M - 1, 1)."""
+def test_one_pixel_and_thin_maps_are_finite(backend, shape, form):
+    """SimAM divides by H*W - 1: NaN for 1x1 maps. MATH.md uses max(M - 1, 1). A one-pixel row has
+    P^T = P^S = 1: loss and gradient exactly 0 (float64 autograd of Q2's sqrt(var) is NaN there)."""
     torch.manual_seed(3)
-    T, S, Sq, delta = make(shape, "var")
+    T, S, Sq, delta, Tq = make(shape, "var", own=True)
     for divergence in DIVERGENCES:
-        loss, dS = loss_and_grad(backend, T, S, Sq, delta, divergence=divergence)
+        loss, dS = loss_and_grad(backend, T, S, Sq, delta, Tq, form=form, divergence=divergence)
         assert torch.isfinite(loss) and bool(torch.isfinite(dS).all())
-        S64 = S.double().requires_grad_()
-        want = oracle(T, S64, Sq, delta, divergence=divergence)
+        if shape[2] * shape[3] == 1:
+            assert loss.item() == 0.0 and bool((dS == 0).all())
+            continue
+        want, want_dS = oracle_loss_and_grad(T, S, Sq, delta, Tq, form=form, divergence=divergence)
         assert_loss_close(loss, want, shape[0] * shape[1])
-        assert_grad_close(dS, torch.autograd.grad(want, S64)[0])
-    if shape[2] * shape[3] == 1:
-        assert loss.item() == 0.0 and bool((dS == 0).all())  # one pixel: P^T = P^S = 1
+        assert_grad_close(dS, want_dS)
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
-def test_fp16_sum_of_squares_overflow_gives_fp32_answer(backend):
+def test_q2_near_constant_rows_are_finite(backend):
+    """Q2's dk/dvar = -k/((sd + kappa) sd) overflows fp32 for a tiny sd; the gradient's term is
+    written as -k/(sd + kappa) (V2/sd), finite. Rows: constant (sd = 0), one ulp apart, and 1e-20."""
+    T = torch.randn(1, 3, 4, 5, device=DEVICE)
+    S = torch.ones(1, 3, 4, 5, device=DEVICE)
+    S[0, 1, 0, 0] = torch.nextafter(torch.tensor(1.0), torch.tensor(2.0))
+    S[0, 2] = torch.randn(4, 5) * 1e-20
+    Sq = torch.zeros_like(S)
+    for sq in (None, Sq):
+        loss, dS = loss_and_grad(backend, T, S, sq, form="q2")
+        assert torch.isfinite(loss) and bool(torch.isfinite(dS).all())
+        assert bool((dS[0, 0] == 0).all())  # a constant row: z = 0 wherever S moves (first order)
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_fp16_sum_of_squares_overflow_gives_fp32_answer(backend, form):
     torch.manual_seed(4)
-    T, S, Sq, delta = make((2, 3, 20, 20), "channel", dtype=torch.float16, scale=300.0, offset=1000.0)
+    T, S, Sq, delta, Tq = make((2, 3, 20, 20), "channel", dtype=torch.float16, scale=300.0, offset=1000.0, own=True)
     d = S - S.mean(dim=(2, 3), keepdim=True)
     assert bool(torch.isinf((d * d).sum(dim=(2, 3))).all())  # the fp16 sum of squares overflows
     for divergence in DIVERGENCES:
         # dS is ~1e-9 here, below fp16's range: an upstream gradient of 1e6 (a loss scaler's role)
         # brings it into range, so the comparison is not of zeros.
-        loss, dS = loss_and_grad(backend, T, S, Sq, delta, g=1e6, divergence=divergence)
-        S64 = S.double().requires_grad_()
-        want = oracle(T, S64, Sq, delta, divergence=divergence)
+        kw = dict(form=form, divergence=divergence)
+        loss, dS = loss_and_grad(backend, T, S, Sq, delta, Tq, g=1e6, **kw)
+        want, want_dS = oracle_loss_and_grad(T, S, Sq, delta, Tq, g=1e6, **kw)
         assert_loss_close(loss, want, 6)
-        want_dS = torch.autograd.grad(want, S64, torch.tensor(1e6, dtype=torch.float64))[0]
         assert want_dS.abs().max() > 1e-3
         assert_grad_close(dS, want_dS, torch.float16)
 
 
+@pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("backend", ["reference", "triton"])
-def test_teacher_sq_and_delta_get_no_gradient(backend):
-    T, S, Sq, delta = make((2, 3, 4, 5), "channel")
-    T.requires_grad_()
-    Sq.requires_grad_()
-    delta.requires_grad_()
-    S.requires_grad_()
+def test_teacher_sq_tq_and_delta_get_no_gradient(backend, form):
+    T, S, Sq, delta, Tq = make((2, 3, 4, 5), "channel", own=True)
+    for x in (T, Sq, delta, Tq, S):
+        x.requires_grad_()
     with q2kernels.use_backend(backend):
-        F.q_ada_loss(T, S, Sq, delta).backward()
-    assert T.grad is None and Sq.grad is None and delta.grad is None
+        F.qada_loss(T, S, Sq, delta, Tq=Tq, form=form).backward()
+    assert T.grad is None and Sq.grad is None and delta.grad is None and Tq.grad is None
     assert S.grad is not None and S.grad.abs().sum() > 0
 
 
 # ---------------------------------------------------------------------------------------------
 # The fused kernels against the reference.
 
-# (shape, sq_mode, dtype, layout, reduction): M = 1, 7, 400, 1600, 6400, non-powers of two (315,
-# 99, 6643 in several chunks, 26243 > 160*160), C not a multiple of the channel block (3, 20),
-# NCHW / channels_last / mixed layouts, fp32 / fp16 / bf16, every distortion mode.
+# (shape, sq_mode, dtype, layout, reduction): M = 1, 7, 400, 1600, 6400, 25600, non-powers of two
+# (315, 99, 6643 in several chunks, 26243 > 160*160), C not a multiple of the channel block (3,
+# 20), NCHW / channels_last / mixed layouts, fp32 / fp16 / bf16, every distortion mode. Each case
+# runs in both forms, with the teacher's own distortion term (where there is one) in one of them.
 CASES = [
     ((2, 5, 1, 1), "channel", torch.float32, "nchw", "mean"),
     ((3, 4, 1, 7), "none", torch.float32, "cl", "sum"),
@@ -213,95 +276,118 @@ CASES = [
     ((2, 3, 15, 21), "scalar", torch.float16, "nchw", "mean"),
     ((2, 20, 9, 11), "channel", torch.float32, "cl", "sum"),
     ((1, 2, 73, 91), "var", torch.float32, "mixed", "mean"),
+    ((1, 1, 160, 160), "scalar", torch.bfloat16, "nchw", "mean"),
     ((1, 1, 161, 163), "none", torch.float32, "nchw", "mean"),
 ]
 
 
 @pytest.mark.parametrize("divergence", DIVERGENCES)
-@pytest.mark.parametrize("shape,sq_mode,dtype,layout,reduction", CASES)
-def test_kernel_matches_reference(shape, sq_mode, dtype, layout, reduction, divergence):
-    torch.manual_seed(hash((shape, sq_mode)) % 1000)
-    T, S, Sq, delta = make(shape, sq_mode, dtype, layout)
-    kw = dict(divergence=divergence, reduction=reduction)
-    want, want_dS = loss_and_grad("reference", T, S, Sq, delta, **kw)
-    loss, dS = loss_and_grad("triton", T, S, Sq, delta, **kw)
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_kernel_matches_reference(case, form, divergence):
+    shape, sq_mode, dtype, layout, reduction = CASES[case]
+    torch.manual_seed(100 + case)
+    own = (form == "q2") == (case % 2 == 0)
+    T, S, Sq, delta, Tq = make(shape, sq_mode, dtype, layout, own=own)
+    kw = dict(form=form, divergence=divergence, reduction=reduction)
+    want, want_dS = loss_and_grad("reference", T, S, Sq, delta, Tq, **kw)
+    loss, dS = loss_and_grad("triton", T, S, Sq, delta, Tq, **kw)
     assert loss.dtype == torch.float32 and loss.shape == ()
     assert dS.dtype == S.dtype and dS.stride() == S.stride()
     assert_loss_close(loss, want, shape[0] * shape[1], reduction)
     assert_grad_close(dS, want_dS, dtype)
 
 
-def test_kernel_gamma_and_lambda_are_used():
-    T, S, Sq, delta = make((2, 4, 9, 9), "var")
-    for kw in (dict(gamma=0.0), dict(gamma=2.5), dict(lam=0.5)):
-        want, want_dS = loss_and_grad("reference", T, S, Sq, **kw)
-        loss, dS = loss_and_grad("triton", T, S, Sq, **kw)
+@pytest.mark.parametrize("form", FORMS)
+def test_kernel_gamma_lambda_and_kappa_are_used(form):
+    T, S, Sq, delta, Tq = make((2, 4, 9, 9), "var", own=True)
+    for kw in (dict(gamma=0.0), dict(gamma=2.5), dict(lam=0.5), dict(kappa=0.3)):
+        want, want_dS = loss_and_grad("reference", T, S, Sq, None, Tq, form=form, **kw)
+        loss, dS = loss_and_grad("triton", T, S, Sq, None, Tq, form=form, **kw)
         assert_loss_close(loss, want, 8)
         assert_grad_close(dS, want_dS)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_kernel_half_gradient_is_rounded_to_nearest_even(dtype):
+    """dS in a half dtype is the kernel's own fp32 dS (the same values read as fp32) rounded to
+    nearest even, bit for bit: a truncating store differs in about half the elements."""
+    T, S, Sq, delta, Tq = make((2, 6, 20, 20), "scalar", dtype, own=True)
+    for form in FORMS:
+        _, d_half = loss_and_grad("triton", T, S, Sq, delta, Tq, g=1e4, form=form)
+        _, d_fp32 = loss_and_grad("triton", T.float(), S.float(), Sq.float(), delta, Tq.float(), g=1e4, form=form)
+        assert torch.equal(d_half, d_fp32.to(dtype))
+
+
 def test_kernel_fp32_teacher_with_bf16_student():
     """A float teacher distilling an autocast student: each input is read in its own dtype."""
-    T, S, Sq, delta = make((2, 5, 12, 12), "scalar", dtype=torch.bfloat16)
+    T, S, Sq, delta, Tq = make((2, 5, 12, 12), "scalar", dtype=torch.bfloat16, own=True)
     T = torch.randn(T.shape, device=DEVICE)
-    want, want_dS = loss_and_grad("reference", T, S, Sq, delta)
-    loss, dS = loss_and_grad("triton", T, S, Sq, delta)
-    assert dS.dtype == torch.bfloat16
-    assert_loss_close(loss, want, 10)
-    assert_grad_close(dS, want_dS, torch.bfloat16)
+    for form in FORMS:
+        want, want_dS = loss_and_grad("reference", T, S, Sq, delta, Tq, form=form)
+        loss, dS = loss_and_grad("triton", T, S, Sq, delta, Tq, form=form)
+        assert dS.dtype == torch.bfloat16
+        assert_loss_close(loss, want, 10)
+        assert_grad_close(dS, want_dS, torch.bfloat16)
 
 
 def test_kernel_non_dense_and_unmergeable_layouts():
     """A slice (not dense) and a W/H-transposed tensor (dense, but H and W do not merge into one
     pixel stride) are copied once; the answer is the reference's."""
-    T, S, Sq, delta = make((2, 6, 8, 10), "channel")
+    T, S, Sq, delta, Tq = make((2, 6, 8, 10), "channel", own=True)
     S_slice = torch.randn(2, 12, 8, 10, device=DEVICE)[:, ::2]
     S_t = torch.randn(2, 6, 10, 8, device=DEVICE).transpose(2, 3)
     for s in (S_slice, S_t):
-        want, want_dS = loss_and_grad("reference", T, s, Sq, delta)
-        loss, dS = loss_and_grad("triton", T, s, Sq, delta)
-        assert_loss_close(loss, want, 12)
-        assert_grad_close(dS, want_dS)
+        for form in FORMS:
+            want, want_dS = loss_and_grad("reference", T, s, Sq, delta, S_t, form=form)
+            loss, dS = loss_and_grad("triton", T, s, Sq, delta, S_t, form=form)
+            assert_loss_close(loss, want, 12)
+            assert_grad_close(dS, want_dS)
 
 
 def test_kernel_int64_offsets(monkeypatch):
     """The int64 offset path (tensors over 2^31 elements) on a small input."""
     from q2kernels.ops import _layout
     monkeypatch.setattr(_layout, "needs_int64", lambda x: True)
-    T, S, Sq, delta = make((2, 3, 9, 7), "scalar", layout="cl")
-    want, want_dS = loss_and_grad("reference", T, S, Sq, delta)
-    loss, dS = loss_and_grad("triton", T, S, Sq, delta)
-    assert_loss_close(loss, want, 6)
-    assert_grad_close(dS, want_dS)
+    T, S, Sq, delta, Tq = make((2, 3, 9, 7), "scalar", layout="cl", own=True)
+    for form in FORMS:
+        want, want_dS = loss_and_grad("reference", T, S, Sq, delta, Tq, form=form)
+        loss, dS = loss_and_grad("triton", T, S, Sq, delta, Tq, form=form)
+        assert_loss_close(loss, want, 6)
+        assert_grad_close(dS, want_dS)
 
 
 def test_kernel_is_deterministic():
-    T, S, Sq, delta = make((2, 20, 12, 12), "channel", layout="cl")
-    a = loss_and_grad("triton", T, S, Sq, delta)
-    b = loss_and_grad("triton", T, S, Sq, delta)
+    T, S, Sq, delta, Tq = make((2, 20, 12, 12), "channel", layout="cl", own=True)
+    a = loss_and_grad("triton", T, S, Sq, delta, Tq)
+    b = loss_and_grad("triton", T, S, Sq, delta, Tq)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
+@pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("backend", ["reference", "triton"])
-def test_empty_batch(backend):
-    T, S, Sq, delta = make((0, 3, 4, 4), "channel")
-    loss, dS = loss_and_grad(backend, T, S, Sq, delta)
-    assert torch.isnan(loss) and dS.shape == S.shape  # mean over no rows, as torch.mean
-    loss, _ = loss_and_grad(backend, T, S, Sq, delta, reduction="sum")
-    assert loss.item() == 0.0
+def test_empty_batch_has_zero_loss(backend, form):
+    """A batch of no rows adds nothing: loss 0 under either reduction (not a mean's NaN), dS empty."""
+    T, S, Sq, delta, Tq = make((0, 3, 4, 4), "channel", own=True)
+    for reduction in ("mean", "sum"):
+        loss, dS = loss_and_grad(backend, T, S, Sq, delta, Tq, form=form, reduction=reduction)
+        assert loss.item() == 0.0 and dS.shape == S.shape
 
 
 def test_opcheck():
-    for shape, sq_mode, layout, kl, mean in [((2, 3, 5, 7), "none", "nchw", False, True),
-                                              ((2, 3, 5, 7), "channel", "cl", True, False),
-                                              ((1, 2, 40, 50), "var", "nchw", False, False),
-                                              ((2, 3, 1, 1), "scalar", "nchw", True, True)]:
-        T, S, Sq, delta = make(shape, sq_mode, layout=layout)
+    for shape, sq_mode, layout, kl, mean, form, own in [
+            ((2, 3, 5, 7), "none", "nchw", False, True, "simam", False),
+            ((2, 3, 5, 7), "channel", "cl", True, False, "simam", True),
+            ((1, 2, 40, 50), "var", "nchw", False, False, "q2", True),
+            ((2, 3, 5, 7), "scalar", "mixed", True, True, "q2", False),
+            ((2, 3, 1, 1), "scalar", "nchw", True, True, "q2", True)]:
+        T, S, Sq, delta, Tq = make(shape, sq_mode, layout=layout, own=own)
         S.requires_grad_()
-        torch.library.opcheck(torch.ops.q2kernels.q_ada, (T, S, Sq, delta, 1e-4, 1.0, kl, mean))
+        torch.library.opcheck(torch.ops.q2kernels.q_ada, (T, S, Sq, delta, 1e-4, 1.0, kl, mean, Tq, form, 1e-6))
 
 
-def test_torch_compile_fullgraph(triton_backend):
+@pytest.mark.parametrize("form", FORMS)
+def test_torch_compile_fullgraph(triton_backend, form):
     torch.manual_seed(5)
     conv = nn.Conv2d(3, 4, 3, padding=1).to(DEVICE)
     x = torch.randn(2, 3, 12, 12, device=DEVICE)
@@ -311,7 +397,7 @@ def test_torch_compile_fullgraph(triton_backend):
     def step(x):
         s = conv(x)
         sq = torch.round(s / 0.2) * 0.2
-        return F.q_ada_loss(T, s, sq.detach(), delta, divergence="kl")
+        return F.qada_loss(T, s, sq.detach(), delta, Tq=torch.round(T / 0.2) * 0.2, form=form, divergence="kl")
 
     compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
     got = compiled(x)
@@ -355,13 +441,15 @@ def count_hooks(*models):
     return sum(len(m._forward_hooks) for model in models for m in model.modules())
 
 
+@pytest.mark.parametrize("form,distortion", [("q2", "own"), ("simam", "shared"), ("q2", "shared")])
 @pytest.mark.parametrize("backend", ["reference", "triton"])
-def test_qada_loss_collects_features_and_backprops_into_student_only(backend):
+def test_qada_loss_collects_features_and_backprops_into_student_only(backend, form, distortion):
     teacher, student = nets()
     x = torch.randn(2, 3, 16, 16, device=DEVICE)
     # "body" feeds the neck's input quantizer directly (Sq and Delta from it); "neck" reaches the
-    # head's quantizer through a ReLU (plain ADA term).
-    qada = QADALoss(teacher, student, points=["body", ("neck", "neck")], weight=0.5, divergence="kl")
+    # head's quantizer through a ReLU (no distortion term).
+    qada = QADALoss(teacher, student, points=["body", ("neck", "neck")], weight=0.5, divergence="kl",
+                    form=form, distortion=distortion)
     captured = {}
     student.body.register_forward_hook(lambda m, i, o: captured.__setitem__("body", o))
     student.neck.register_forward_hook(lambda m, i, o: captured.__setitem__("neck", o))
@@ -378,15 +466,19 @@ def test_qada_loss_collects_features_and_backprops_into_student_only(backend):
     quant = student.neck.act_quantizer
     with torch.no_grad():
         torch.testing.assert_close(p_body.sq, quant(captured["body"]), rtol=0, atol=0)
+        # the teacher's quantized feature, written out: LSQ unsigned 4-bit with the student's step
+        s = quant.s.detach()
+        t_q = torch.clamp(torch.round(t_body / s), 0, 15) * s
     torch.testing.assert_close(p_body.delta, quant.step_size(), rtol=0, atol=0)
     assert p_neck.sq is None and p_neck.delta is None
 
+    tq = t_q if distortion == "own" else None
     with q2kernels.use_backend(backend):
-        want = 0.5 * (F.q_ada_loss(t_body, captured["body"], p_body.sq, p_body.delta, divergence="kl")
-                      + F.q_ada_loss(t_neck, captured["neck"], divergence="kl"))
+        want = 0.5 * (F.qada_loss(t_body, captured["body"], p_body.sq, p_body.delta, Tq=tq, form=form, divergence="kl")
+                      + F.qada_loss(t_neck, captured["neck"], form=form, divergence="kl"))
         loss = qada()
     torch.testing.assert_close(loss, want, rtol=0, atol=0)
-    assert all(p.teacher is None and p.student is None for p in qada._points)  # consumed
+    assert all(p.teacher is None and p.student is None and p.quantizer is None for p in qada._points)  # consumed
     loss.backward()
     assert all(p.grad is None for p in teacher.parameters())
     for name in ("stem.weight", "body.0.weight", "neck.weight"):
@@ -396,16 +488,22 @@ def test_qada_loss_collects_features_and_backprops_into_student_only(backend):
         qada()
     qada.remove()
 
-    # Sq and Delta are constants of the loss: the quantizer that supplies them, downstream of the
-    # point, gets no gradient from it.
+    # Sq, Tq and Delta are constants of the loss: the quantizer that supplies them, downstream of
+    # the point, gets no gradient from it.
     student.zero_grad(set_to_none=True)
-    qada = QADALoss(teacher, student, points=["body"])
+    qada = QADALoss(teacher, student, points=["body"], form=form, distortion=distortion)
     teacher(x)
     student(x)
     assert qada._points[0].sq is not None
     with q2kernels.use_backend(backend):
         qada().backward()
     assert quant.s.grad is None and student.body[0].weight.grad.abs().sum() > 0
+
+
+def test_qada_loss_defaults_are_q2_with_own_distortion():
+    teacher, student = nets()
+    with QADALoss(teacher, student, points=["body"]) as qada:
+        assert (qada.form, qada.distortion) == ("q2", "own")
 
 
 def test_qada_loss_remove_and_garbage_collection_remove_hooks():
@@ -437,59 +535,84 @@ def test_qada_loss_bad_arguments():
         QADALoss(teacher, student, points=["body"], divergence="l2")
     with pytest.raises(ValueError, match="gamma"):
         QADALoss(teacher, student, points=["body"], gamma=-1.0)
+    with pytest.raises(ValueError, match="form"):
+        QADALoss(teacher, student, points=["body"], form="ada")
+    with pytest.raises(ValueError, match="distortion"):
+        QADALoss(teacher, student, points=["body"], distortion="teacher")
+    with pytest.raises(ValueError, match="kappa"):
+        QADALoss(teacher, student, points=["body"], kappa=0.0)
     assert count_hooks(teacher, student) == 0  # failed constructions leave nothing behind
 
 
 # ---------------------------------------------------------------------------------------------
 # Bad input.
 
-def test_bad_input():
-    T, S, Sq, delta = make((2, 3, 4, 5), "channel")
+@pytest.mark.parametrize("loss_fn", [F.q_ada_loss, F.qada_loss])
+def test_bad_input(loss_fn):
+    T, S, Sq, delta, _ = make((2, 3, 4, 5), "channel")
     with pytest.raises(ValueError, match="T: expected the shape of S"):
-        F.q_ada_loss(T[:, :2], S)
+        loss_fn(T[:, :2], S)
     with pytest.raises(ValueError, match="Sq: expected the shape of S"):
-        F.q_ada_loss(T, S, Sq[..., :4])
+        loss_fn(T, S, Sq[..., :4])
     with pytest.raises(ValueError, match="T: is on meta"):
-        F.q_ada_loss(T.to("meta"), S)
+        loss_fn(T.to("meta"), S)
     with pytest.raises(ValueError, match="delta: is on meta"):
-        F.q_ada_loss(T, S, Sq, delta.to("meta"))
+        loss_fn(T, S, Sq, delta.to("meta"))
     with pytest.raises(ValueError, match=r"delta: expected 1 or C = 3 elements"):
-        F.q_ada_loss(T, S, Sq, torch.ones(2))
+        loss_fn(T, S, Sq, torch.ones(2))
     with pytest.raises(ValueError, match="delta: given without Sq"):
-        F.q_ada_loss(T, S, None, delta)
+        loss_fn(T, S, None, delta)
     with pytest.raises(ValueError, match="delta: expected a finite number > 0"):
-        F.q_ada_loss(T, S, Sq, 0.0)
+        loss_fn(T, S, Sq, 0.0)
     with pytest.raises(ValueError, match="divergence"):
-        F.q_ada_loss(T, S, divergence="jsd")
+        loss_fn(T, S, divergence="jsd")
     with pytest.raises(ValueError, match="reduction"):
-        F.q_ada_loss(T, S, reduction="none")
+        loss_fn(T, S, reduction="none")
     with pytest.raises(ValueError, match="lam"):
-        F.q_ada_loss(T, S, lam=0.0)
+        loss_fn(T, S, lam=0.0)
     with pytest.raises(ValueError, match="gamma"):
-        F.q_ada_loss(T, S, gamma=float("nan"))
+        loss_fn(T, S, gamma=float("nan"))
     with pytest.raises(ValueError, match=r"S: expected a \(B, C, H, W\)"):
-        F.q_ada_loss(T[0], S[0])
+        loss_fn(T[0], S[0])
     with pytest.raises(ValueError, match="H\\*W >= 1"):
-        F.q_ada_loss(T[..., :0], S[..., :0])
+        loss_fn(T[..., :0], S[..., :0])
     with pytest.raises(TypeError, match="S: expected a float32, float16 or bfloat16"):
-        F.q_ada_loss(T, S.to(torch.int32))
+        loss_fn(T, S.to(torch.int32))
     # a positive number is a valid (scalar) step
-    a = F.q_ada_loss(T, S, Sq, 0.25)
-    b = F.q_ada_loss(T, S, Sq, torch.tensor([0.25], device=DEVICE))
+    a = loss_fn(T, S, Sq, 0.25)
+    b = loss_fn(T, S, Sq, torch.tensor([0.25], device=DEVICE))
     assert torch.equal(a, b)
+
+
+def test_bad_input_of_the_forms():
+    T, S, Sq, delta, Tq = make((2, 3, 4, 5), "channel", own=True)
+    with pytest.raises(ValueError, match="Tq: given without Sq"):
+        F.qada_loss(T, S, Tq=Tq)
+    with pytest.raises(ValueError, match="Tq: expected the shape of S"):
+        F.qada_loss(T, S, Sq, Tq=Tq[:, :2])
+    with pytest.raises(TypeError, match="Tq: expected a float32"):
+        F.qada_loss(T, S, Sq, Tq=Tq.to(torch.int8))
+    with pytest.raises(ValueError, match="form"):
+        F.qada_loss(T, S, form="Q2")
+    with pytest.raises(ValueError, match="kappa"):
+        F.qada_loss(T, S, kappa=-1.0)
+    with pytest.raises(ValueError, match="form"):
+        torch.ops.q2kernels.q_ada(T, S, None, None, 1e-4, 1.0, False, True, None, "ada", 1e-6)
 
 
 # ---------------------------------------------------------------------------------------------
 # GPU: the fused kernels at the distillation points' real sizes.
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 @pytest.mark.parametrize("layout", ["nchw", "cl"])
 @pytest.mark.parametrize("c,hw", [(128, 80), (256, 40), (512, 20)])
-def test_cuda_distillation_points(c, hw, layout, divergence):
+def test_cuda_distillation_points(c, hw, layout, divergence, form):
     for dtype, sq_mode in ((torch.bfloat16, "scalar"), (torch.float32, "none")):
-        T, S, Sq, delta = make((4, c, hw, hw), sq_mode, dtype, layout)
-        want, want_dS = loss_and_grad("reference", T, S, Sq, delta, divergence=divergence)
-        loss, dS = loss_and_grad("triton", T, S, Sq, delta, divergence=divergence)
+        T, S, Sq, delta, Tq = make((4, c, hw, hw), sq_mode, dtype, layout, own=True)
+        kw = dict(form=form, divergence=divergence)
+        want, want_dS = loss_and_grad("reference", T, S, Sq, delta, Tq, **kw)
+        loss, dS = loss_and_grad("triton", T, S, Sq, delta, Tq, **kw)
         assert_loss_close(loss, want, 4 * c)
         assert_grad_close(dS, want_dS, dtype)

@@ -1,6 +1,7 @@
 """Deployment tools: calibration, LayerNorm/BN/gate folding, conversion to integer modules."""
 import importlib
 
+from .finetune import finetune_without_layernorm
 from .fusion import FixedFusion, calibrate_fusion, freeze_fusion, layernorm_affine, remove_layernorm
 
 # The integer path loads on first use: it builds the C++ extension (q2kernels._ext).
@@ -10,6 +11,7 @@ _INTEGER = {"IntConv2d": "int_modules", "IntModel": "convert", "QuantizePack": "
 __all__ = [
     "FixedFusion",
     "calibrate_fusion",
+    "finetune_without_layernorm",
     "freeze_fusion",
     "layernorm_affine",
     "remove_layernorm",

@@ -4,9 +4,12 @@ Forward hooks record, at every distillation point, the teacher module's output (
 features never keep a graph) and the student module's output S. When S is handed as is to an
 activation quantizer of the student (a q2kernels.nn quantizer with `step_size()`, e.g. the input
 quantizer of the next QConv2d), that quantizer's output becomes Sq and its step Delta, so the
-distortion term needs no wiring. A feature that reaches a quantizer only through other ops (an
-activation, a concat) has no Sq: the plain ADA term is used for it. Where S feeds several
-quantizers, the first to run supplies Sq and Delta.
+distortion term needs no wiring. With distortion="own" (the default) the teacher's side gets its own
+term from Tq, that same quantizer applied to the teacher feature under no_grad when the loss is
+computed: Tq is a temporary of the loss (the op keeps it for its backward, like T and S, and nothing
+else holds it). With distortion="shared" the student's term is added to both sides. A feature that
+reaches a quantizer only through other ops (an activation, a concat) has no Sq: no distortion term
+is used for it. Where S feeds several quantizers, the first to run supplies Sq and Delta.
 """
 from __future__ import annotations
 
@@ -17,7 +20,10 @@ from torch import nn
 
 from .. import functional as F
 from .. import reference as ref
+from .._validate import check_number
 from .quantizers import Quantizer
+
+DISTORTIONS = ("own", "shared")
 
 
 class _Point:
@@ -28,7 +34,7 @@ class _Point:
         self.clear()
 
     def clear(self):
-        self.teacher = self.student = self.sq = self.delta = None
+        self.teacher = self.student = self.sq = self.delta = self.quantizer = None
 
 
 def _parse_points(points):
@@ -69,24 +75,34 @@ class QADALoss(nn.Module):
         loss = task_loss(out) + qada()
 
     points: module names present in both models, or (teacher_name, student_name) pairs.
-    divergence ("js" | "kl"), gamma, lam and reduction ("mean" | "sum" over each feature's rows) are
-    those of q2kernels.functional.q_ada_loss; gamma = 0 gives GABFusion's ADA. Calling the module
-    consumes the features recorded since the last call. `remove()` (or leaving a `with` block, or
+    form ("q2": the Q2 paper's saliency, the default | "simam": GABFusion's), divergence ("js" | "kl"),
+    gamma, lam, kappa and reduction ("mean" | "sum" over each feature's rows) are those of
+    q2kernels.functional.qada_loss. distortion: "own" (each side's term from its own quantized
+    feature, as Q2 defines it) | "shared" (the student's term on both sides). form="simam",
+    distortion="shared" is this loss's original behaviour; with gamma = 0 it is GABFusion's ADA.
+    Calling the module consumes the features recorded since the last call. `remove()` (or leaving a `with` block, or
     the module being garbage collected) removes every hook it registered.
     """
 
     def __init__(self, teacher: nn.Module, student: nn.Module, points, weight: float = 0.01,
                  divergence: str = "js", gamma: float = 1.0, lam: float = ref.ada.LAMBDA,
-                 reduction: str = "mean"):
+                 reduction: str = "mean", form: str = "q2", distortion: str = "own",
+                 kappa: float = ref.ada.KAPPA):
         super().__init__()
+        if form not in ref.ada.FORMS:
+            raise ValueError(f"form: expected one of {ref.ada.FORMS}, got {form!r}")
+        if distortion not in DISTORTIONS:
+            raise ValueError(f"distortion: expected one of {DISTORTIONS}, got {distortion!r}")
         if divergence not in ref.ada.DIVERGENCES:
             raise ValueError(f"divergence: expected one of {ref.ada.DIVERGENCES}, got {divergence!r}")
         if reduction not in ref.ada.REDUCTIONS:
             raise ValueError(f"reduction: expected one of {ref.ada.REDUCTIONS}, got {reduction!r}")
-        self.weight = F._check_number(weight, "weight", 0.0, lo_allowed=True)
-        self.gamma = F._check_number(gamma, "gamma", 0.0, lo_allowed=True)
-        self.lam = F._check_number(lam, "lam", 0.0, lo_allowed=False)
+        self.weight = check_number(weight, "weight", 0.0, lo_allowed=True)
+        self.gamma = check_number(gamma, "gamma", 0.0, lo_allowed=True)
+        self.lam = check_number(lam, "lam", 0.0, lo_allowed=False)
+        self.kappa = check_number(kappa, "kappa", 0.0, lo_allowed=False)
         self.divergence, self.reduction = divergence, reduction
+        self.form, self.distortion = form, distortion
         # Plain attributes, not submodules: the models' parameters and state stay out of this loss.
         self._points = [_Point(t, s) for t, s in _parse_points(points)]
         self._handles = []
@@ -117,11 +133,19 @@ class QADALoss(nn.Module):
                 if not isinstance(feat, torch.Tensor):
                     raise TypeError(f"QADALoss: the {which} module {name!r} returned {type(feat).__name__}, "
                                     "expected a (B, C, H, W) tensor")
-            loss = F.q_ada_loss(p.teacher, p.student, p.sq, p.delta, lam=self.lam, gamma=self.gamma,
-                                divergence=self.divergence, reduction=self.reduction)
+            loss = F.qada_loss(p.teacher, p.student, p.sq, p.delta, Tq=self._teacher_quantized(p), form=self.form,
+                               lam=self.lam, kappa=self.kappa, gamma=self.gamma, divergence=self.divergence,
+                               reduction=self.reduction)
             total = loss if total is None else total + loss
             p.clear()
         return total * self.weight
+
+    def _teacher_quantized(self, p: _Point):
+        """Tq: the quantizer that supplied Sq, applied to the teacher feature (distortion="own")."""
+        if self.distortion == "shared" or p.quantizer is None:
+            return None
+        with torch.no_grad():
+            return p.quantizer.quantize(p.teacher)
 
     def remove(self) -> None:
         """Remove every hook this loss registered and drop the recorded features."""
@@ -137,8 +161,9 @@ class QADALoss(nn.Module):
         return False
 
     def extra_repr(self) -> str:
-        return (f"points={self.points}, weight={self.weight}, divergence={self.divergence!r}, "
-                f"gamma={self.gamma}, lam={self.lam}, reduction={self.reduction!r}")
+        return (f"points={self.points}, weight={self.weight}, form={self.form!r}, distortion={self.distortion!r}, "
+                f"divergence={self.divergence!r}, gamma={self.gamma}, lam={self.lam}, kappa={self.kappa}, "
+                f"reduction={self.reduction!r}")
 
 
 def _teacher_hook(point):
@@ -150,7 +175,7 @@ def _teacher_hook(point):
 def _student_hook(point):
     def hook(module, inputs, output):
         point.student = output
-        point.sq = point.delta = None
+        point.sq = point.delta = point.quantizer = None
     return hook
 
 
@@ -160,4 +185,5 @@ def _quantizer_hook(points):
             if p.sq is None and p.student is not None and inputs and inputs[0] is p.student:
                 p.sq = output.detach()
                 p.delta = module.step_size().detach()
+                p.quantizer = module
     return hook

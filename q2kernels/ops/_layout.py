@@ -47,3 +47,15 @@ def channel_view(x: torch.Tensor, axis: int | None) -> tuple[int, int]:
 
 def needs_int64(x: torch.Tensor) -> bool:
     return x.numel() > INT32_LIMIT
+
+
+def rows(x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """A (B, C, H, W) tensor as B*C rows of H*W pixels: x (copied only if it is not dense or its H
+    and W do not merge into one pixel stride) and its (batch, channel, pixel) strides. NCHW has
+    pixel stride 1, channels_last C; either is walked in place."""
+    x = dense(x)
+    _, _, H, W = x.shape
+    if H > 1 and W > 1 and x.stride(2) != W * x.stride(3):
+        x = x.contiguous()
+    pixel = x.stride(3) if W > 1 else (x.stride(2) if H > 1 else 1)
+    return x, (x.stride(0), x.stride(1), pixel)
