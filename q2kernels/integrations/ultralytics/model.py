@@ -25,14 +25,14 @@ from ...nn import GatedFusion, QConv2d
 class Q2DetectionModel(DetectionModel):
     """A DetectionModel prepared by q2kernels.integrations.ultralytics.prepare (module docstring)."""
 
-    def fuse(self, verbose=True, imgsz=640):
+    def fuse(self, *args, **kwargs):
         held = []
         for m in self.modules():
             if isinstance(getattr(m, "conv", None), QConv2d) and "bn" in m._modules:
                 held.append((m, dict(m._modules)))
                 del m._modules["bn"]  # hidden from fuse()'s hasattr(m, "bn")
         try:
-            return super().fuse(verbose=verbose, imgsz=imgsz)
+            return super().fuse(*args, **kwargs)
         finally:
             for m, children in held:  # back as they were, in their order (state_dict key order)
                 m._modules.clear()
