@@ -102,7 +102,7 @@ def main():
     trainer = yolo.trainer
     qada = float(trainer.tloss["qada_loss"])
     print(f"Q2 QAT ({args.recipe}, W{args.bits}A{args.bits}, Q-GBFusion + Q-ADA): last epoch losses "
-          + ", ".join(f"{k} {float(v):.4f}" for k, v in trainer.tloss.items()))
+          + ", ".join(f"{k} {float(v):.4g}" for k, v in trainer.tloss.items()))
     assert torch.isfinite(torch.tensor(qada)) and qada > 0, "the Q-ADA term did not run"
     gates = [m.gates().tolist() for m in trainer.model.modules() if isinstance(m, GatedFusion)]
     print("fusion gates: " + "; ".join(", ".join(f"{a:.3f}" for a in g) for g in gates))
@@ -111,6 +111,8 @@ def main():
     model, _ = load_checkpoint(trainer.best)
     assert sum(isinstance(m, GatedFusion) for m in model.modules()) == len(gates)
     model.args = trainer.args  # the hyperparameters its loss reads
+    for name, p in model.named_parameters():  # the checkpoint is frozen; DFL's fixed conv stays so
+        p.requires_grad_(".dfl." not in name)
     stats = calibrate_fusion(model, batches(trainer, 2), forward=lambda m, b: m(b["img"]))
     print("calibrated: " + ", ".join(f"{n} sigma {s:.3f}" for n, (_, s) in stats.items()))
     losses = finetune_without_layernorm(model, batches(trainer, args.finetune_steps), None,
