@@ -136,6 +136,9 @@ def test_prepare_options(float_models):
     (dict(fusion="sum"), "fusion"),
     (dict(head_bits=1), "head_bits"),
     (dict(head_bits=True), "head_bits"),
+    (dict(w_bits=9), "w_bits"),
+    (dict(a_bits=1), "a_bits"),
+    (dict(keep_float="model.0.conv"), "keep_float"),
     (dict(keep_float=["model.99.conv"]), "keep_float"),
     (dict(keep_float=["model.24.cv2.0.2"], head_bits=8), "keep_float"),
 ])
@@ -208,6 +211,13 @@ def test_options_and_trainer_arguments(tmp_path):
     args = dict(model="yolov5n.yaml", data=str(data), project=str(tmp_path), name="r")
     with pytest.raises(TypeError, match="q2"):
         Q2DetectionTrainer(overrides=args, q2={"recipe": "lsq"})
+    # with_options: a subclass carrying its options (Ultralytics' DDP workers rebuild from the class).
+    trainer_cls = Q2DetectionTrainer.with_options(recipe="pact", head_bits=8)
+    assert issubclass(trainer_cls, Q2DetectionTrainer) and trainer_cls is not Q2DetectionTrainer
+    assert trainer_cls(overrides=args).q2 == Q2Options(recipe="pact", head_bits=8)
+    assert Q2DetectionTrainer(overrides=args).q2 == Q2Options()
+    with pytest.raises(TypeError):
+        Q2DetectionTrainer.with_options(bits=4)
     with pytest.raises(ValueError, match="quantize"):
         Q2DetectionTrainer(overrides={**args, "quantize": 8})
 

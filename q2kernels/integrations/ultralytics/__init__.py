@@ -1,10 +1,10 @@
 """Q2 quantization-aware training of Ultralytics YOLO detectors (`pip install q2kernels[ultralytics]`).
 
-    from q2kernels.integrations.ultralytics import Q2DetectionTrainer, Q2Options
+    from q2kernels.integrations.ultralytics import Q2DetectionTrainer
     from ultralytics import YOLO
 
     yolo = YOLO("yolo11s.yaml")
-    yolo.train(data="data.yaml", trainer=Q2DetectionTrainer.with_options(Q2Options(recipe="lsq")))
+    yolo.train(data="data.yaml", trainer=Q2DetectionTrainer.with_options(recipe="lsq", w_bits=4, a_bits=4))
 
 `prepare(model)` does the model surgery on a DetectionModel (or a YOLO object): Q2 quantization
 with detector defaults, GatedFusion at every neck Concat, and the float teacher and the points at

@@ -30,6 +30,7 @@ from torch import nn
 from ultralytics.nn.modules import Concat, Detect
 from ultralytics.nn.tasks import DetectionModel
 
+from ..._validate import check_bits
 from ...nn import GatedFusion, QADALoss, QConv2d, quantize_model
 from ...nn.fusion import MODES as FUSION_MODES
 from ...nn.quantize_model import RECIPES
@@ -205,9 +206,12 @@ def prepare(model, recipe: str = "lsq", w_bits: int = 4, a_bits: int = 4, head_b
         raise ValueError(f"recipe: expected one of {sorted(RECIPES)}, got {recipe!r}")
     if fusion is not None and fusion not in FUSION_MODES:
         raise ValueError(f"fusion: expected one of {FUSION_MODES} or None, got {fusion!r}")
-    if head_bits is not None and (isinstance(head_bits, bool) or not isinstance(head_bits, int)
-                                  or not 2 <= head_bits <= 8):
-        raise ValueError(f"head_bits: expected None or an integer in 2..8, got {head_bits!r}")
+    check_bits(w_bits, "w_bits")
+    check_bits(a_bits, "a_bits")
+    if head_bits is not None:
+        check_bits(head_bits, "head_bits")
+    if isinstance(keep_float, str):
+        raise ValueError(f"keep_float: expected a list of conv names, got the string {keep_float!r}")
     convs = _convs(model)
     predictions = prediction_convs(model)
     keep = _default_float_layers(model) if keep_float is None else list(keep_float)

@@ -16,12 +16,12 @@ Ultralytics keeps its data, loss, optimiser, EMA, checkpoints and validation; th
 """
 from __future__ import annotations
 
-import functools
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from ultralytics.cfg import DEFAULT_CFG
 from ultralytics.models.yolo.detect import DetectionTrainer
+from ultralytics.utils import LOGGER
 from ultralytics.utils.torch_utils import unwrap_model
 
 from ...nn import QADALoss, Quantizer
@@ -75,12 +75,15 @@ def _is_q2(model) -> bool:
 
 
 class Q2DetectionTrainer(DetectionTrainer):
-    """DetectionTrainer for Q2 QAT (module docstring). `q2`: the Q2Options (default Q2Options())."""
+    """DetectionTrainer for Q2 QAT (module docstring). `q2`: the Q2Options (default: the class's
+    `options`, Q2Options() unless made by with_options)."""
+
+    options = Q2Options()
 
     def __init__(self, cfg=DEFAULT_CFG, overrides=None, _callbacks=None, q2: Q2Options | None = None):
         if q2 is not None and not isinstance(q2, Q2Options):
             raise TypeError(f"q2: expected a Q2Options, got {type(q2).__name__}")
-        self.q2 = q2 if q2 is not None else Q2Options()
+        self.q2 = q2 if q2 is not None else self.options
         self.teacher = None
         self._distilled = None    # (model, base criterion, QADALoss) while an epoch trains
         self._ema_synced = False  # the EMA's quantizers have taken the live ones' first-batch initialisation
@@ -93,9 +96,11 @@ class Q2DetectionTrainer(DetectionTrainer):
         self.add_callback("on_train_batch_end", Q2DetectionTrainer._sync_ema_quantizers)
 
     @classmethod
-    def with_options(cls, **options):
-        """A trainer factory for YOLO.train(trainer=...): Q2DetectionTrainer.with_options(recipe="pact")."""
-        return functools.partial(cls, q2=Q2Options(**options))
+    def with_options(cls, **options) -> type:
+        """The trainer class for YOLO.train(trainer=...) with these Q2Options, e.g.
+        Q2DetectionTrainer.with_options(recipe="pact"). A subclass, not a partial: Ultralytics' DDP
+        launcher rebuilds the trainer from its class in each worker, and the options go with it."""
+        return type(cls.__name__, (cls,), {"options": Q2Options(**options), "__module__": cls.__module__})
 
     def get_model(self, cfg=None, weights=None, verbose=True):
         if _is_q2(weights):
@@ -119,7 +124,12 @@ class Q2DetectionTrainer(DetectionTrainer):
         return items
 
     def _attach_distillation(self):
-        if self.teacher is None or self._distilled is not None:
+        if self._distilled is not None or self.q2.distill_weight == 0:
+            return
+        if self.teacher is None:
+            LOGGER.warning("Q2: training without Q-ADA: the model was prepared outside this trainer's get_model "
+                           "(a q2kernels checkpoint, or a module handed in), so there is no float teacher")
+            self.q2 = replace(self.q2, distill_weight=0.0)
             return
         model = unwrap_model(self.model)
         if getattr(model, "criterion", None) is None:
