@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# CI step: the Ultralytics integration (tests/test_ultralytics.py, python/ultralytics_qat.py --smoke)
+# in an environment of its own. Ultralytics needs torchvision, and no torchvision imports beside the
+# CPU torch 2.13.0 wheel of the main environment; torch 2.14.1 with torchvision 0.29.1 (the CUDA
+# build, which runs on the CPU) does. In the main environment the same test file skips.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+venv="$(mktemp -d)/venv"
+python3 -m venv "$venv"
+# shellcheck disable=SC1091
+. "$venv/bin/activate"
+start=$(date +%s)
+python -m pip install -q --upgrade pip
+python -m pip install -q torch==2.14.1 torchvision==0.29.1
+python -m pip install -q -e ".[ultralytics,test]"
+installed=$(date +%s)
+echo "ultralytics env installed in $(( installed - start )) s"
+
+python -m pytest -q tests/test_ultralytics.py
+echo "ultralytics tests took $(( $(date +%s) - installed )) s"

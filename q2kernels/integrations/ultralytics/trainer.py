@@ -1,0 +1,157 @@
+"""Q2DetectionTrainer: Ultralytics' DetectionTrainer training a Q2-prepared model.
+
+Ultralytics keeps its data, loss, optimiser, EMA, checkpoints and validation; the trainer adds:
+- get_model(): the DetectionModel built (and pretrained weights loaded) as usual, then prepare()d.
+  A q2kernels checkpoint given as weights (resuming, fine-tuning) is rebuilt from its `model.q2`
+  record and loaded whole.
+- Q-ADA: for each training epoch the model's criterion becomes the detection loss plus the Q-ADA
+  term (reported as `qada_loss`), the frozen float teacher run on each batch. Its hooks live only
+  while an epoch trains: Ultralytics deep-copies the model for its EMA and pickles that copy into
+  every checkpoint, and a model carrying hooks (closures) cannot be pickled.
+- The EMA's quantizers: the EMA is copied before the first batch initialises the quantizers, and
+  ModelEMA averages floating-point state only, so the copy would average from the placeholder
+  values, never learn that its quantizers were initialised (a bool buffer), and re-initialise them
+  from the first validation batch. After the first training batch each uninitialised EMA quantizer
+  takes the live one's state (the EMA starts from the initialised values).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+
+import torch
+from ultralytics.cfg import DEFAULT_CFG
+from ultralytics.models.yolo.detect import DetectionTrainer
+from ultralytics.utils import LOGGER
+from ultralytics.utils.torch_utils import unwrap_model
+
+from ...nn import QADALoss, Quantizer
+from .model import Q2DetectionModel
+from .prepare import prepare
+
+DISTILL_KEY = "qada_loss"
+
+
+@dataclass(frozen=True)
+class Q2Options:
+    """prepare()'s arguments, and the Q-ADA weight (0 trains without distillation)."""
+    recipe: str = "lsq"
+    w_bits: int = 4
+    a_bits: int = 4
+    head_bits: int | None = None
+    keep_float: tuple[str, ...] | None = None
+    fusion: str | None = "balanced"
+    distill_weight: float = 0.01
+
+    def prepare_kwargs(self) -> dict:
+        kw = asdict(self)
+        weight = kw.pop("distill_weight")
+        return {**kw, "distill": weight > 0}
+
+
+class DistilledCriterion:
+    """The model's detection criterion plus the Q-ADA term, computed after the teacher has seen the
+    batch. The term enters as one more loss component, scaled by the batch size like the detection
+    loss (whose components are per-image means times the batch size)."""
+
+    def __init__(self, criterion, teacher: torch.nn.Module, distill: QADALoss):
+        self.criterion, self.teacher, self.distill = criterion, teacher, distill
+
+    def __call__(self, preds, batch):
+        loss, items = self.criterion(preds, batch)
+        with torch.no_grad():
+            self.teacher(batch["img"])
+        term = self.distill()
+        total = torch.cat((loss.reshape(-1), (term * batch["img"].shape[0]).reshape(1).to(loss.dtype)))
+        return total, {**items, DISTILL_KEY: term.detach()}
+
+    def __getattr__(self, name):  # the rest of the criterion's interface (e.g. update())
+        if name == "criterion":
+            raise AttributeError(name)
+        return getattr(self.criterion, name)
+
+
+def _is_q2(model) -> bool:
+    return isinstance(model, Q2DetectionModel)
+
+
+class Q2DetectionTrainer(DetectionTrainer):
+    """DetectionTrainer for Q2 QAT (module docstring). `q2`: the Q2Options (default: the class's
+    `options`, Q2Options() unless made by with_options)."""
+
+    options = Q2Options()
+
+    def __init__(self, cfg=DEFAULT_CFG, overrides=None, _callbacks=None, q2: Q2Options | None = None):
+        if q2 is not None and not isinstance(q2, Q2Options):
+            raise TypeError(f"q2: expected a Q2Options, got {type(q2).__name__}")
+        self.q2 = q2 if q2 is not None else self.options
+        self.teacher = None
+        self._distilled = None    # (model, base criterion, QADALoss) while an epoch trains
+        self._ema_synced = False  # the EMA's quantizers have taken the live ones' first-batch initialisation
+        super().__init__(cfg, overrides, _callbacks)
+        if self.args.quantize == 8:
+            raise ValueError("quantize: 8 (Ultralytics' ModelOpt INT8 QAT) would quantize the model a second "
+                             "time; Q2DetectionTrainer quantizes it with q2kernels")
+        self.add_callback("on_train_epoch_start", Q2DetectionTrainer._attach_distillation)
+        self.add_callback("on_train_epoch_end", Q2DetectionTrainer._detach_distillation)
+        self.add_callback("on_train_batch_end", Q2DetectionTrainer._sync_ema_quantizers)
+
+    @classmethod
+    def with_options(cls, **options) -> type:
+        """The trainer class for YOLO.train(trainer=...) with these Q2Options, e.g.
+        Q2DetectionTrainer.with_options(recipe="pact"). A subclass, not a partial: Ultralytics' DDP
+        launcher rebuilds the trainer from its class in each worker, and the options go with it."""
+        return type(cls.__name__, (cls,), {"options": Q2Options(**options), "__module__": cls.__module__})
+
+    def get_model(self, cfg=None, weights=None, verbose=True):
+        if _is_q2(weights):
+            model = super().get_model(cfg, None, verbose)
+            record = weights.q2
+            prepare(model, record["recipe"], record["w_bits"], record["a_bits"], record["head_bits"],
+                    record["keep_float"], record["fusion"], distill=False)
+            model.load_state_dict(weights.float().state_dict())
+            return model
+        model = super().get_model(cfg, weights, verbose)
+        self.teacher = prepare(model, **self.q2.prepare_kwargs()).teacher
+        return model
+
+    def label_loss_items(self, loss_items=None, prefix="train"):
+        # Validation runs the EMA's plain detection criterion: it has no Q-ADA term to report.
+        items = super().label_loss_items(loss_items, prefix)
+        if prefix == "val":
+            key = f"{prefix}/{DISTILL_KEY}"
+            return [k for k in items if k != key] if loss_items is None else \
+                {k: v for k, v in items.items() if k != key}
+        return items
+
+    def _attach_distillation(self):
+        if self._distilled is not None or self.q2.distill_weight == 0:
+            return
+        if self.teacher is None:
+            LOGGER.warning("Q2: training without Q-ADA: the model was prepared outside this trainer's get_model "
+                           "(a q2kernels checkpoint, or a module handed in), so there is no float teacher")
+            self.q2 = replace(self.q2, distill_weight=0.0)
+            return
+        model = unwrap_model(self.model)
+        if getattr(model, "criterion", None) is None:
+            model.criterion = model.init_criterion()
+        self.teacher.to(self.device)
+        distill = QADALoss(self.teacher, model, model.q2["points"], weight=self.q2.distill_weight)
+        self._distilled = (model, model.criterion, distill)
+        model.criterion = DistilledCriterion(model.criterion, self.teacher, distill)
+
+    def _detach_distillation(self):
+        if self._distilled is None:
+            return
+        model, criterion, distill = self._distilled
+        distill.remove()
+        model.criterion = criterion
+        self._distilled = None
+
+    def _sync_ema_quantizers(self):
+        if self._ema_synced or self.ema is None:
+            return
+        ema = dict(self.ema.ema.named_modules())
+        for name, q in unwrap_model(self.model).named_modules():
+            if isinstance(q, Quantizer) and not bool(ema[name].initialized):  # once per run: syncs allowed
+                ema[name].load_state_dict(q.state_dict())
+        self._ema_synced = True

@@ -1,0 +1,301 @@
+"""q2kernels.integrations.ultralytics: prepare() on YOLOv5s and YOLO11s built from YAML, first-step
+losses per recipe, fuse(), and Ultralytics' own trainer with validation and checkpoint reload on a
+tiny synthetic dataset. Needs Ultralytics (the [ultralytics] extra; see README: its own env)."""
+import copy
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+# Ultralytics must never reach the network or write outside a temp dir: set before its import.
+os.environ.setdefault("YOLO_OFFLINE", "1")
+os.environ.setdefault("YOLO_AUTOINSTALL", "0")
+os.environ.setdefault("YOLO_CONFIG_DIR", os.path.join(tempfile.gettempdir(), "q2k_yolo_config"))
+
+pytest.importorskip("ultralytics", reason="Ultralytics is not installed (pip install q2kernels[ultralytics])")
+
+from ultralytics.cfg import get_cfg  # noqa: E402
+from ultralytics.nn.modules import Concat  # noqa: E402
+from ultralytics.nn.tasks import DetectionModel, load_checkpoint  # noqa: E402
+
+from q2kernels.integrations.ultralytics import (  # noqa: E402
+    Q2DetectionModel, Q2DetectionTrainer, Q2Options, prediction_convs, prepare, write_synthetic_dataset)
+from q2kernels.nn import DoReFaWeightQuantizer, GatedFusion, LSQQuantizer, QConv2d, Quantizer  # noqa: E402
+
+IMGSZ = 64
+EXAMPLES = Path(__file__).resolve().parent.parent / "python"
+# Written out from the two YAMLs (ultralytics/cfg/models/{v5/yolov5,11/yolo11}.yaml), not computed.
+LAYOUT = {
+    "yolov5s.yaml": dict(concats=(12, 16, 19, 22), detect=24, points=["model.17", "model.20", "model.23"],
+                         feeds={"model.12": ["model.13.cv1.conv", "model.13.cv2.conv"],
+                                "model.16": ["model.17.cv1.conv", "model.17.cv2.conv"],
+                                "model.19": ["model.20.cv1.conv", "model.20.cv2.conv"],
+                                "model.22": ["model.23.cv1.conv", "model.23.cv2.conv"]},
+                         channels={12: [256, 256], 16: [128, 128], 19: [128, 128], 22: [256, 256]}),
+    "yolo11s.yaml": dict(concats=(12, 15, 18, 21), detect=23, points=["model.16", "model.19", "model.22"],
+                         feeds={"model.12": ["model.13.cv1.conv"], "model.15": ["model.16.cv1.conv"],
+                                "model.18": ["model.19.cv1.conv"], "model.21": ["model.22.cv1.conv"]},
+                         channels={12: [512, 256], 15: [256, 256], 18: [128, 256], 21: [256, 512]}),
+}
+RECIPES = ("lsq", "lsq_plus", "pact", "n2uq")
+
+
+def _predictions(detect):
+    return [f"model.{detect}.{branch}.{level}.2" for branch in ("cv2", "cv3") for level in range(3)]
+
+
+@pytest.fixture(scope="module")
+def float_models():
+    torch.manual_seed(0)
+    out = {}
+    for yaml in LAYOUT:
+        m = DetectionModel(yaml, nc=2, verbose=False)
+        m.args = get_cfg()
+        out[yaml] = m
+    return out
+
+
+def _batch(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {"img": torch.rand(2, 3, IMGSZ, IMGSZ, generator=g),
+            "cls": torch.tensor([[0.0], [1.0], [0.0]]), "batch_idx": torch.tensor([0.0, 0.0, 1.0]),
+            "bboxes": torch.tensor([[0.5, 0.5, 0.3, 0.3], [0.3, 0.3, 0.2, 0.4], [0.6, 0.4, 0.5, 0.5]])}
+
+
+def _plain_convs(model):
+    return {n for n, m in model.named_modules() if type(m) is nn.Conv2d}
+
+
+@pytest.mark.parametrize("yaml", list(LAYOUT))
+def test_prepare_structure(float_models, yaml):
+    lay = LAYOUT[yaml]
+    ref = float_models[yaml]
+    model = copy.deepcopy(ref)
+    p = prepare(model)
+
+    assert type(model) is Q2DetectionModel and p.model is model
+    # Routing: every layer keeps its f, i and type; GatedFusion exactly at the neck Concats.
+    for old, new in zip(ref.model, model.model):
+        assert (new.f, new.i, new.type) == (old.f, old.i, old.type)
+    fused = [i for i, m in enumerate(model.model) if isinstance(m, GatedFusion)]
+    assert tuple(fused) == lay["concats"]
+    assert not any(isinstance(m, Concat) for m in model.modules())
+    for i in fused:
+        assert model.model[i].channels == lay["channels"][i] and model.model[i].mode == "balanced"
+    assert p.feeds == lay["feeds"] and model.q2["feeds"] == lay["feeds"]
+    assert p.points == lay["points"] and model.q2["points"] == lay["points"]
+    # Float: the stem, DFL and the six prediction convs; every other conv quantizes.
+    d = lay["detect"]
+    expected_float = {"model.0.conv", f"model.{d}.dfl.conv", *_predictions(d)}
+    assert set(prediction_convs(model)) == set(_predictions(d))
+    assert _plain_convs(model) == expected_float and set(p.float_layers) == expected_float
+    assert all(isinstance(model.get_submodule(n), QConv2d) for n in _plain_convs(ref) - expected_float)
+    # The probe forward ran on the float model: no quantizer is initialised yet.
+    assert not any(bool(q.initialized) for q in model.modules() if isinstance(q, Quantizer))
+    # The teacher: the untouched float model, frozen.
+    assert type(p.teacher) is DetectionModel and not p.teacher.training
+    assert _plain_convs(p.teacher) == _plain_convs(ref)
+    assert not any(p.requires_grad for p in p.teacher.parameters())
+    for (n, a), (_, b) in zip(ref.state_dict().items(), p.teacher.state_dict().items()):
+        assert torch.equal(a, b), n
+    # The prepared model runs Ultralytics' layer loop; eval output has the float model's shape.
+    model.eval()
+    with torch.no_grad():
+        assert model(_batch()["img"])[0].shape == ref.eval()(_batch()["img"])[0].shape
+
+
+def test_prepare_options(float_models):
+    ref = float_models["yolov5s.yaml"]
+    model = copy.deepcopy(ref)
+    p = prepare(model, "pact", w_bits=3, a_bits=3, head_bits=8, keep_float=["model.24.dfl.conv"],
+                fusion="learned", distill=False)
+    assert p.teacher is None and _plain_convs(model) == {"model.24.dfl.conv"}
+    assert all(model.get_submodule(f"model.{i}").mode == "learned" for i in LAYOUT["yolov5s.yaml"]["concats"])
+    for name in _predictions(24):  # no BatchNorm follows: DoReFa's scale-free weights become per-channel LSQ
+        conv = model.get_submodule(name)
+        assert isinstance(conv.weight_quantizer, LSQQuantizer) and conv.weight_quantizer.bits == 8
+        assert conv.weight_quantizer.s.numel() == conv.out_channels and conv.act_quantizer.bits == 8
+        assert p.quantized[name] == (8, 8)
+    body = model.get_submodule("model.1.conv")
+    assert isinstance(body.weight_quantizer, DoReFaWeightQuantizer) and body.weight_quantizer.bits == 3
+    assert isinstance(model.get_submodule("model.0.conv"), QConv2d)  # the stem, not kept this time
+    with pytest.raises(ValueError, match="distill=False"):
+        p.distillation()
+    plain = copy.deepcopy(ref)
+    prepare(plain, fusion=None)
+    assert [i for i, m in enumerate(plain.model) if type(m) is Concat] == list(LAYOUT["yolov5s.yaml"]["concats"])
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(recipe="int4"), "recipe"),
+    (dict(fusion="sum"), "fusion"),
+    (dict(head_bits=1), "head_bits"),
+    (dict(head_bits=True), "head_bits"),
+    (dict(w_bits=9), "w_bits"),
+    (dict(a_bits=1), "a_bits"),
+    (dict(keep_float="model.0.conv"), "keep_float"),
+    (dict(keep_float=["model.99.conv"]), "keep_float"),
+    (dict(keep_float=["model.24.cv2.0.2"], head_bits=8), "keep_float"),
+])
+def test_prepare_rejects_bad_arguments(float_models, kwargs, match):
+    model = copy.deepcopy(float_models["yolov5s.yaml"])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=match):
+        prepare(model, **kwargs)
+    assert type(model) is DetectionModel and model.state_dict().keys() == before.keys()
+
+
+def test_prepare_rejects_other_models(float_models):
+    with pytest.raises(TypeError, match="model"):
+        prepare(nn.Sequential(nn.Conv2d(3, 8, 3)))
+    model = copy.deepcopy(float_models["yolov5s.yaml"])
+    prepare(model)
+    with pytest.raises(ValueError, match="already prepared"):
+        prepare(model)
+
+
+@pytest.mark.parametrize("yaml", list(LAYOUT))
+@pytest.mark.parametrize("recipe,head_bits", [(r, None) for r in RECIPES] + [("pact", 4)])
+def test_first_step_loss_near_float(float_models, yaml, recipe, head_bits):
+    """At the first training step (train mode, quantizers initialised on this batch) every loss
+    component is within 3x of the float model's on the same batch. DoReFa weights on Detect's
+    prediction convs once gave a cls loss 7x (here) to 300x (YOLO11s, 128 px) the float one."""
+    ref = copy.deepcopy(float_models[yaml]).train()
+    batch = _batch()
+    with torch.no_grad():
+        _, float_items = ref.loss(batch)
+        model = copy.deepcopy(float_models[yaml])
+        prepare(model, recipe, head_bits=head_bits)
+        model.train()
+        _, items = model.loss(batch)
+    for k, v in float_items.items():
+        assert torch.isfinite(items[k]) and 1 / 3 <= items[k] / v <= 3, (k, items[k].item(), v.item())
+
+
+def test_fuse_keeps_quantized_blocks(float_models):
+    """fuse() (run by Ultralytics' validation and prediction) used to reach q2kernels quantizers
+    through fuse_conv_and_bn's ModelOpt branch (AttributeError: no `amax`). It folds BatchNorm
+    into the float blocks only; the quantized blocks keep conv -> bn as trained."""
+    model = copy.deepcopy(float_models["yolo11s.yaml"])
+    prepare(model, "lsq")
+    model.train()
+    with torch.no_grad():
+        model.loss(_batch())  # initialise the quantizers
+    model.eval()
+    x = _batch(1)["img"]
+    keys = list(model.state_dict())
+    with torch.no_grad():
+        before = model(x)[0]
+        model.fuse(verbose=False)
+        after = model(x)[0]
+    stem = model.get_submodule("model.0")
+    assert not hasattr(stem, "bn")  # the float stem block was fused
+    for name, m in model.named_modules():
+        if isinstance(getattr(m, "conv", None), QConv2d):
+            assert isinstance(m.bn, nn.BatchNorm2d), name
+    assert [k for k in model.state_dict() if not k.startswith("model.0.")] == \
+        [k for k in keys if not k.startswith("model.0.")]
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
+
+
+def test_options_and_trainer_arguments(tmp_path):
+    assert Q2Options().prepare_kwargs() == dict(recipe="lsq", w_bits=4, a_bits=4, head_bits=None,
+                                                keep_float=None, fusion="balanced", distill=True)
+    assert Q2Options(distill_weight=0.0).prepare_kwargs()["distill"] is False
+    data = write_synthetic_dataset(tmp_path / "ds", train=2, val=1, imgsz=IMGSZ)
+    args = dict(model="yolov5n.yaml", data=str(data), project=str(tmp_path), name="r")
+    with pytest.raises(TypeError, match="q2"):
+        Q2DetectionTrainer(overrides=args, q2={"recipe": "lsq"})
+    # with_options: a subclass carrying its options (Ultralytics' DDP workers rebuild from the class).
+    trainer_cls = Q2DetectionTrainer.with_options(recipe="pact", head_bits=8)
+    assert issubclass(trainer_cls, Q2DetectionTrainer) and trainer_cls is not Q2DetectionTrainer
+    assert trainer_cls(overrides=args).q2 == Q2Options(recipe="pact", head_bits=8)
+    assert Q2DetectionTrainer(overrides=args).q2 == Q2Options()
+    with pytest.raises(TypeError):
+        Q2DetectionTrainer.with_options(bits=4)
+    with pytest.raises(ValueError, match="quantize"):
+        Q2DetectionTrainer(overrides={**args, "quantize": 8})
+
+
+def test_synthetic_dataset(tmp_path):
+    from PIL import Image
+
+    data = write_synthetic_dataset(tmp_path, train=3, val=2, imgsz=48, classes=3, seed=1)
+    assert data.read_text().splitlines()[1:3] == ["train: images/train", "val: images/val"]
+    for split, n in (("train", 3), ("val", 2)):
+        images = sorted((tmp_path / "images" / split).iterdir())
+        assert len(images) == n and all(Image.open(p).size == (48, 48) for p in images)
+        for p in images:
+            rows = [r.split() for r in (tmp_path / "labels" / split / f"{p.stem}.txt").read_text().splitlines()]
+            assert 1 <= len(rows) <= 3
+            for k, *box in rows:
+                assert int(k) in range(3) and all(0 < float(v) <= 1 for v in box)
+    for bad in (dict(train=0), dict(imgsz=8), dict(classes=7), dict(val=1.5)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            write_synthetic_dataset(tmp_path / "bad", **bad)
+
+
+def _quantizer_state(model):
+    return {n: t for n, t in model.state_dict().items() if "quantizer" in n}
+
+
+def test_trainer_trains_validates_and_reloads(tmp_path):
+    """Two epochs of Ultralytics' trainer (its data, loss, optimiser, EMA, validation and
+    checkpoints) on a Q2 YOLOv5s with GatedFusion and Q-ADA, then the checkpoint reloaded."""
+    data = write_synthetic_dataset(tmp_path / "ds", train=4, val=2, imgsz=IMGSZ)
+    trainer = Q2DetectionTrainer(
+        overrides=dict(model="yolov5s.yaml", data=str(data), epochs=2, imgsz=IMGSZ, batch=2, workers=0,
+                       device="cpu", amp=False, plots=False, project=str(tmp_path), name="run", exist_ok=True,
+                       mosaic=0.0, warmup_epochs=0, nbs=2, seed=0),
+        q2=Q2Options(recipe="lsq", distill_weight=0.01))
+    ema_gap, epoch_metrics = [], []
+
+    def after_validation(tr):  # the EMA the validation just used, against the live model
+        epoch_metrics.append(dict(tr.metrics))
+        live = _quantizer_state(tr.model)
+        ema_gap.append(max(((v - live[k]).abs() / live[k].abs().clamp_min(1e-6)).max().item()
+                           for k, v in _quantizer_state(tr.ema.ema).items() if v.is_floating_point()))
+
+    trainer.add_callback("on_fit_epoch_end", after_validation)
+    trainer.train()
+
+    assert "qada_loss" in trainer.loss_names and torch.isfinite(trainer.tloss["qada_loss"])
+    assert trainer.tloss["qada_loss"] > 0
+    assert all({"metrics/mAP50(B)", "val/box_loss"} <= set(m) and "val/qada_loss" not in m
+               for m in epoch_metrics[:2])
+    # The EMA's quantizers started from the live ones' initialisation (not the placeholder step 1,
+    # not a re-initialisation on the validation batch): they stay within EMA drift of the model.
+    assert len(ema_gap) >= 2 and max(ema_gap[:2]) < 0.05, ema_gap
+    # No hook left on the trained model once its epochs are over.
+    assert not any(m._forward_hooks for m in trainer.model.modules())
+
+    last = tmp_path / "run" / "weights" / "last.pt"
+    model, ckpt = load_checkpoint(last)
+    assert type(model) is Q2DetectionModel and model.q2["feeds"] == LAYOUT["yolov5s.yaml"]["feeds"]
+    assert all(bool(q.initialized) and q._initialized for q in model.modules() if isinstance(q, Quantizer))
+    fusions = [m for m in model.modules() if isinstance(m, GatedFusion)]
+    assert len(fusions) == 4 and all(torch.isnan(m.mubar) and torch.isnan(m.sigmabar) for m in fusions)
+    # The checkpoint is the final EMA in fp16: the reloaded model computes what that EMA computes.
+    ema = copy.deepcopy(trainer.ema.ema).half().float().eval()
+    x = _batch(2)["img"]
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x)[0], ema(x)[0], rtol=0, atol=0)
+
+    # The checkpoint as the weights of a new run: rebuilt from its `q2` record, loaded whole.
+    rebuilt = trainer.get_model(cfg=model.yaml, weights=model, verbose=False)
+    assert type(rebuilt) is Q2DetectionModel
+    for (k, a), (k2, b) in zip(model.state_dict().items(), rebuilt.state_dict().items()):
+        assert k == k2 and (torch.equal(a, b) or (torch.isnan(a).all() and torch.isnan(b).all())), k
+
+
+def test_example_smoke(tmp_path):
+    r = subprocess.run([sys.executable, "ultralytics_qat.py", "--smoke", "--out", str(tmp_path)], cwd=EXAMPLES,
+                       capture_output=True, text=True, timeout=1800)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "Q-GBFusion + Q-ADA" in r.stdout and "LayerNorm removed" in r.stdout and "mAP50" in r.stdout
+    assert (tmp_path / "ln_free_state_dict.pt").exists()
