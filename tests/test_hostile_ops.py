@@ -288,6 +288,30 @@ def test_empty_tensors_agree(case):
         assert bool((gr == 0).all())
 
 
+@pytest.mark.parametrize("op", ["lsq", "lsq_plus", "pact", "dorefa", "n2uq_act"])
+@pytest.mark.parametrize("shape", [(), (1,), (1, 1, 1, 1)])
+def test_scalar_and_single_element_inputs(op, shape):
+    x = torch.full(shape, 0.7).requires_grad_()
+    fn, params = {
+        "lsq": (lambda x, s: F.lsq_quantize(x, s, 4), [torch.tensor([0.25])]),
+        "lsq_plus": (lambda x, s, b: F.lsq_plus_quantize(x, s, b, 4), [torch.tensor([0.25]), torch.tensor([0.1])]),
+        "pact": (lambda x, a: F.pact_quantize(x, a, 4), [torch.tensor([0.5])]),
+        "dorefa": (lambda x: F.dorefa_weight_quantize(x, 4), []),
+        "n2uq_act": (lambda x, *p: F.n2uq_act_quantize(x, *p, 3), list(ref_n2uq.ltq_init(3))),
+    }[op]
+    (y0, _), _ = _agree(fn, [x, *(p.requires_grad_() for p in params)])
+    assert y0.shape == shape
+
+
+@pytest.mark.parametrize("axis", [1, 3])
+def test_lsq_per_channel_nan_and_inf_inputs_channels_last(axis):
+    x = (torch.randn(2, 5, 3, 4) * 2).to(memory_format=torch.channels_last)
+    x[0, 1, 0, 0], x[1, 3, 2, 1], x[0, 4, 1, 2] = NAN, math.inf, -math.inf
+    s = torch.rand(x.shape[axis]) * 0.3 + 0.1
+    (y0, _), _ = _agree(lambda x, s: F.lsq_quantize(x, s, 4, axis=axis), [x.requires_grad_(), s.requires_grad_()])
+    assert int(y0.isnan().sum()) == 1
+
+
 # ------------------------------------------------------------ 4. fp16 / bf16 stores round to nearest even
 
 def _ulp_spread(shape, dtype, scale):
