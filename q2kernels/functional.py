@@ -28,7 +28,9 @@ def _check_scale_param(p, name, x, axis):
 def _grad_scale(grad_scale, x, axis, qp):
     if grad_scale == "auto":
         # N = the elements sharing one step: all of x, or one channel's (also with 0 channels).
-        per_step = math.prod(n for d, n in enumerate(x.shape) if d != axis) if axis is not None else x.numel()
+        per_step = 1
+        for d in range(x.dim()):
+            per_step *= x.size(d) if d != axis else 1
         return ref.lsq_grad_scale(per_step, qp)
     if grad_scale is None:
         return 1.0
@@ -99,8 +101,9 @@ def n2uq_act_quantize(x, start, a, alpha1, alpha2, bits: int = 4):
     """
     check_float_tensor(x, "x")
     check_bits(bits)
-    start, alpha1, alpha2 = (_check_scale_param(p, name, x, None)
-                             for p, name in ((start, "start"), (alpha1, "alpha1"), (alpha2, "alpha2")))
+    start = _check_scale_param(start, "start", x, None)
+    alpha1 = _check_scale_param(alpha1, "alpha1", x, None)
+    alpha2 = _check_scale_param(alpha2, "alpha2", x, None)
     n = 2**bits - 1
     if isinstance(a, torch.Tensor) and a.numel() != n:
         raise ValueError(f"a: expected 2^bits - 1 = {n} intervals for bits={bits}, got shape {tuple(a.shape)}")

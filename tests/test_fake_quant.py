@@ -123,8 +123,13 @@ def _param_grads64(kind, x, params, g, qn, qp, axis, gscale):
         return p.detach().float().reshape(shape)
 
     def reduce(t, p):
+        """(sum of t, sum of |t|) per entry of p, in float64."""
         t = t.double()
-        return (t.sum(dim=dims) if dims else t).reshape(p.shape), (t.abs().sum(dim=dims) if dims else t.abs()).reshape(p.shape)
+
+        def total(v):
+            return (v.sum(dim=dims) if dims else v).reshape(p.shape)
+
+        return total(t), total(t.abs())
 
     if kind == "pact":
         alpha = params[0]
@@ -448,7 +453,8 @@ def test_cuda_kernels_match_reference_at_scale(dtype, axis):
                              dict(kind="lsq", qn=-8, qp=7, axis=axis, gscale=gscale["signed"]))
     _check_against_reference(lambda x, s, b: F.lsq_plus_quantize(x, s, b, 4, axis=axis), x,
                              [s.requires_grad_(), beta.requires_grad_()], g,
-                             dict(kind="lsq_plus", qn=0, qp=15, axis=axis, gscale=gscale["unsigned"]), exact_levels=False)
+                             dict(kind="lsq_plus", qn=0, qp=15, axis=axis, gscale=gscale["unsigned"]),
+                             exact_levels=False)
     _check_against_reference(lambda x, a: F.pact_quantize(x, a, 4), x,
                              [torch.tensor([2.0], device="cuda").requires_grad_()], g,
                              dict(kind="pact", qn=0, qp=15, axis=None, gscale=1.0))

@@ -134,6 +134,11 @@ def pact_fake_quant(x, alpha, bits=4):
     return _PACT.apply(x, alpha, float(2**bits - 1))
 
 
+def _absmax(t: torch.Tensor) -> torch.Tensor:
+    """m = max|t| (NaN if any t is NaN); 0 for an empty t, which then has nothing to quantise."""
+    return t.abs().amax() if t.numel() else t.new_zeros(())
+
+
 class _DoReFaWeight(torch.autograd.Function):
     @staticmethod
     def forward(ctx, w, n):
@@ -160,11 +165,6 @@ class _DoReFaWeight(torch.autograd.Function):
         dt = torch.where(m == 0, 0.0, gf / m) + torch.where(is_max, torch.sign(t) * dm / is_max.sum(),
                                                              torch.zeros_like(t))
         return (dt * (1.0 - t * t)).to(w.dtype), None
-
-
-def _absmax(t: torch.Tensor) -> torch.Tensor:
-    """m = max|t| (NaN if any t is NaN); 0 for an empty t, which then has nothing to quantise."""
-    return t.abs().amax() if t.numel() else t.new_zeros(())
 
 
 def dorefa_weight_fake_quant(w, bits=4):
