@@ -266,12 +266,19 @@ def test_what_cannot_be_loaded_is_not_saved(saved, tmp_path):
 
 
 class _AnchorLike(nn.Module):
-    """Float graph code of the kind detection heads hold: shape reads, chunk, view, a dtype argument."""
+    """Float graph code of the kind detection heads hold: shape reads, chunk, view, a dtype argument,
+    a constant tensor (a get_attr node)."""
+
+    def __init__(self):
+        super().__init__()
+        self.anchors = nn.Module()
+        self.anchors.register_buffer("grid", torch.arange(18.0))
 
     def forward(self, x):
         a, b = x.chunk(2, 1)
         n = x.shape[0]
-        return torch.cat([torch.softmax(a, 1, dtype=torch.float64).view(n, -1), b.sigmoid().flatten(1).double()], 1)
+        return torch.cat([torch.softmax(a, 1, dtype=torch.float64).view(n, -1),
+                          (b.sigmoid().flatten(1) + self.anchors.grid).double()], 1)
 
 
 def test_a_float_graph_round_trips_through_the_tables(tmp_path):
@@ -282,3 +289,4 @@ def test_a_float_graph_round_trips_through_the_tables(tmp_path):
     save_int_model(model, tmp_path / "m.pt")
     loaded = load_int_model(tmp_path / "m.pt")
     assert isinstance(loaded.net, IntGraph) and torch.equal(loaded(x), model(x))
+    assert torch.equal(loaded.net.anchors.grid, torch.arange(18.0))

@@ -245,3 +245,23 @@ def test_lsq_plus_and_pact_skip_degenerate_first_batches():
     fixed = PACTQuantizer(4, alpha_init=3.0)
     fixed(torch.zeros(3))
     assert fixed.alpha.tolist() == [3.0] and fixed._initialized
+
+
+@pytest.mark.parametrize("make", [lambda: LSQQuantizer(4, "signed"), lambda: LSQPlusQuantizer(4),
+                                  lambda: PACTQuantizer(4), lambda: LSQQuantizer(4, "signed", axis=1, channels=3)])
+def test_forward_reads_no_tensor_value_once_initialised(make, monkeypatch):
+    """The deferred init reads its flag on the host only while uninitialised (module docstring)."""
+    q = make()
+    x = torch.randn(2, 3, 4, 4)
+    q(torch.zeros_like(x))
+    q(x)
+    assert q._initialized
+
+    def host_read(*args):
+        raise AssertionError("forward read a tensor value on the host")
+
+    monkeypatch.setattr(torch.Tensor, "__bool__", host_read)
+    monkeypatch.setattr(torch.Tensor, "item", host_read)
+    for backend in ("reference", "triton"):
+        with q2kernels.use_backend(backend):
+            q(x)
