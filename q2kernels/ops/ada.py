@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..reference.ada import DISTORTION_EPS
+from ..constants import DISTORTION_EPS
 from . import _layout
 
 # Per-row statistics saved by the forward for the backward, rows of a [NSTAT, B*C] fp32 tensor.

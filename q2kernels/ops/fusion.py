@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..reference.fusion import GateController, run_controller
+from ..gate_controller import GateController
 
 MAX_BRANCHES = 4
 
@@ -423,11 +423,11 @@ def _empty_outputs(xs, concat: bool):
 @torch.library.custom_op("q2kernels::gated_fusion", mutates_args=())
 def gated_fusion(xs: list[torch.Tensor], gates: torch.Tensor, gamma: Optional[torch.Tensor],
                  beta: Optional[torch.Tensor], concat: bool, eps: float,
-                 controller: list[Optional[torch.Tensor]], momentum: float, eta: float,
+                 controller: list[Optional[torch.Tensor]], ema_weight: float, eta: float,
                  group: Optional[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y, mean, rstd) of gated fusion + LayerNorm from the gates a (K fp32). `controller` is empty,
-    or [energy, energy_ema, steps, history, theta, tau] of a GateController that the backward
-    updates (with momentum, eta, group); the forward does not touch it."""
+    or GateController.tensors() of a controller that the backward steps (with ema_weight, eta,
+    group); the forward does not touch it."""
     _check_branch_count(xs)
     xs = [_walkable(x) for x in xs]
     y, mean, rstd = _empty_outputs(xs, concat)
@@ -449,7 +449,7 @@ def gated_fusion(xs: list[torch.Tensor], gates: torch.Tensor, gamma: Optional[to
 
 
 @gated_fusion.register_fake
-def _(xs, gates, gamma, beta, concat, eps, controller, momentum, eta, group):
+def _(xs, gates, gamma, beta, concat, eps, controller, ema_weight, eta, group):
     _check_branch_count(xs)
     return _empty_outputs([_walkable(x) for x in xs], concat)
 
@@ -509,14 +509,14 @@ def _(dy, xs, gates, gamma, mean, rstd, concat, has_beta):
 
 
 def _setup_context(ctx, inputs, output):
-    xs, gates, gamma, beta, concat, eps, controller, momentum, eta, group = inputs
+    xs, gates, gamma, beta, concat, eps, controller, ema_weight, eta, group = inputs
     _, mean, rstd = output
     ctx.n_branches = len(xs)
     ctx.has_gamma, ctx.has_beta, ctx.concat = gamma is not None, beta is not None, concat
     # The controller's buffers are targets the backward writes, not values it reads: kept on ctx
     # rather than saved, so that backpropagating twice through one forward (retain_graph) is two
     # controller steps instead of a version-counter error.
-    ctx.controller = GateController(*controller, momentum, eta, group) if controller else None
+    ctx.controller = GateController(*controller, ema_weight, eta, group) if controller else None
     ctx.save_for_backward(*xs, gates, mean, rstd, *([gamma] if gamma is not None else []))
 
 
@@ -527,10 +527,11 @@ def _backward(ctx, dy, _dmean, _drstd):
     gamma = saved[K + 3] if ctx.has_gamma else None
     dxs, dgates, dgamma, dbeta, energies = torch.ops.q2kernels.gated_fusion_backward(
         dy, xs, gates, gamma, mean, rstd, ctx.concat, ctx.has_beta)
-    run_controller(ctx.controller, energies, gates)
+    if ctx.controller is not None:
+        ctx.controller.step(energies, gates)
     # torch.library matches the grads' structure to the inputs': a list of tensors is one entry per
     # tensor, while a list holding a None is a single (non-differentiable) leaf.
-    ctrl = controller_tensors(ctx.controller)
+    ctrl = ctx.controller.tensors() if ctx.controller is not None else []
     no_grad_ctrl = [None] * len(ctrl) if all(t is not None for t in ctrl) else None
     return (dxs, dgates, dgamma if ctx.has_gamma else None, dbeta if ctx.has_beta else None,
             None, None, no_grad_ctrl, None, None, None)
@@ -538,10 +539,3 @@ def _backward(ctx, dy, _dmean, _drstd):
 
 gated_fusion.register_autograd(_backward, setup_context=_setup_context)
 
-
-def controller_tensors(controller: Optional[GateController]) -> list[Optional[torch.Tensor]]:
-    """The op's `controller` list for a GateController (empty for None)."""
-    if controller is None:
-        return []
-    return [controller.energy, controller.energy_ema, controller.steps, controller.history,
-            controller.theta, controller.tau]

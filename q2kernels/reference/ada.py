@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import torch
 
+from ..constants import DISTORTION_EPS
+
 LAMBDA = 1e-4           # SimAM's lambda
-DISTORTION_EPS = 1e-6   # delta = |Sq - S| / (Delta + 1e-6)
 DIVERGENCES = ("js", "kl")
 REDUCTIONS = ("mean", "sum")
 
