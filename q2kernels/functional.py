@@ -13,7 +13,7 @@ from .gate_controller import GateController, op_arguments
 from .ops import ada as _ada  # noqa: F401  (registers q2kernels::q_ada)
 from .ops import dorefa as _dorefa  # noqa: F401  (registers q2kernels::dorefa_weight)
 from .ops import fake_quant as _fq
-from .ops import fusion as _fusion
+from .ops import fusion as _fusion  # noqa: F401  (registers q2kernels::gated_fusion)
 from .ops import n2uq as _n2uq  # noqa: F401  (registers q2kernels::n2uq_act, q2kernels::n2uq_weight)
 
 
@@ -189,7 +189,7 @@ def gated_fusion(xs, theta, gamma=None, beta=None, fuse: str = "concat", eps: fl
                  controller=None):
     """Gated fusion + LayerNorm over channels (MATH.md 5; GABFusion / Q-GBFusion).
 
-    xs: 2..4 tensors (B, C_k, H, W) of one float dtype and device, NCHW or channels_last (ragged
+    xs: K >= 2 tensors (B, C_k, H, W) of one float dtype and device, NCHW or channels_last (ragged
     C_k allowed for concat). theta: (K,) float32 gate logits, a = softmax(theta). fuse: "concat"
     (output C = sum C_k) or "sum" (all C_k equal, output C = C_k). gamma, beta: optional (C,)
     float32 LayerNorm affine. controller: an optional q2kernels.gate_controller.GateController whose
@@ -199,9 +199,8 @@ def gated_fusion(xs, theta, gamma=None, beta=None, fuse: str = "concat", eps: fl
     """
     if not isinstance(xs, (list, tuple)):
         raise TypeError(f"xs: expected a list or tuple of tensors, got {type(xs).__name__}")
-    if not 2 <= len(xs) <= _fusion.MAX_BRANCHES:
-        raise ValueError(f"xs: expected 2..{_fusion.MAX_BRANCHES} branches, got {len(xs)} "
-                         f"(the fused kernel holds at most {_fusion.MAX_BRANCHES} branch pointers)")
+    if len(xs) < 2:
+        raise ValueError(f"xs: expected at least 2 branches, got {len(xs)}")
     x0 = check_float_tensor(xs[0], "xs[0]")
     for k, x in enumerate(xs):
         check_float_tensor(x, f"xs[{k}]")
