@@ -615,6 +615,31 @@ def test_calibration_records_mean_statistics():
     sigmabar = torch.cat([s.flatten() for s in sig]).double().mean().item()
     assert stats["node.fusion"] == (pytest.approx(mubar, rel=1e-6), pytest.approx(sigmabar, rel=1e-6))
     assert net.training  # restored
+    # Later forwards (training or not) leave the calibrated statistics alone.
+    before = (f.mubar.clone(), f.sigmabar.clone())
+    net(torch.randn(2, 3, 6, 7) * 5 + 3).sum().backward()
+    with torch.no_grad():
+        net.eval()(torch.randn(2, 3, 6, 7) * 5 + 3)
+    assert torch.equal(f.mubar, before[0]) and torch.equal(f.sigmabar, before[1])
+
+
+def test_failed_calibration_leaves_the_node_uncalibrated():
+    net = _DeployNet()
+
+    def broken():
+        yield torch.randn(2, 3, 6, 7)
+        raise RuntimeError("data loader broke")
+
+    with pytest.raises(RuntimeError, match="data loader broke"):
+        deploy.calibrate_fusion(net, broken())
+    f = net.node.fusion
+    assert torch.isnan(f.mubar) and net.training  # nothing half-written, mode restored
+    batch = torch.randn(2, 3, 6, 7)
+    stats = deploy.calibrate_fusion(net, [batch])  # counts this batch only
+    with torch.no_grad():
+        mu, sigma = ref.fusion_stats([s(batch) for s in net.stem], f.theta)
+    assert stats["node.fusion"] == (pytest.approx(mu.double().mean().item(), rel=1e-6),
+                                    pytest.approx(sigma.double().mean().item(), rel=1e-6))
 
 
 def test_fixed_affine_approximates_layernorm_on_calibration_like_data():

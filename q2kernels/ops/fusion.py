@@ -8,7 +8,8 @@ registers: each branch is read once, the per-pixel mean and rstd are reduced fro
 normalised output is written once, and (mean, rstd) are saved in fp32 per pixel.
 
 Backward: a persistent grid; each program walks pixel blocks, reads the branches and dy once,
-recomputes xhat from the saved statistics, writes each branch's dx, and accumulates dgamma, dbeta
+recomputes xhat from the saved statistics (phase 1: the per-pixel sums of the LayerNorm backward;
+phase 2: dh, then each branch's dx), writes each branch's dx, and accumulates dgamma, dbeta
 (per channel), the gate grads da_k = sum(dh_k*x_k) and the branch energies E_k = sum(dx_k^2) in fp32
 registers. Each program stores one row of partials; a torch column sum over the programs is the
 deterministic second stage (no atomics, no host sync).
@@ -44,11 +45,11 @@ from ._triton_utils import cast_to
 
 # Elements of the [BLOCK_P, row] tile a program holds (forward: x; backward: x and dy), and the
 # warps that hold it. Divided by the padded row length the tile gives BLOCK_P (at most MAX_BLOCK_P,
-# at least 1). Chosen from the sm_90 compile (ptxas, no GPU): the forward keeps ~32 fp32 values of
-# the tile per thread at 16 warps in under 100 registers; the backward, with about six tiles live
-# (x, dy, xhat, g, dh, dx), fits ~16 values per thread in the 255 registers of 8 warps without
-# spilling, where 16 warps (128 registers each) spill. Throughput is for the GPU benchmark to
-# tune (benchmarks/bench_fusion.py --sweep).
+# at least 1). Chosen from the sm_90 compile (ptxas, no GPU; benchmarks/sass_fusion.py): the
+# forward keeps ~32 fp32 values of the tile per thread at 16 warps; the backward keeps x and dy
+# live across its per-pixel reductions (xhat and g are recomputed after them) and fits ~16 values
+# per thread in the registers of 8 warps, where 16 warps (128 registers each) spill. Throughput is
+# for the GPU benchmark to tune (benchmarks/bench_fusion.py --sweep).
 FWD_TILE, FWD_WARPS = 16384, 16
 BWD_TILE, BWD_WARPS = 4096, 8
 MAX_BLOCK_P = 128
