@@ -65,10 +65,15 @@ def _resources(kernel) -> dict:
         sass = subprocess.run([str(BIN / "cuobjdump"), "-sass", str(cubin)], capture_output=True, text=True,
                               check=True).stdout
     frame = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", v)
-    ins = re.findall(r"/\*[0-9a-f]{4}\*/\s+([^;]+);", sass)
-    ops = [re.sub(r"^@!?U?P\w+\s+", "", i).split()[0] for i in ins]
+    ins = re.findall(r"/\*([0-9a-f]{4})\*/\s+([^;]+);", sass)
+    addrs = [int(a, 16) for a, _ in ins]
+    ops = [re.sub(r"^@!?U?P\w+\s+", "", i).split()[0] for _, i in ins]
+    # The main loop: the longest backward branch (target below the branch); 0 for straight-line code.
+    loops = [(a, int(t, 16)) for a, (_, i) in zip(addrs, ins)
+             for t in re.findall(r"BRA (?:!?U?P\w+, )?0x([0-9a-f]+)", i) if int(t, 16) < a]
+    loop = max((a - t for a, t in loops), default=-16) // 16 + 1
     return dict(regs=int(re.search(r"Used (\d+) registers", v).group(1)), stack=int(frame.group(1)),
-                spill_st=int(frame.group(2)), spill_ld=int(frame.group(3)), sass=len(ops),
+                spill_st=int(frame.group(2)), spill_ld=int(frame.group(3)), sass=len(ops), loop=loop,
                 ldg={w: sum(o.startswith("LDG") and o.endswith(w) for o in ops) for w in (".128", ".64")},
                 ldg_all=sum(o.startswith("LDG") for o in ops), stg_all=sum(o.startswith("STG") for o in ops),
                 stg128=sum(o.startswith("STG") and o.endswith(".128") for o in ops))
@@ -109,16 +114,20 @@ def main(argv=None):
     import q2kernels.functional  # noqa: F401  (registers the ops)
 
     print("| node | branches | dtype | layout | offsets | kernel | regs | stack B | spill st/ld B | SASS | "
-          "LDG (128b/64b) | STG (128b) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "loop SASS | per element | LDG (128b/64b) | STG (128b) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for off in opts.offsets:
         for model, node, br, dt, lay, off, kname, fn, args, kwargs in _drive(opts.batch, off == "int64"):
             if kname not in opts.kernels:
                 continue
             r = _resources(_compile(fn, args, kwargs))
+            # Elements of x a thread holds per pixel block: the [BLOCK_P, sum BCS] tile over its threads.
+            # The forward is straight-line code (one pixel block per program): all of it counts.
+            per_thread = kwargs["BLOCK_P"] * sum(kwargs["BCS"]) / (32 * kwargs["num_warps"])
+            body = r["loop"] or r["sass"]
             print(f"| {model} {node} | {br} | {dt} | {lay} | {off} | {kname} | {r['regs']} | {r['stack']} | "
-                  f"{r['spill_st']}/{r['spill_ld']} | {r['sass']} | {r['ldg_all']} ({r['ldg']['.128']}/{r['ldg']['.64']}) | "
-                  f"{r['stg_all']} ({r['stg128']}) |", flush=True)
+                  f"{r['spill_st']}/{r['spill_ld']} | {r['sass']} | {body} | {body / per_thread:.1f} | "
+                  f"{r['ldg_all']} ({r['ldg']['.128']}/{r['ldg']['.64']}) | {r['stg_all']} ({r['stg128']}) |", flush=True)
 
 
 if __name__ == "__main__":
