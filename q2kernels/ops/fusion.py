@@ -239,7 +239,8 @@ def _gated_fusion_bwd_kernel(
     pid = tl.program_id(0)
     K: tl.constexpr = len(XS)
     # fp32 accumulators over this program's pixel blocks: da_k and E_k per pixel row; dgamma and
-    # dbeta per channel, one vector per branch (concat) or one for the single sum (sum).
+    # dbeta per channel, one vector per branch (concat) or one for the single sum (sum). Triton
+    # tuples are immutable: each pixel block builds the updated tuples (new_*) and rebinds them.
     da = ()
     e = ()
     for k in tl.static_range(K):
@@ -335,7 +336,9 @@ def _gated_fusion_bwd_kernel(
 
 def pixel_stride(x: torch.Tensor) -> Optional[int]:
     """Stride between consecutive pixels h*W + w of x (B, C, H, W), or None when H and W do not
-    merge into one strided axis (then the launch makes x contiguous)."""
+    merge into one strided axis (then the launch makes x contiguous). Not ops/_layout.py's walker:
+    that one views a dense tensor as (OUTER, C, INNER) and would copy a channel slice of a wider
+    tensor, which this (batch, channel, pixel) addressing reads in place."""
     H, W = x.shape[2], x.shape[3]
     if W == 1:
         return x.stride(2)
