@@ -6,8 +6,8 @@ channels_last input (the LayerNorm alone, on an already concatenated tensor).
 
 impl:
   q2kernels       fused op, learned gates (GABFusion), energies computed but not recorded
-  q2kernels+ctrl  fused op with the balanced controller (Q-GBFusion): energies recorded, EMA and
-                  gate step in the backward (single process: no all-reduce)
+  q2kernels+ctrl  fused op with the balanced controller (Q-GBFusion): gradient norms recorded,
+                  EMA and gate step in the backward (single process: no all-reduce)
   eager           softmax, mul, mul, cat, permute, layer_norm, permute
   eager+energy    the same, with the branch energies measured the eager way (a hook per branch:
                   one more read of every dx)
@@ -35,7 +35,7 @@ import torch.nn.functional as TF  # noqa: E402
 
 import q2kernels  # noqa: E402
 from q2kernels import functional as F  # noqa: E402
-from q2kernels import reference as ref  # noqa: E402
+from q2kernels.gate_controller import GateController  # noqa: E402
 from q2kernels.ops import fusion as fusion_op  # noqa: E402
 
 COLUMNS = ["model", "node", "branches", "batch", "layout", "dtype", "impl", "fwd_ms", "bwd_ms",
@@ -87,7 +87,7 @@ def _fused(controller_factory):
 def _balanced_controller(K, device):
     """Controller state of a balanced GatedFusion, made once: the step is timed, not its setup."""
     f32 = dict(device=device, dtype=torch.float32)
-    state = ref.GateController(torch.zeros(K, **f32), torch.zeros(K, **f32),
+    state = GateController(torch.zeros(K, **f32), torch.zeros(K, **f32),
                                torch.zeros((), device=device, dtype=torch.int64),
                                torch.zeros(1000, 1 + 3 * K, **f32), torch.zeros(K, **f32), torch.zeros(K, **f32))
     return lambda: state

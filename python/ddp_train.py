@@ -54,7 +54,7 @@ def main(argv=None):
     # Parameters and the gates' controller state must agree bit for bit. (BatchNorm running
     # statistics are rank-local between DDP's broadcasts of rank 0's buffers at each forward.)
     state = {k: v.detach() for k, v in model.named_parameters()}
-    state.update({f"fuse.{k}": getattr(model.fuse, k) for k in ("theta", "energy", "energy_ema", "steps")})
+    state.update({f"fuse.{k}": getattr(model.fuse, k) for k in ("theta", "grad_norm", "grad_norm_ema", "steps")})
     mismatched, nonfinite = [], [name for name, t in state.items() if not bool(torch.isfinite(t).all())]
     for name, t in state.items():
         gathered = [torch.empty_like(t) for _ in range(world)]

@@ -134,12 +134,12 @@ def evaluate(model, data, batch=32):
 
 
 def imbalance(model) -> tuple[float, float]:
-    """Mean over fusion nodes of |log E_0 - log E_1| (EMA energies), at the first and last step."""
+    """Mean over fusion nodes of |log G_0 - log G_1| (EMA gradient norms), at the first and last step."""
     first, last = [], []
     for m in model.modules():
         if isinstance(m, GatedFusion):
             log = m.gate_log()
-            e = log["energy_ema"].double().clamp_min(1e-30).log()
+            e = log["grad_norm_ema"].double().clamp_min(1e-30).log()
             if e.shape[0]:
                 first.append((e[0, 0] - e[0, 1]).abs().item())
                 last.append((e[-5:, 0] - e[-5:, 1]).abs().mean().item())
@@ -186,11 +186,11 @@ def plot(path: Path, float_losses, runs, fusion_logs):
     for name, logs in fusion_logs.items():
         fig, axes = plt.subplots(2, len(logs), figsize=(3.2 * len(logs), 5), squeeze=False)
         for j, (node, log) in enumerate(logs.items()):
-            e = log["energy_ema"].double().clamp_min(1e-30).log10()
+            e = log["grad_norm_ema"].double().clamp_min(1e-30).log10()
             for k in range(e.shape[1]):
                 axes[0, j].plot(e[:, k], label=f"branch {k}")
                 axes[1, j].plot(log["gates"][:, k], label=f"gate {k}")
-            axes[0, j].set_title(f"node {node}: log10 EMA energy", fontsize=8)
+            axes[0, j].set_title(f"node {node}: log10 EMA grad norm", fontsize=8)
             axes[1, j].set_title("gates softmax(theta)", fontsize=8)
             axes[1, j].set_xlabel("step")
         axes[0, 0].legend(fontsize=7), axes[1, 0].legend(fontsize=7)
@@ -264,13 +264,13 @@ def main(smoke: bool = False, steps: int | None = None, out: str = "q2k_demo_out
         rows.append(row)
 
     print(f"\n{'run':<18}{'float':>7}{'fake-q':>8}{'fq fixed-LN':>12}{'integer':>9}{'step ms':>9}{'peak MiB':>10}"
-          "  energy imbalance")
+          "  grad-norm imbalance")
     for r in rows:
         imb = r.get("imbalance")
         peak = f"{r['peak']:.0f}" if r["peak"] is not None else "n/a"
         print(f"{r['run']:<18}{r['float']:>7.3f}{r['fake_quant']:>8.3f}{r['fq_deployed']:>12.3f}{r['integer']:>9.3f}"
               f"{r['step_ms']:>9.1f}"
-              f"{peak:>10}  " + (f"|log E0/E1| {imb[0]:.2f} -> {imb[1]:.2f}" if imb else ""))
+              f"{peak:>10}  " + (f"|log G0/G1| {imb[0]:.2f} -> {imb[1]:.2f}" if imb else ""))
     print(f"metric: mIoU of the shape classes at stride 8. 'fq fixed-LN' is the fake-quant model with each\n"
           f"LayerNorm replaced by its calibrated affine, as deployed; integer == it within {INT_METRIC_TOL}")
 

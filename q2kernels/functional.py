@@ -9,10 +9,11 @@ import torch
 from . import _backend
 from . import reference as ref
 from ._validate import check_axis, check_bits, check_float_tensor, check_param
+from .gate_controller import GateController, op_arguments
 from .ops import ada as _ada  # noqa: F401  (registers q2kernels::q_ada)
 from .ops import dorefa as _dorefa  # noqa: F401  (registers q2kernels::dorefa_weight)
 from .ops import fake_quant as _fq
-from .ops import fusion as _fusion
+from .ops import fusion as _fusion  # noqa: F401  (registers q2kernels::gated_fusion)
 from .ops import n2uq as _n2uq  # noqa: F401  (registers q2kernels::n2uq_act, q2kernels::n2uq_weight)
 
 
@@ -198,18 +199,18 @@ def gated_fusion(xs, theta, gamma=None, beta=None, fuse: str = "concat", eps: fl
                  controller=None):
     """Gated fusion + LayerNorm over channels (MATH.md 5; GABFusion / Q-GBFusion).
 
-    xs: 2..4 tensors (B, C_k, H, W) of one float dtype and device, NCHW or channels_last (ragged
+    xs: K >= 2 tensors (B, C_k, H, W) of one float dtype and device, NCHW or channels_last (ragged
     C_k allowed for concat). theta: (K,) float32 gate logits, a = softmax(theta). fuse: "concat"
     (output C = sum C_k) or "sum" (all C_k equal, output C = C_k). gamma, beta: optional (C,)
-    float32 LayerNorm affine. controller: an optional reference.GateController whose tensors the
-    backward updates in place with the branch energies E_k = sum(dx_k^2) (and, when it holds theta,
-    the closed-loop gate step). Returns y (B, C, H, W) in the inputs' dtype, laid out like xs[0].
+    float32 LayerNorm affine. controller: an optional q2kernels.gate_controller.GateController whose
+    tensors the backward updates in place with the branch gradient norms G_k = ||dx_k||_2 (and, when
+    it holds theta, the closed-loop gate step). Returns y (B, C, H, W) in the inputs' dtype, laid
+    out like xs[0].
     """
     if not isinstance(xs, (list, tuple)):
         raise TypeError(f"xs: expected a list or tuple of tensors, got {type(xs).__name__}")
-    if not 2 <= len(xs) <= _fusion.MAX_BRANCHES:
-        raise ValueError(f"xs: expected 2..{_fusion.MAX_BRANCHES} branches, got {len(xs)} "
-                         f"(the fused kernel holds at most {_fusion.MAX_BRANCHES} branch pointers)")
+    if len(xs) < 2:
+        raise ValueError(f"xs: expected at least 2 branches, got {len(xs)}")
     x0 = check_float_tensor(xs[0], "xs[0]")
     for k, x in enumerate(xs):
         check_float_tensor(x, f"xs[{k}]")
@@ -237,19 +238,19 @@ def gated_fusion(xs, theta, gamma=None, beta=None, fuse: str = "concat", eps: fl
         beta = _check_fusion_param(beta, "beta", x0, C)
     eps = _check_number(eps, "eps", 0.0, lo_allowed=False)
     if controller is not None:
-        if not isinstance(controller, ref.GateController):
-            raise TypeError(f"controller: expected a q2kernels.reference.GateController, got {type(controller).__name__}")
+        if not isinstance(controller, GateController):
+            raise TypeError(f"controller: expected a q2kernels.gate_controller.GateController, "
+                            f"got {type(controller).__name__}")
         for field, t in zip(controller._fields, controller):
             if isinstance(t, torch.Tensor) and t.device != x0.device:
                 raise ValueError(f"controller.{field}: is on {t.device} but xs[0] is on {x0.device}")
     if _backend.resolve(x0) == "triton":
         gates = torch.softmax(theta.float(), dim=0)
-        momentum, eta, group = (ref.fusion.MOMENTUM, ref.fusion.ETA, None) if controller is None else \
-            (float(controller.momentum), float(controller.eta), controller.group)
         y, _, _ = torch.ops.q2kernels.gated_fusion(list(xs), gates, gamma, beta, fuse == "concat", eps,
-                                                   _fusion.controller_tensors(controller), momentum, eta, group)
+                                                   *op_arguments(controller))
         return y
-    return ref.gated_fusion(list(xs), theta, gamma, beta, fuse=fuse, eps=eps, controller=controller)
+    return ref.gated_fusion(list(xs), theta, gamma, beta, fuse=fuse, eps=eps,
+                            on_energies=None if controller is None else controller.step)
 
 
 # ---- Q-ADA in both saliency forms (helper `ada`; the lead may fold q_ada_loss into this) ----

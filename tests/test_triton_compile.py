@@ -23,23 +23,27 @@ launches = {}
 def record(self, *args, grid, warmup, **kwargs):
     bound = dict(zip(self.arg_names, args), **kwargs)
     options = {k: bound.pop(k) for k in ("num_warps", "num_stages") if k in bound}
+    def typ(name, v):
+        if isinstance(v, tuple):  # a Triton tuple argument: typed element by element
+            return tuple(typ(name, e) for e in v)
+        if isinstance(v, torch.Tensor):
+            return "*" + {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
+                          torch.int32: "i32", torch.int64: "i64", torch.uint8: "u8", torch.bool: "i1"}[v.dtype]
+        if isinstance(v, bool):
+            return "i1"
+        if isinstance(v, int):
+            return "i32" if -2**31 <= v < 2**31 else "i64"
+        if isinstance(v, float):
+            return "fp32"
+        raise TypeError(f"{self.fn.__name__}.{name}: cannot type {v!r}")
+
     sig, const = {}, {}
     for p in self.params:
         v = bound[p.name]
         if p.is_constexpr:
             sig[p.name], const[p.name] = "constexpr", v
-        elif isinstance(v, torch.Tensor):
-            sig[p.name] = "*" + {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
-                                 torch.int32: "i32", torch.int64: "i64", torch.uint8: "u8",
-                                 torch.bool: "i1"}[v.dtype]
-        elif isinstance(v, bool):
-            sig[p.name] = "i1"
-        elif isinstance(v, int):
-            sig[p.name] = "i32" if -2**31 <= v < 2**31 else "i64"
-        elif isinstance(v, float):
-            sig[p.name] = "fp32"
         else:
-            raise TypeError(f"{self.fn.__name__}.{p.name}: cannot type {v!r}")
+            sig[p.name] = typ(p.name, v)
     key = (self.fn.__qualname__, tuple(sorted(sig.items())), tuple(sorted((k, repr(v)) for k, v in const.items())))
     launches[key] = (self, sig, const, options)
 

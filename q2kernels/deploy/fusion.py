@@ -1,7 +1,8 @@
-"""Deployment of gated fusion nodes (MATH.md 5, "LayerNorm removal").
+"""Deployment of gated fusion nodes (docs/math.md §5, "LayerNorm removal").
 
 1. `calibrate_fusion(model, batches)` runs the model over calibration batches and records, at every
-   GatedFusion, mubar = mean(mu) and sigmabar = mean(sqrt(var + eps)) over all pixels seen.
+   GatedFusion, mubar = mean(mu) and sigmabar = mean(sqrt(var + eps)) over all pixels seen (a
+   forward hook on each node, removed afterwards).
 2. The LayerNorm then becomes the fixed per-channel affine y_c = A_c*h_c + B_c with
    A_c = a_k(c)*gamma_c/sigmabar and B_c = beta_c - gamma_c*mubar/sigmabar (`layernorm_affine`).
    `freeze_fusion(model)` replaces every GatedFusion by that fixed op (a FixedFusion).
@@ -31,6 +32,7 @@ import warnings
 import torch
 from torch import nn
 
+from .. import reference as ref
 from ..nn.fusion import FusionConv, GatedFusion
 
 # Attributes an ultralytics layer list routes by (`f`: inputs, `i`: index); a replacement keeps them.
@@ -78,10 +80,10 @@ def calibrate_fusion(model: nn.Module, batches, forward=None) -> dict[str, tuple
     nodes = _fusion_nodes(model)
     if not nodes:
         raise ValueError("model: contains no GatedFusion to calibrate")
+    sums = {name: _StatSums(m.theta.device) for name, m in nodes}
+    hooks = [m.register_forward_hook(sums[name].hook, with_kwargs=True) for name, m in nodes]
     was_training = model.training
     model.eval()
-    for _, m in nodes:
-        m._start_calibration()
     try:
         with torch.no_grad():
             for batch in batches:
@@ -91,11 +93,34 @@ def calibrate_fusion(model: nn.Module, batches, forward=None) -> dict[str, tuple
                     forward(model, batch)
     finally:
         model.train(was_training)
-        seen = {name: m._finish_calibration() for name, m in nodes}
-    missing = [n for n, ok in seen.items() if not ok]
+        for h in hooks:
+            h.remove()
+    missing = [name for name, acc in sums.items() if acc.pixels.item() == 0]
     if missing:
         raise ValueError(f"batches: the GatedFusion node(s) {missing} saw no pixel during calibration")
+    with torch.no_grad():
+        for name, m in nodes:
+            acc = sums[name]
+            m.mubar.copy_(acc.mu / acc.pixels)
+            m.sigmabar.copy_(acc.sigma / acc.pixels)
     return {n: (m.mubar.item(), m.sigmabar.item()) for n, m in nodes}
+
+
+class _StatSums:
+    """float64 sums of the per-pixel mu and sqrt(var + eps) a GatedFusion saw, and the pixel count;
+    `hook` is its forward hook."""
+
+    def __init__(self, device):
+        self.mu = torch.zeros((), device=device, dtype=torch.float64)
+        self.sigma = torch.zeros_like(self.mu)
+        self.pixels = torch.zeros_like(self.mu)
+
+    def hook(self, node: GatedFusion, args, kwargs, output):
+        xs = args[0] if args else kwargs["xs"]
+        mu, sigma = ref.fusion_stats(list(xs), node.theta, fuse=node.fuse, eps=node.eps)
+        self.mu += mu.double().sum()
+        self.sigma += sigma.double().sum()
+        self.pixels += mu.numel()
 
 
 def _check_calibrated(name: str, node: GatedFusion):
@@ -139,11 +164,11 @@ def _replace(model: nn.Module, name: str, new: nn.Module):
         raise ValueError("model: is itself a GatedFusion; wrap it in a module to deploy it")
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
-    old = parent._modules[child]
+    old = parent.get_submodule(child)
     for attr in _ROUTING_ATTRS:
-        if attr in old.__dict__:
-            setattr(new, attr, old.__dict__[attr])
-    parent._modules[child] = new
+        if attr in vars(old):
+            setattr(new, attr, vars(old)[attr])
+    setattr(parent, child, new)
 
 
 def freeze_fusion(model: nn.Module) -> nn.Module:

@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..reference.ada import DISTORTION_EPS, FORMS, KAPPA
+from ..constants import DISTORTION_EPS, KAPPA
 from . import _layout
 from ._triton_utils import cast_to
 
@@ -386,8 +386,8 @@ def _prepare(T, S, Sq, Tq):
 
 
 def _form_id(form: str) -> int:
-    if form not in FORMS:
-        raise ValueError(f"form: expected one of {FORMS}, got {form!r}")
+    if form not in _FORM_ID:
+        raise ValueError(f"form: expected one of {tuple(_FORM_ID)}, got {form!r}")
     return _FORM_ID[form]
 
 

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..reference.fake_quant import SCALE_FLOOR
+from ..constants import SCALE_FLOOR
 from . import _layout
 from ._triton_utils import cast_to, channel_offsets, clip, round_clip
 

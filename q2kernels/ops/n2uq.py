@@ -33,7 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..reference.n2uq import A_FLOOR, ltq_interval, ltq_levels
+from ..constants import A_FLOOR
+from ..reference.n2uq import ltq_interval, ltq_levels
 from . import _layout
 from ._triton_utils import cast_to, channel_offsets, clip, round_clip
 

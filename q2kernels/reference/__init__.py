@@ -1,6 +1,6 @@
 """Eager PyTorch implementations of every op: the oracle of the tests and the CPU backend."""
 from .ada import q_ada_loss
-from .fusion import GateController, controller_update, fusion_stats, gated_fusion
+from .fusion import fusion_stats, gated_fusion
 from .fake_quant import (
     QRANGE_MODES,
     dorefa_weight_fake_quant,
@@ -15,9 +15,7 @@ from .fake_quant import (
 from .n2uq import ltq_init, ltq_tables, n2uq_act_fake_quant, n2uq_weight_fake_quant, n2uq_weight_scale
 
 __all__ = [
-    "GateController",
     "QRANGE_MODES",
-    "controller_update",
     "dorefa_weight_fake_quant",
     "fusion_stats",
     "gated_fusion",

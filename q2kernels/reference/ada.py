@@ -31,9 +31,9 @@ from __future__ import annotations
 
 import torch
 
+from ..constants import DISTORTION_EPS, KAPPA
+
 LAMBDA = 1e-4           # SimAM's lambda
-KAPPA = 1e-6            # Q2's kappa: z = |X - mu| / (sd + kappa), r = Dist / (Delta + kappa)
-DISTORTION_EPS = 1e-6   # SimAM form: delta = |Sq - S| / (Delta + 1e-6)
 FORMS = ("q2", "simam")
 DIVERGENCES = ("js", "kl")
 REDUCTIONS = ("mean", "sum")

@@ -10,7 +10,7 @@ import math
 
 import torch
 
-SCALE_FLOOR = 1e-8  # s' = max(s, 1e-8)
+from ..constants import SCALE_FLOOR
 
 QRANGE_MODES = ("unsigned", "signed", "symmetric")
 

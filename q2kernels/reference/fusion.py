@@ -1,139 +1,21 @@
-"""Eager reference of gated fusion + LayerNorm and its closed-loop gate controller (MATH.md section 5).
+"""Eager reference of gated fusion + LayerNorm (docs/math.md §5): the oracle of the tests and the
+CPU backend.
 
 GABFusion / Q-GBFusion: K >= 2 branches x_k (B, C_k, H, W) are scaled by gates a = softmax(theta),
 concatenated along channels (or summed, when every C_k is equal), and normalised over the channels
 of every pixel by a LayerNorm with optional affine (gamma, beta). The backward is the closed form of
-MATH.md 5 in plain fp32 PyTorch, and it also returns each branch's gradient energy
-E_k = sum(dx_k^2) (from the fp32 dx_k, before any cast to the branch's dtype).
-
-The controller (Q-GBFusion) moves the gate logits after each backward from those energies. It runs
-inside the backward as the opaque op `q2kernels::gate_controller`, so that both backends, eagerly
-and under torch.compile, apply it in place to the module's buffers without tracing the all-reduce.
-It is registered here, with the reference, because its implementation *is* the reference math: there
-is no kernel, only K-element tensor ops. This module never imports from q2kernels.ops.
+docs/math.md §5 in plain fp32 PyTorch, and it also computes each branch's gradient energy
+E_k = sum(dx_k^2) (from the fp32 dx_k, before any cast to the branch's dtype), which it hands to
+the caller's `on_energies` callback (the gate controller, q2kernels/gate_controller.py). This module
+holds pure functions only: no state, no communication, no import from q2kernels.ops.
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
-
 import torch
 
+from ..constants import LAYERNORM_EPS as EPS
+
 FUSE_MODES = ("concat", "sum")
-EPS = 1e-5
-MOMENTUM = 0.9      # EMA of the energies: Ebar <- m*Ebar + (1-m)*E
-ETA = 0.05          # gate-logit step: theta <- theta - eta*d
-LOG_FLOOR = 1e-12   # l_k = log(Ebar_k + 1e-12)
-
-
-# --------------------------------------------------------------------------------------------
-# The controller
-# --------------------------------------------------------------------------------------------
-
-class GateController(NamedTuple):
-    """Where the backward of a gated fusion records the branch energies and, when `theta` is given,
-    moves the gates (MATH.md 5). All tensors are updated in place by the backward.
-
-    energy:     (K,) fp32, this step's energies E (summed over the ranks of `group` when theta moves).
-    energy_ema: (K,) fp32, Ebar.
-    steps:      () int64, backward steps recorded so far (Ebar <- E on the first).
-    history:    (L, 1 + 3K) fp32 ring buffer, row `steps % L` = [step, E, Ebar, gates used in the
-                forward]; L = 0 keeps none.
-    theta:      (K,) fp32 gate logits the loop moves (balanced mode), or None to record only: then
-                the energies are this rank's own, not all-reduced.
-    tau:        (K,) fp32 target log-energy offsets, or None for 0.
-    group:      name of a process group registered with `register_process_group`, or None for the
-                default group when torch.distributed is initialised (no all-reduce otherwise).
-    """
-    energy: torch.Tensor
-    energy_ema: torch.Tensor
-    steps: torch.Tensor
-    history: torch.Tensor
-    theta: Optional[torch.Tensor] = None
-    tau: Optional[torch.Tensor] = None
-    momentum: float = MOMENTUM
-    eta: float = ETA
-    group: Optional[str] = None
-
-
-def controller_update(energy, energy_ema, steps, theta=None, tau=None, momentum=MOMENTUM, eta=ETA):
-    """One step of the closed loop on already all-reduced energies, out of place (MATH.md 5):
-    Ebar <- E on the first step (steps == 0), else m*Ebar + (1-m)*E; l = log(Ebar + 1e-12);
-    d = l - mean(l) - tau; theta <- theta - eta*d; theta <- theta - mean(theta).
-    Returns (new Ebar, new theta or None). No host sync: the first step is a torch.where."""
-    e = energy.float()
-    ema = torch.where(steps == 0, e, energy_ema * momentum + e * (1.0 - momentum))
-    if theta is None:
-        return ema, None
-    lg = torch.log(ema + LOG_FLOOR)
-    d = lg - lg.mean()
-    if tau is not None:
-        d = d - tau
-    t = theta - eta * d
-    return ema, t - t.mean()
-
-
-_PROCESS_GROUPS: dict = {}
-
-
-def register_process_group(group) -> str:
-    """Make a process group reachable by name from inside the backward; returns the name."""
-    name = group.group_name
-    _PROCESS_GROUPS[name] = group
-    return name
-
-
-def _resolve_group(name: Optional[str]):
-    import torch.distributed as dist
-
-    if name is not None:
-        if name not in _PROCESS_GROUPS:
-            raise ValueError(f"group: no process group named {name!r} was registered "
-                             "(q2kernels.reference.fusion.register_process_group)")
-        return _PROCESS_GROUPS[name]
-    if dist.is_available() and dist.is_initialized():
-        return dist.group.WORLD
-    return None
-
-
-@torch.library.custom_op(
-    "q2kernels::gate_controller",
-    mutates_args=("energy", "energy_ema", "steps", "history", "theta"))
-def gate_controller(energy_in: torch.Tensor, gates: torch.Tensor, energy: torch.Tensor,
-                    energy_ema: torch.Tensor, steps: torch.Tensor, history: torch.Tensor,
-                    theta: Optional[torch.Tensor], tau: Optional[torch.Tensor], momentum: float,
-                    eta: float, group: Optional[str]) -> None:
-    """Record this backward's energies `energy_in` and, when `theta` is given, move it (see
-    GateController for the arguments). The all-reduce is the only communication: every rank then
-    runs the same fp32 ops on the same values, so theta stays bitwise equal across ranks."""
-    e = energy_in.detach().float().clone()
-    pg = _resolve_group(group) if theta is not None else None
-    if pg is not None:
-        import torch.distributed as dist
-
-        dist.all_reduce(e, op=dist.ReduceOp.SUM, group=pg)
-    ema, new_theta = controller_update(e, energy_ema, steps, theta, tau, momentum, eta)
-    energy.copy_(e)
-    energy_ema.copy_(ema)
-    if new_theta is not None:
-        theta.copy_(new_theta)
-    if history.size(0) > 0:
-        row = torch.cat([steps.reshape(1).float(), e, ema, gates.detach().float()]).unsqueeze(0)
-        history.index_copy_(0, (steps % history.size(0)).reshape(1), row.to(history.dtype))
-    steps.add_(1)
-
-
-@gate_controller.register_fake
-def _(energy_in, gates, energy, energy_ema, steps, history, theta, tau, momentum, eta, group):
-    return None
-
-
-def run_controller(controller: Optional[GateController], energies: torch.Tensor, gates: torch.Tensor):
-    """Called by both backends' backward with the energies they computed."""
-    if controller is None:
-        return
-    c = controller
-    torch.ops.q2kernels.gate_controller(energies, gates, c.energy, c.energy_ema, c.steps, c.history,
-                                        c.theta, c.tau, float(c.momentum), float(c.eta), c.group)
 
 
 # --------------------------------------------------------------------------------------------
@@ -166,7 +48,7 @@ def _stats(h: torch.Tensor, eps: float):
 
 class _GatedFusion(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, gates, gamma, beta, concat, eps, controller, *xs):
+    def forward(ctx, gates, gamma, beta, concat, eps, on_energies, *xs):
         h = _fuse(xs, gates, concat)
         mu, rstd = _stats(h, eps)
         y = (h - mu) * rstd
@@ -175,7 +57,7 @@ class _GatedFusion(torch.autograd.Function):
         if beta is not None:
             y = y + _channel(beta)
         ctx.save_for_backward(gates, gamma, mu, rstd, *xs)
-        ctx.concat, ctx.has_beta, ctx.controller = concat, beta is not None, controller
+        ctx.concat, ctx.has_beta, ctx.on_energies = concat, beta is not None, on_energies
         return y.to(xs[0].dtype)
 
     @staticmethod
@@ -195,25 +77,27 @@ class _GatedFusion(torch.autograd.Function):
         dxs = [gates[k] * dhs[k] for k in range(len(xs))]
         da = torch.stack([(dhs[k] * x.float()).sum() for k, x in enumerate(xs)])
         energies = torch.stack([(dx * dx).sum() for dx in dxs])
-        run_controller(ctx.controller, energies, gates)
+        if ctx.on_energies is not None:
+            ctx.on_energies(energies, gates)
         dgamma = (dyf * xhat).sum(dim=(0, 2, 3)) if gamma is not None else None
         dbeta = dyf.sum(dim=(0, 2, 3)) if ctx.has_beta else None
         return (da, dgamma, dbeta, None, None, None) + tuple(dx.to(x.dtype) for dx, x in zip(dxs, xs))
 
 
-def gated_fusion_gates(xs, gates, gamma=None, beta=None, fuse="concat", eps=EPS, controller=None):
+def gated_fusion_gates(xs, gates, gamma=None, beta=None, fuse="concat", eps=EPS, on_energies=None):
     """Gated fusion + LayerNorm from the gates a themselves (K fp32 values); grad flows to a as
     da_k = sum(dh_k*x_k)."""
-    return _GatedFusion.apply(gates, gamma, beta, fuse == "concat", float(eps), controller, *xs)
+    return _GatedFusion.apply(gates, gamma, beta, fuse == "concat", float(eps), on_energies, *xs)
 
 
-def gated_fusion(xs, theta, gamma=None, beta=None, fuse="concat", eps=EPS, controller=None):
-    """MATH.md 5: a = softmax(theta); h = concat_k(a_k*x_k) (or sum_k a_k*x_k);
+def gated_fusion(xs, theta, gamma=None, beta=None, fuse="concat", eps=EPS, on_energies=None):
+    """docs/math.md §5: a = softmax(theta); h = concat_k(a_k*x_k) (or sum_k a_k*x_k);
     y = (h - mean_c h)/sqrt(var_c h + eps)*gamma + beta at every pixel. dtheta comes from the
-    softmax Jacobian, a*(da - sum_j a_j*da_j), by autograd of torch.softmax. `controller`
-    (GateController) receives the branch energies after the backward."""
+    softmax Jacobian, a*(da - sum_j a_j*da_j), by autograd of torch.softmax. `on_energies`, when
+    given, is called in the backward with (E, gates): the (K,) fp32 branch energies E_k = sum(dx_k^2)
+    and the gates the forward used."""
     gates = torch.softmax(theta.float(), dim=0)
-    return gated_fusion_gates(xs, gates, gamma, beta, fuse, eps, controller)
+    return gated_fusion_gates(xs, gates, gamma, beta, fuse, eps, on_energies)
 
 
 def fusion_stats(xs, theta, fuse="concat", eps=EPS):

@@ -17,8 +17,7 @@ import struct
 
 import torch
 
-# a+ = a if a > 1e-3 else 1e-3, with 1e-3 rounded to fp32 (the authors' eps is an fp32 tensor).
-A_FLOOR = float(torch.tensor(1e-3, dtype=torch.float32))
+from ..constants import A_FLOOR
 
 
 def ltq_levels(bits: int) -> int:
