@@ -20,6 +20,14 @@ acc = sum of weight code k times activation code q over the taps (code 0 outside
 the sum of q, and w_int = w_mul*k + w_add the weight's integer level (LSQ: 1, 0; odd levels of
 N2UQ and DoReFa: 2, -(2^b - 1)). J (tap_sums given) makes an activation zero point beta_a exact
 at the borders: gamma = s_w*beta_a.
+
+Argument limits (csrc/checks.cpp; every violation is an error naming the argument): channel counts,
+stride, padding and dilation at most MAX_ARG = 2^31 - 1; w_mul, w_add int32; c_offset within out.
+The sums are int32 on every device, so conv2d accepts w_mul, w_add only where
+    L*(|w_mul|*max|k| + |w_add|)*max|q| <= 2^31 - 1,   L = KH*KW*C_in,
+max|k|, max|q| = 8 for signed and 15 for unsigned codes: then no sum can overflow, whatever the codes
+(q2kernels/deploy/accumulator.py, which the converter checks per layer). tap_sums must be
+weight_tap_sums of the weight codes; other values give a J that wraps modulo 2^32, never a crash.
 """
 from __future__ import annotations
 
