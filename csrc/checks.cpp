@@ -1,15 +1,30 @@
 // Argument checks of the integer ops, shared by every device. They look at dtypes, shapes, strides
 // and devices only, never at values. Type errors raise TypeError, the rest ValueError, each naming
 // the argument.
+//
+// No check overflows: user integers are bounded (kMaxArg) before any arithmetic on them, sizes
+// derived from tensor shapes use checked arithmetic (an empty tensor may have a dimension near
+// 2^63), and ranges are compared as `c_offset <= limit - channels`, never through the sum.
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <c10/util/Exception.h>
+#include <c10/util/safe_numerics.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <limits>
 
 #include "epilogue.h"
 #include "int_conv.h"
 
 namespace q2k {
 namespace {
+
+constexpr int64_t kInt32Max = std::numeric_limits<int32_t>::max();
+constexpr int64_t kInt32Min = std::numeric_limits<int32_t>::min();
+// Channel counts clamped to this before they are added to an offset (an empty tensor can claim
+// 2^62 channels; nothing is written to it, so the clamp changes no answer).
+constexpr int64_t kMaxLimit = std::numeric_limits<int64_t>::max() / 2;
 
 void check_packed(const at::Tensor& t, const char* name, const char* dims) {
   TORCH_CHECK_TYPE(t.scalar_type() == at::kByte, name, ": expected a packed uint8 tensor ", dims,
@@ -26,9 +41,51 @@ void check_same_device(const at::Tensor& t, const char* name, const at::Tensor& 
 void check_pair(c10::IntArrayRef v, const char* name, int64_t lo) {
   TORCH_CHECK_VALUE(v.size() == 2, name, ": expected 2 values (height, width), got ", v);
   TORCH_CHECK_VALUE(v[0] >= lo && v[1] >= lo, name, ": expected values >= ", lo, ", got ", v);
+  TORCH_CHECK_VALUE(v[0] <= kMaxArg && v[1] <= kMaxArg, name, ": expected values <= ", kMaxArg, ", got ", v);
+}
+
+// The output length of one spatial axis, (in + 2*pad - dil*(taps - 1) - 1) / stride + 1, every
+// step checked (pad, dil and stride are already bounded by kMaxArg; `in` and `taps` come from
+// shapes). dim: "height" or "width".
+int64_t out_length(int64_t in, int64_t taps, int64_t stride, int64_t pad, int64_t dil, const char* dim) {
+  int64_t padded = 0, reach = 0;
+  const bool overflow = c10::add_overflows(in, 2 * pad, &padded) || c10::mul_overflows(dil, taps - 1, &reach);
+  TORCH_CHECK_VALUE(!overflow, "padding, dilation: the padded input ", dim, " (", in, " + 2*", pad,
+                    ") or the dilated kernel ", dim, " (", dil, "*(", taps, " - 1) + 1) overflows int64");
+  TORCH_CHECK_VALUE(padded > reach, "x: the padded input ", dim, " (", padded, ") is smaller than the dilated kernel ",
+                    dim, " (", reach, " + 1)");
+  return (padded - reach - 1) / stride + 1;
+}
+
+// A value of the int32 arithmetic of the kernels.
+void check_int32(int64_t v, const char* name) {
+  TORCH_CHECK_VALUE(v >= kInt32Min && v <= kInt32Max, name, ": expected an int32 value, got ", v);
+}
+
+// The int32 accumulator contract (docs/math.md §7): every integer sum of epilogue.h, over any codes
+// the 4-bit containers can hold (signed [-8, 7], unsigned [0, 15]), fits int32:
+//   |acc|, |w_mul*acc|, |I|, |J| <= L*(|w_mul|*max|k| + |w_add|)*max|q|,   L = KH*KW*C_in
+// (max|q| >= 8 also covers J, which has no factor q). The ops cannot see the codes without a host
+// sync, so the bound takes the containers' worst case; q2kernels/deploy/accumulator.py is the same
+// formula for the converter.
+void check_accumulator(const ConvProblem& p) {
+  const int64_t max_k = p.w_signed ? 8 : 15, max_q = p.x_signed ? 8 : 15;
+  const int64_t per_code = std::abs(static_cast<int64_t>(p.w_mul)) * max_k + std::abs(static_cast<int64_t>(p.w_add));
+  int64_t taps = 0, len = 0, bound = 0;
+  const bool overflow = c10::mul_overflows(p.kh, p.kw, &taps) || c10::mul_overflows(taps, p.cin, &len) ||
+                        c10::mul_overflows(len, per_code * max_q, &bound);
+  TORCH_CHECK_VALUE(!overflow && bound <= kInt32Max, "w_mul, w_add: the int32 accumulator can reach L*(|w_mul|*",
+                    max_k, " + |w_add|)*", max_q, " with L = KH*KW*C_in = ", p.kh, "*", p.kw, "*", p.cin,
+                    ", w_mul = ", p.w_mul, ", w_add = ", p.w_add, ", which exceeds 2^31 - 1 (smaller w_mul, w_add "
+                    "or fewer input channels per conv)");
 }
 
 }  // namespace
+
+void check_channels(int64_t channels, const char* name, int64_t lo) {
+  TORCH_CHECK_VALUE(channels >= lo && channels <= kMaxArg, name, ": expected a channel count in [", lo, ", ",
+                    kMaxArg, "], got ", channels);
+}
 
 ConvProblem check_conv(const at::Tensor& x, const at::Tensor& weight, int64_t in_channels, bool x_signed,
                        bool w_signed, int64_t w_mul, int64_t w_add, c10::IntArrayRef stride,
@@ -36,7 +93,7 @@ ConvProblem check_conv(const at::Tensor& x, const at::Tensor& weight, int64_t in
   check_packed(x, "x", "(N, H, W, C_in/2)");
   check_packed(weight, "weight", "(C_out, KH, KW, C_in/2)");
   check_same_device(weight, "weight", x);
-  TORCH_CHECK_VALUE(in_channels >= 1, "in_channels: expected >= 1, got ", in_channels);
+  check_channels(in_channels, "in_channels", 1);
   const int64_t cb = packed_bytes(in_channels);
   TORCH_CHECK_VALUE(x.size(3) == cb, "x: holds ", x.size(3), " bytes per pixel but in_channels=", in_channels,
                     " packs into ", cb, " (channels padded to a multiple of ", kChannelAlign,
@@ -46,6 +103,9 @@ ConvProblem check_conv(const at::Tensor& x, const at::Tensor& weight, int64_t in
                     " (the weights' input channels do not match x)");
   TORCH_CHECK_VALUE(weight.size(0) >= 1 && weight.size(1) >= 1 && weight.size(2) >= 1,
                     "weight: expected a non-empty (C_out, KH, KW, C_in/2) tensor, got shape ", weight.sizes());
+  check_channels(weight.size(0), "weight: C_out", 1);
+  check_int32(w_mul, "w_mul");
+  check_int32(w_add, "w_add");
   TORCH_CHECK_VALUE(w_mul != 0, "w_mul: expected a non-zero weight code multiplier, got ", w_mul);
   check_pair(stride, "stride", 1);
   check_pair(padding, "padding", 0);
@@ -65,17 +125,18 @@ ConvProblem check_conv(const at::Tensor& x, const at::Tensor& weight, int64_t in
   p.pw = padding[1];
   p.dh = dilation[0];
   p.dw = dilation[1];
-  const int64_t span_h = p.h + 2 * p.ph - p.dh * (p.kh - 1) - 1;
-  const int64_t span_w = p.w + 2 * p.pw - p.dw * (p.kw - 1) - 1;
-  TORCH_CHECK_VALUE(span_h >= 0 && span_w >= 0, "x: the padded input (", p.h + 2 * p.ph, "x",
-                    p.w + 2 * p.pw, ") is smaller than the dilated kernel (", p.dh * (p.kh - 1) + 1, "x",
-                    p.dw * (p.kw - 1) + 1, ")");
-  p.ho = span_h / p.sh + 1;
-  p.wo = span_w / p.sw + 1;
+  p.ho = out_length(p.h, p.kh, p.sh, p.ph, p.dh, "height");
+  p.wo = out_length(p.w, p.kw, p.sw, p.pw, p.dw, "width");
+  int64_t pixels = 0, elements = 0;
+  TORCH_CHECK_VALUE(!c10::mul_overflows(p.n, p.ho, &pixels) && !c10::mul_overflows(pixels, p.wo, &pixels) &&
+                        !c10::mul_overflows(pixels, p.cout, &elements),
+                    "x: the output (N, C_out, H_out, W_out) = (", p.n, ", ", p.cout, ", ", p.ho, ", ", p.wo,
+                    ") has more than 2^63 elements");
   p.x_signed = x_signed;
   p.w_signed = w_signed;
   p.w_mul = static_cast<int32_t>(w_mul);
   p.w_add = static_cast<int32_t>(w_add);
+  check_accumulator(p);
   return p;
 }
 
@@ -119,26 +180,28 @@ void check_epilogue(const ConvProblem& p, const at::Tensor& x, const at::Tensor&
 void check_output(const at::Tensor& out, int64_t n, int64_t ho, int64_t wo, int64_t channels,
                   int64_t c_offset, const at::Tensor& like) {
   check_same_device(out, "out", like);
-  TORCH_CHECK_VALUE(c_offset >= 0, "c_offset: expected >= 0, got ", c_offset);
-  if (out.scalar_type() == at::kByte) {
+  const bool packed = out.scalar_type() == at::kByte;
+  if (packed) {
     check_packed(out, "out", "(N, H_out, W_out, C_total/2)");
     TORCH_CHECK_VALUE(out.size(0) == n && out.size(1) == ho && out.size(2) == wo,
                       "out: expected (N, H_out, W_out) = (", n, ", ", ho, ", ", wo, "), got shape ", out.sizes());
-    TORCH_CHECK_VALUE(c_offset % 2 == 0, "c_offset: packed outputs start at an even channel (a byte "
-                      "boundary), got ", c_offset);
-    TORCH_CHECK_VALUE(c_offset + channels <= 2 * out.size(3), "out: channels [", c_offset, ", ",
-                      c_offset + channels, ") do not fit its ", 2 * out.size(3), " packed channels");
-    return;
+  } else {
+    TORCH_CHECK_TYPE(out.scalar_type() == at::kFloat || out.scalar_type() == at::kHalf,
+                     "out: expected uint8 (packed codes), float32 or float16, got ", out.scalar_type());
+    TORCH_CHECK_VALUE(out.dim() == 4 && out.size(0) == n && out.size(2) == ho && out.size(3) == wo,
+                      "out: expected (N, C, H_out, W_out) with (N, H_out, W_out) = (", n, ", ", ho, ", ", wo,
+                      "), got shape ", out.sizes());
+    TORCH_CHECK_VALUE(out.is_contiguous(at::MemoryFormat::ChannelsLast),
+                      "out: expected a channels_last contiguous float tensor, got strides ", out.strides());
   }
-  TORCH_CHECK_TYPE(out.scalar_type() == at::kFloat || out.scalar_type() == at::kHalf,
-                   "out: expected uint8 (packed codes), float32 or float16, got ", out.scalar_type());
-  TORCH_CHECK_VALUE(out.dim() == 4 && out.size(0) == n && out.size(2) == ho && out.size(3) == wo,
-                    "out: expected (N, C, H_out, W_out) with (N, H_out, W_out) = (", n, ", ", ho, ", ", wo,
-                    "), got shape ", out.sizes());
-  TORCH_CHECK_VALUE(out.is_contiguous(at::MemoryFormat::ChannelsLast),
-                    "out: expected a channels_last contiguous float tensor, got strides ", out.strides());
-  TORCH_CHECK_VALUE(c_offset + channels <= out.size(1), "out: channels [", c_offset, ", ", c_offset + channels,
-                    ") do not fit its ", out.size(1), " channels");
+  // Bounding c_offset by the limit first keeps c_offset + channels (channels <= kMaxArg) in range.
+  const int64_t limit = std::min(packed ? out.size(3) : out.size(1), kMaxLimit) * (packed ? 2 : 1);
+  TORCH_CHECK_VALUE(c_offset >= 0 && c_offset <= limit, "c_offset: expected a channel of out in [0, ", limit,
+                    "], got ", c_offset);
+  TORCH_CHECK_VALUE(!packed || c_offset % 2 == 0, "c_offset: packed outputs start at an even channel (a byte "
+                    "boundary), got ", c_offset);
+  TORCH_CHECK_VALUE(channels <= limit - c_offset, "out: channels [", c_offset, ", ", c_offset + channels,
+                    ") do not fit its ", limit, packed ? " packed channels" : " channels");
 }
 
 at::Tensor new_output(int64_t n, int64_t ho, int64_t wo, int64_t channels, c10::ScalarType dtype,
@@ -166,6 +229,7 @@ void check_float_input(const at::Tensor& x, const at::Tensor& qparams) {
   TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16,
                    "x: expected a float32, float16 or bfloat16 tensor, got ", dt);
   TORCH_CHECK_VALUE(x.dim() == 4, "x: expected a 4-d (N, C, H, W) tensor, got shape ", x.sizes());
+  check_channels(x.size(1), "x: C", 0);
   TORCH_CHECK_TYPE(qparams.scalar_type() == at::kFloat, "qparams: expected float32, got ", qparams.scalar_type());
   TORCH_CHECK_VALUE(qparams.dim() == 2 && qparams.size(0) == kQuantRows && qparams.size(1) == x.size(1) &&
                         qparams.is_contiguous(),
@@ -175,13 +239,23 @@ void check_float_input(const at::Tensor& x, const at::Tensor& qparams) {
                     x.device());
 }
 
+void check_pack(const at::Tensor& codes, int64_t bits) {
+  TORCH_CHECK_TYPE(at::isIntegralType(codes.scalar_type(), /*includeBool=*/false),
+                   "codes: expected an integer tensor, got ", codes.scalar_type());
+  TORCH_CHECK_VALUE(codes.dim() == 4, "codes: expected a 4-d (N, C, H, W) or (C_out, C_in, KH, KW) tensor, got shape ",
+                    codes.sizes());
+  check_channels(codes.size(1), "codes: C", 0);
+  TORCH_CHECK_VALUE(bits >= 2 && bits <= 4, "bits: expected 2, 3 or 4 (codes in 4-bit containers), got ", bits);
+}
+
 void check_unpack(const at::Tensor& packed, int64_t channels) {
   TORCH_CHECK_TYPE(packed.scalar_type() == at::kByte, "packed: expected a packed uint8 tensor, got ",
                    packed.scalar_type());
   TORCH_CHECK_VALUE(packed.dim() == 4 && packed.is_contiguous(),
                     "packed: expected a contiguous 4-d (N, H, W, C/2) tensor, got shape ", packed.sizes(),
                     " strides ", packed.strides());
-  TORCH_CHECK_VALUE(channels >= 1 && packed_bytes(channels) == packed.size(3), "channels: ", channels,
+  check_channels(channels, "channels", 1);
+  TORCH_CHECK_VALUE(packed_bytes(channels) == packed.size(3), "channels: ", channels,
                     " channels pack into ", packed_bytes(channels), " bytes per pixel, but packed holds ",
                     packed.size(3));
 }

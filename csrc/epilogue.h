@@ -172,11 +172,16 @@ Q2K_HD void valid_taps(int64_t o, int64_t stride, int64_t pad, int64_t dil, int6
 
 // J of output channel o over the valid tap rectangle [kh0, kh1) x [kw0, kw1), from o's 2-D prefix
 // sums ts[i][j] = sum of its weight codes over taps kh < i, kw < j ((KH+1) x (KW+1), row-major).
+// For the prefix sums of real codes J and its terms fit int32 (the accumulator contract of
+// check_conv); tap_sums is a user tensor, though, so the sum is formed in uint32, which wraps
+// instead of being undefined behaviour when it is not (same instructions: two's complement).
 Q2K_HD int32_t zero_point_taps(const int32_t* ts, int64_t kw, int64_t kh0, int64_t kh1, int64_t kw0,
                                int64_t kw1, int32_t w_mul, int32_t w_add, int64_t cin) {
   const int64_t ld = kw + 1;
-  const int32_t ksum = ts[kh1 * ld + kw1] - ts[kh0 * ld + kw1] - ts[kh1 * ld + kw0] + ts[kh0 * ld + kw0];
-  return w_mul * ksum + w_add * static_cast<int32_t>(cin * (kh1 - kh0) * (kw1 - kw0));
+  const uint32_t ksum = static_cast<uint32_t>(ts[kh1 * ld + kw1]) - static_cast<uint32_t>(ts[kh0 * ld + kw1]) -
+                        static_cast<uint32_t>(ts[kh1 * ld + kw0]) + static_cast<uint32_t>(ts[kh0 * ld + kw0]);
+  const uint32_t codes = static_cast<uint32_t>(cin * (kh1 - kh0) * (kw1 - kw0));
+  return static_cast<int32_t>(static_cast<uint32_t>(w_mul) * ksum + static_cast<uint32_t>(w_add) * codes);
 }
 
 // z of output channel o (ep: the (kEpilogueRows, ld) epilogue rows).

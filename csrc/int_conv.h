@@ -13,6 +13,14 @@
 
 namespace q2k {
 
+// The largest channel count, stride, padding and dilation the ops accept (int32, as the CUDA
+// kernels index them; far above any real conv). Larger values are an error naming the argument,
+// raised before any arithmetic on them.
+constexpr int64_t kMaxArg = 2147483647;
+
+// channels in [lo, kMaxArg]; name says which argument (or which dimension of one) it is.
+void check_channels(int64_t channels, const char* name, int64_t lo);
+
 // One integer conv, validated: packed x (n, h, w, cb), packed weight (cout, kh, kw, cb).
 struct ConvProblem {
   int64_t n, h, w, cin, cb, cout, kh, kw;
@@ -22,6 +30,8 @@ struct ConvProblem {
   int32_t w_mul, w_add;
 };
 
+// The problem, its output shape, and the int32 accumulator contract: every integer sum the kernels
+// form fits int32 for any codes the 4-bit containers hold, or this raises naming w_mul, w_add.
 ConvProblem check_conv(const at::Tensor& x, const at::Tensor& weight, int64_t in_channels, bool x_signed,
                        bool w_signed, int64_t w_mul, int64_t w_add, c10::IntArrayRef stride,
                        c10::IntArrayRef padding, c10::IntArrayRef dilation);
@@ -53,6 +63,10 @@ ConvProblem check_conv2d(const at::Tensor& x, const at::Tensor& weight, const at
 
 // The float input of quantize_pack and its (2, C) quantizer rows.
 void check_float_input(const at::Tensor& x, const at::Tensor& qparams);
+
+// The codes of pack (dtype, rank, channel count) and the bit width; the values are the CPU op's
+// to check (CUDA keeps the low 4 bits, see cuda/int_ops.h).
+void check_pack(const at::Tensor& codes, int64_t bits);
 
 // The packed input of unpack and the channel count it should hold.
 void check_unpack(const at::Tensor& packed, int64_t channels);

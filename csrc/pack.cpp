@@ -24,11 +24,7 @@ constexpr int64_t kPixelGrain = 256;
 // The values must lie in the bits-wide signed or unsigned range (checked: this is the CPU, the
 // values are read anyway).
 at::Tensor pack_cpu(const at::Tensor& codes, int64_t bits, bool is_signed) {
-  TORCH_CHECK_TYPE(at::isIntegralType(codes.scalar_type(), /*includeBool=*/false),
-                   "codes: expected an integer tensor, got ", codes.scalar_type());
-  TORCH_CHECK_VALUE(codes.dim() == 4, "codes: expected a 4-d (N, C, H, W) or (C_out, C_in, KH, KW) tensor, got shape ",
-                    codes.sizes());
-  TORCH_CHECK_VALUE(bits >= 2 && bits <= 4, "bits: expected 2, 3 or 4 (codes in 4-bit containers), got ", bits);
+  check_pack(codes, bits);
   const int64_t lo = is_signed ? -(int64_t{1} << (bits - 1)) : 0;
   const int64_t hi = is_signed ? (int64_t{1} << (bits - 1)) - 1 : (int64_t{1} << bits) - 1;
   const int64_t A = codes.size(0), C = codes.size(1), B1 = codes.size(2), B2 = codes.size(3);

@@ -42,6 +42,11 @@ _OPENMP = ["-fopenmp"] if sys.platform.startswith("linux") else []
 _CFLAGS = ["-O3", "-ffp-contract=off", *_OPENMP]
 _LDFLAGS = _OPENMP
 
+# Q2K_SANITIZE=1 builds the CPU ops with AddressSanitizer and UBSan instead, under their own name (and
+# so their own build directory); UBSan aborts at the first report. A Python host needs the ASan
+# runtime preloaded: .ci/steps/sanitize.sh says how.
+_SANITIZE = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer", "-g"]
+
 # The CUDA kernels (csrc/cuda/) are built as real machine code for each GPU generation they support,
 # the driver picking by compute capability: the int4 MMA must never come from PTX JIT (on sm_90 and
 # later it would silently become the compiler's emulation). compute_90 PTX rides along for GPUs newer
@@ -132,18 +137,19 @@ def load():
     """The extension module (compiled on the first call in a process, from the cache afterwards).
     Loading it registers the ops torch.ops.q2kernels_int.*; the module holds the format constants.
     Callers use q2kernels.ops.int_conv.load(), which also registers the ops' fake implementations."""
-    with_cuda = cuda_enabled()
-    flags = _CFLAGS + (["-DQ2K_WITH_CUDA"] if with_cuda else [])
+    sanitize = os.environ.get("Q2K_SANITIZE") == "1"
+    with_cuda = cuda_enabled() and not sanitize
+    flags = _CFLAGS + (["-DQ2K_WITH_CUDA"] if with_cuda else []) + (_SANITIZE if sanitize else [])
     if with_cuda:
         # torch's builder reads its module-level CUDA_HOME (its own guess, made at import) for nvcc and
         # the CUDA include/library paths.
         cpp_extension.CUDA_HOME = cuda_home()
     return cpp_extension.load(
-        name="q2kernels_C_cuda" if with_cuda else "q2kernels_C",
+        name=("q2kernels_C_cuda" if with_cuda else "q2kernels_C") + ("_sanitize" if sanitize else ""),
         sources=sources(with_cuda),
         extra_cflags=flags,
         extra_cuda_cflags=CUDA_FLAGS,
-        extra_ldflags=_LDFLAGS,
+        extra_ldflags=_LDFLAGS + (_SANITIZE if sanitize else []),
         extra_include_paths=[str(CSRC)],
         with_cuda=with_cuda,
         verbose=False,

@@ -119,12 +119,7 @@ void run_quantize_pack(const Exec& ex, const at::Tensor& x, const at::Tensor& qp
 }  // namespace
 
 at::Tensor pack(const Exec& ex, const at::Tensor& codes, int64_t bits, bool is_signed) {
-  // The checks of the CPU pack (../pack.cpp) that need no look at the values.
-  TORCH_CHECK_TYPE(at::isIntegralType(codes.scalar_type(), /*includeBool=*/false),
-                   "codes: expected an integer tensor, got ", codes.scalar_type());
-  TORCH_CHECK_VALUE(codes.dim() == 4, "codes: expected a 4-d (N, C, H, W) or (C_out, C_in, KH, KW) tensor, got shape ",
-                    codes.sizes());
-  TORCH_CHECK_VALUE(bits >= 2 && bits <= 4, "bits: expected 2, 3 or 4 (codes in 4-bit containers), got ", bits);
+  check_pack(codes, bits);
   (void)is_signed;  // the low 4 bits of a code are its 4-bit container, signed or not
   const int64_t cb = packed_bytes(codes.size(1));
   at::Tensor out = at::empty({codes.size(0), codes.size(2), codes.size(3), cb}, codes.options().dtype(at::kByte));

@@ -39,6 +39,7 @@ from ..nn.modules import QConv2d
 from ..nn.protocol import IntActivation, NoIntegerForm
 from ..nn.quantizers import Quantizer
 from ..ops import int_conv as ic
+from .accumulator import overflow_reason
 from .fusion import FixedFusion, layernorm_affine
 from .int_modules import (HEAD_CODES, HEAD_FLOAT, IntConv2d, QuantizePack, packed_maxpool2d,
                           packed_upsample_nearest, packed_write)
@@ -204,6 +205,8 @@ class _Converter:
                 padding = _conv_padding(conv)
                 spec = _act_spec(conv.act_quantizer, f"{node.target}.act_quantizer")
                 weight = _weight_codes(conv, f"{node.target}.weight_quantizer")
+                if why := overflow_reason(conv.kernel_size, conv.in_channels, weight[1], spec.signed, *weight[2:4]):
+                    raise Refusal(why)
             except Refusal as r:
                 self.refuse(node.target, str(r))
                 continue

@@ -20,6 +20,14 @@ acc = sum of weight code k times activation code q over the taps (code 0 outside
 the sum of q, and w_int = w_mul*k + w_add the weight's integer level (LSQ: 1, 0; odd levels of
 N2UQ and DoReFa: 2, -(2^b - 1)). J (tap_sums given) makes an activation zero point beta_a exact
 at the borders: gamma = s_w*beta_a.
+
+Argument limits (csrc/checks.cpp; every violation is an error naming the argument): channel counts,
+stride, padding and dilation at most MAX_ARG = 2^31 - 1; w_mul, w_add int32; c_offset within out.
+The sums are int32 on every device, so conv2d accepts w_mul, w_add only where
+    L*(|w_mul|*max|k| + |w_add|)*max|q| <= 2^31 - 1,   L = KH*KW*C_in,
+max|k|, max|q| = 8 for signed and 15 for unsigned codes: then no sum can overflow, whatever the codes
+(q2kernels/deploy/accumulator.py, which the converter checks per layer). tap_sums must be
+weight_tap_sums of the weight codes; other values give a J that wraps modulo 2^32, never a crash.
 """
 from __future__ import annotations
 
@@ -76,9 +84,30 @@ def packed_bytes(c: int) -> int:
     return padded_channels(c) // 2
 
 
+# The largest channel count, stride, padding and dilation the ops accept (csrc/int_conv.h kMaxArg).
+MAX_ARG = 2**31 - 1
+
+
+def _same_device(x, **tensors):
+    """The device check of the kernels (csrc/checks.cpp), in the fakes: a meta tensor mixed with CPU
+    or CUDA tensors dispatches to them, not to a kernel, and must fail the same way."""
+    for name, t in tensors.items():
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name}: is on {t.device} but x is on {x.device}")
+
+
 def _out_hw(h, w, kh, kw, stride, padding, dilation):
-    return ((h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1,
-            (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1)
+    out = []
+    for dim, i, k, s, p, d in (("height", h, kh, stride[0], padding[0], dilation[0]),
+                               ("width", w, kw, stride[1], padding[1], dilation[1])):
+        if not (1 <= s <= MAX_ARG and 0 <= p <= MAX_ARG and 1 <= d <= MAX_ARG):
+            raise ValueError(f"stride, padding, dilation: expected values in [1 (0 for padding), {MAX_ARG}], "
+                             f"got {list(stride)}, {list(padding)}, {list(dilation)}")
+        if i + 2 * p <= d * (k - 1):
+            raise ValueError(f"x: the padded input {dim} ({i + 2 * p}) is smaller than the dilated kernel {dim} "
+                             f"({d * (k - 1)} + 1)")
+        out.append((i + 2 * p - d * (k - 1) - 1) // s + 1)
+    return tuple(out)
 
 
 def _fake_pack(codes, bits, signed):
@@ -92,15 +121,18 @@ def _fake_unpack(packed, channels, signed):
 
 
 def _fake_quantize_pack(x, qparams, thresholds, qn, qp):
+    _same_device(x, qparams=qparams, thresholds=thresholds)
     n, c, h, w = x.shape
     return x.new_empty((n, h, w, packed_bytes(c)), dtype=torch.uint8)
 
 
 def _fake_quantize_pack_out(x, qparams, thresholds, qn, qp, c_offset, out):
+    _same_device(x, qparams=qparams, thresholds=thresholds, out=out)
     return None
 
 
 def _fake_conv2d_acc(x, weight, in_channels, x_signed, w_signed, stride, padding, dilation):
+    _same_device(x, weight=weight)
     ho, wo = _out_hw(x.shape[1], x.shape[2], weight.shape[1], weight.shape[2], stride, padding, dilation)
     out = x.new_empty((x.shape[0], weight.shape[0], ho, wo), dtype=torch.int32)
     return out.contiguous(memory_format=torch.channels_last)
@@ -108,6 +140,7 @@ def _fake_conv2d_acc(x, weight, in_channels, x_signed, w_signed, stride, padding
 
 def _fake_conv2d(x, weight, epilogue, tap_sums, thresholds, in_channels, x_signed, w_signed, w_mul, w_add, stride,
                  padding, dilation, act, qn, qp, out_dtype):
+    _same_device(x, weight=weight, epilogue=epilogue, tap_sums=tap_sums, thresholds=thresholds)
     n, cout = x.shape[0], weight.shape[0]
     ho, wo = _out_hw(x.shape[1], x.shape[2], weight.shape[1], weight.shape[2], stride, padding, dilation)
     if out_dtype == torch.uint8:
@@ -117,6 +150,7 @@ def _fake_conv2d(x, weight, epilogue, tap_sums, thresholds, in_channels, x_signe
 
 def _fake_conv2d_out(x, weight, epilogue, tap_sums, thresholds, in_channels, x_signed, w_signed, w_mul, w_add,
                      stride, padding, dilation, act, qn, qp, c_offset, out):
+    _same_device(x, weight=weight, epilogue=epilogue, tap_sums=tap_sums, thresholds=thresholds, out=out)
     return None
 
 
@@ -126,11 +160,20 @@ _FAKES = {"pack": _fake_pack, "unpack": _fake_unpack, "quantize_pack": _fake_qua
           "conv2d_out": _fake_conv2d_out}
 
 
+def _int(v, name):
+    """An int argument of an op: a Python int (not a bool) within int64, else an error naming it."""
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise TypeError(f"{name}: expected an int, got {v!r}")
+    if not -2**63 <= v < 2**63:
+        raise ValueError(f"{name}: {v} does not fit int64")
+    return v
+
+
 def _pair(v, name):
     if isinstance(v, int) and not isinstance(v, bool):
-        return [v, v]
-    if isinstance(v, (tuple, list)) and len(v) == 2 and all(isinstance(i, int) for i in v):
-        return list(v)
+        return [_int(v, name)] * 2
+    if isinstance(v, (tuple, list)) and len(v) == 2:
+        return [_int(i, name) for i in v]
     raise ValueError(f"{name}: expected an int or a pair of ints, got {v!r}")
 
 
@@ -143,12 +186,12 @@ def _act(act):
 def pack(codes: torch.Tensor, bits: int = 4, signed: bool = True) -> torch.Tensor:
     """Integer codes (N, C, H, W) — or weights (C_out, C_in, KH, KW) — of a `bits`-wide signed or
     unsigned range, any integer dtype and layout -> packed uint8 (N, H, W, packed_bytes(C))."""
-    return _ops.pack(codes, bits, signed)
+    return _ops.pack(codes, _int(bits, "bits"), signed)
 
 
 def unpack(packed: torch.Tensor, channels: int, signed: bool = True) -> torch.Tensor:
     """Packed uint8 (N, H, W, packed_bytes(channels)) -> int8 codes (N, channels, H, W), channels_last."""
-    return _ops.unpack(packed, channels, signed)
+    return _ops.unpack(packed, _int(channels, "channels"), signed)
 
 
 def quantize_pack(x: torch.Tensor, qparams: torch.Tensor, qn: int, qp: int, thresholds=None, out=None,
@@ -156,9 +199,10 @@ def quantize_pack(x: torch.Tensor, qparams: torch.Tensor, qn: int, qp: int, thre
     """Codes of a float (N, C, H, W) tensor, packed: R(clip((x - q_off)*q_mul, qn, qp)) per channel,
     or qn + #{i : (x - q_off)*q_mul > thresholds[i]}. qparams: float32 (2, C), rows q_mul, q_off.
     With `out` (packed, N, H, W, bytes), the codes go to its channels c_offset.. and out is returned."""
+    qn, qp = _int(qn, "qn"), _int(qp, "qp")
     if out is None:
         return _ops.quantize_pack(x, qparams, thresholds, qn, qp)
-    _ops.quantize_pack_out(x, qparams, thresholds, qn, qp, c_offset, out)
+    _ops.quantize_pack_out(x, qparams, thresholds, qn, qp, _int(c_offset, "c_offset"), out)
     return out
 
 
@@ -166,7 +210,7 @@ def conv2d_acc(x: torch.Tensor, weight: torch.Tensor, in_channels: int, x_signed
                stride=1, padding=0, dilation=1) -> torch.Tensor:
     """The raw int32 accumulators acc = sum over taps of k*q (code 0 outside the image), as an
     (N, C_out, H_out, W_out) channels_last tensor: what the CUDA MMA produces, for exact comparisons."""
-    return _ops.conv2d_acc(x, weight, in_channels, x_signed, w_signed, _pair(stride, "stride"),
+    return _ops.conv2d_acc(x, weight, _int(in_channels, "in_channels"), x_signed, w_signed, _pair(stride, "stride"),
                            _pair(padding, "padding"), _pair(dilation, "dilation"))
 
 
@@ -178,11 +222,12 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, epilogue: torch.Tensor, in_cha
     (out_dtype uint8, (N, H_out, W_out, packed_bytes(C_out))) or float32/float16 (N, C_out, H_out,
     W_out) channels_last. With `out` (packed or float), the result goes to its channels c_offset..
     (even for packed outputs), leaving the other channels alone, and out is returned."""
-    args = (x, weight, epilogue, tap_sums, thresholds, in_channels, x_signed, w_signed, w_mul, w_add,
-            _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation"), _act(act), qn, qp)
+    args = (x, weight, epilogue, tap_sums, thresholds, _int(in_channels, "in_channels"), x_signed, w_signed,
+            _int(w_mul, "w_mul"), _int(w_add, "w_add"), _pair(stride, "stride"), _pair(padding, "padding"),
+            _pair(dilation, "dilation"), _act(act), _int(qn, "qn"), _int(qp, "qp"))
     if out is None:
         return _ops.conv2d(*args, out_dtype)
-    _ops.conv2d_out(*args, c_offset, out)
+    _ops.conv2d_out(*args, _int(c_offset, "c_offset"), out)
     return out
 
 

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# The integer ops (csrc/) built with AddressSanitizer + UBSan (Q2K_SANITIZE=1, q2kernels/_ext.py: its own
+# extension name and build directory), running the integer-op tests and the hostile-input corpus.
+# The step fails on any sanitizer report: ASan and UBSan (-fno-sanitize-recover) abort the process at
+# the first one, and every report is also written to a log file, of which there must be none.
+#
+# Python is not built with ASan, so its runtime is preloaded (it must come first in the process),
+# with libstdc++, which Python does not link: ASan resolves its __cxa_throw interceptor at start-up, and
+# the first C++ exception (every argument error) aborts the process if libstdc++ came later.
+# detect_leaks=0: CPython and torch keep interned objects, arenas and op registries alive until exit
+# by design, so LeakSanitizer would report them on every run; use-after-free, out-of-bounds access
+# and undefined behaviour are all still reported. The CUDA glue tests (cuda_glue) run the emulator,
+# which tests/test_int_conv_cuda.py builds without sanitizers, so they are left to the plain run.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+# In the main step's environment (torch 2.13, CPU) when run by .ci/run.
+if [ -n "${Q2K_CI_TMP:-}" ]; then
+  # shellcheck disable=SC1091
+  . "$Q2K_CI_TMP/venv-main/bin/activate"
+fi
+
+export Q2K_SANITIZE=1
+export TORCH_EXTENSIONS_DIR="${Q2K_CI_TMP:-${TORCH_EXTENSIONS_DIR:-$HOME/.cache/torch_extensions}}/sanitize"
+reports="$(mktemp -d)"
+preload="$(${CXX:-c++} -print-file-name=libasan.so) $(${CXX:-c++} -print-file-name=libstdc++.so)"
+start=$(date +%s)
+
+sanitized() {
+  LD_PRELOAD="$preload" ASAN_OPTIONS="detect_leaks=0:abort_on_error=1:log_path=$reports/asan" \
+    UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1:log_path=$reports/ubsan" "$@"
+}
+
+status=0
+# The build (its compiler runs with the runtime preloaded too: harmless), then the tests.
+sanitized python -c "import q2kernels.ops.int_conv as ic; ic.load()" || status=$?
+echo "sanitize: build or load took $(( $(date +%s) - start )) s"
+[ "$status" = 0 ] && { sanitized python -m pytest -q -p no:cacheprovider tests/test_pack.py tests/test_int_conv.py \
+  tests/test_hostile_int_ops.py -k "not cuda_glue" || status=$?; }
+
+if compgen -G "$reports/*" > /dev/null; then
+  cat "$reports"/*
+  echo "sanitize: $(find "$reports" -type f | wc -l) sanitizer report(s)"
+  status=1
+fi
+echo "sanitize: took $(( $(date +%s) - start )) s"
+exit "$status"
