@@ -3,10 +3,13 @@
 A small YOLOv5-style network (C3 blocks, SiLU, upsampling, a PAN neck whose concat nodes can be
 gated fusions) learns the procedurally generated shapes task of q2kernels.data. It is trained in
 float, then quantization-aware at W4A4 and W3A3 with LSQ, PACT and N2UQ, plain and with Q-GBFusion
-(balanced gated fusion) plus Q-ADA distillation from the float teacher; each QAT model is
-calibrated, converted to an integer model (its LayerNorms folded away) and evaluated. It prints a
-table — float / fake-quant / integer metric, step time, peak memory — saves the plots, and checks
-that the fused kernels agree with the eager reference.
+(balanced gated fusion) plus Q-ADA distillation from the float teacher. Each Q2 model then goes
+through the deployment flow of docs/math.md §5: calibration, LayerNorm removal (each LayerNorm
+replaced by its calibrated affine), a short fine-tuning of the LN-free model on the task loss, and
+conversion to an integer model. It prints a table — float / fake-quant / after LN removal / after
+fine-tuning / integer metric, step time, peak memory — and how much of the removal's drop the
+fine-tuning recovers, saves the plots (loss curves; each fusion branch's gradient norm G over
+training with and without Q-GBFusion), and checks that the fused kernels agree with the reference.
 
 On a GPU the fused Triton kernels and the CUDA integer path run; on a CPU the reference backend and
 the exact CPU integer path (the fused kernels then run, through the interpreter, for the agreement
@@ -25,13 +28,14 @@ from torch import nn
 
 import q2kernels
 from q2kernels.data import labels_at_stride, make_shapes, mean_iou
-from q2kernels.deploy import calibrate_fusion, convert_to_int, freeze_fusion
+from q2kernels.deploy import calibrate_fusion, convert_to_int, finetune_without_layernorm, freeze_fusion
 from q2kernels.models import YOLOv5
 from q2kernels.nn import GatedFusion, QADALoss, quantize_model
 
 STRIDES = (8, 16, 32)
 NUM_CLASSES = 4
 INT_METRIC_TOL = 0.01  # |integer mIoU - fake-quant mIoU|: the models agree up to rounding ties
+FT_LR = 2e-5  # the fine-tuning after LayerNorm removal: Adam at the Q2 paper's learning rate
 
 
 @dataclass
@@ -43,16 +47,19 @@ class Config:
     batch: int
     float_steps: int
     qat_steps: int
+    ft_steps: int  # fine-tuning steps after LayerNorm removal (Q2 runs)
     runs: tuple  # (recipe, bits, q2 = Q-GBFusion + Q-ADA)
 
 
 def _config(smoke: bool, cuda: bool) -> Config:
     all_runs = tuple((r, b, q2) for r in ("lsq", "pact", "n2uq") for b in (4, 3) for q2 in (False, True))
     if smoke:
-        return Config(32, 0.125, 128, 32, 16, 80, 25, (("lsq", 4, False), ("pact", 3, False), ("n2uq", 4, True)))
+        return Config(32, 0.125, 128, 32, 16, 80, 25, 10, (("lsq", 4, False), ("pact", 3, False), ("n2uq", 4, True)))
     if cuda:
-        return Config(128, 0.50, 2048, 256, 32, 600, 300, all_runs)
-    return Config(64, 0.25, 512, 128, 16, 200, 80, all_runs)
+        return Config(128, 0.50, 2048, 256, 32, 600, 300, 100, all_runs)
+    # Under 10 minutes on a quiet 2-core CPU: the fine-tuning (6 x 20 steps) and the comparison run
+    # without Q-GBFusion are paid for by 16 fewer QAT steps per run and 20 fewer float steps.
+    return Config(64, 0.25, 512, 128, 16, 180, 64, 20, all_runs)
 
 
 class Progress:
@@ -134,15 +141,15 @@ def evaluate(model, data, batch=32):
 
 
 def imbalance(model) -> tuple[float, float]:
-    """Mean over fusion nodes of |log G_0 - log G_1| (EMA gradient norms), at the first and last step."""
+    """Mean over fusion nodes of |log G_0 - log G_1| (branch gradient norms), over the first and
+    the last 5 logged steps."""
     first, last = [], []
     for m in model.modules():
         if isinstance(m, GatedFusion):
-            log = m.gate_log()
-            e = log["grad_norm_ema"].double().clamp_min(1e-30).log()
-            if e.shape[0]:
-                first.append((e[0, 0] - e[0, 1]).abs().item())
-                last.append((e[-5:, 0] - e[-5:, 1]).abs().mean().item())
+            g = m.gate_log()["grad_norm"].double().clamp_min(1e-30).log()
+            if g.shape[0]:
+                first.append((g[:5, 0] - g[:5, 1]).abs().mean().item())
+                last.append((g[-5:, 0] - g[-5:, 1]).abs().mean().item())
     return (sum(first) / len(first), sum(last) / len(last)) if first else (float("nan"), float("nan"))
 
 
@@ -165,6 +172,8 @@ def agreement(model, batch) -> tuple[float, float]:
 
 
 def plot(path: Path, float_losses, runs, fusion_logs):
+    """Loss curves, and per Q2 run the gradient-balance figure: each fusion node's branch gradient
+    norms G over training, with Q-GBFusion and (where that run was made) with learned gates only."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -183,24 +192,64 @@ def plot(path: Path, float_losses, runs, fusion_logs):
     fig.savefig(path / "loss_curves.png", dpi=120)
     plt.close(fig)
     files = [path / "loss_curves.png"]
-    for name, logs in fusion_logs.items():
-        fig, axes = plt.subplots(2, len(logs), figsize=(3.2 * len(logs), 5), squeeze=False)
-        for j, (node, log) in enumerate(logs.items()):
-            e = log["grad_norm_ema"].double().clamp_min(1e-30).log10()
-            for k in range(e.shape[1]):
-                axes[0, j].plot(e[:, k], label=f"branch {k}")
-                axes[1, j].plot(log["gates"][:, k], label=f"gate {k}")
-            axes[0, j].set_title(f"node {node}: log10 EMA grad norm", fontsize=8)
-            axes[1, j].set_title("gates softmax(theta)", fontsize=8)
-            axes[1, j].set_xlabel("step")
-        axes[0, 0].legend(fontsize=7), axes[1, 0].legend(fontsize=7)
-        fig.suptitle(f"Q-GBFusion gradient balance: {name}")
+    for name, variants in fusion_logs.items():
+        nodes = list(next(iter(variants.values())))
+        fig, axes = plt.subplots(len(variants), len(nodes), figsize=(3.2 * len(nodes), 2.6 * len(variants)),
+                                 squeeze=False, sharey="col")
+        for i, (variant, logs) in enumerate(variants.items()):
+            for j, node in enumerate(nodes):
+                g = logs[node]["grad_norm"].double()
+                for k in range(g.shape[1]):
+                    axes[i, j].plot(g[:, k], label=f"branch {k}", lw=1)
+                axes[i, j].set_yscale("log")
+                axes[i, j].set_title(f"{variant}, node {node}", fontsize=8)
+            axes[i, 0].set_ylabel("G = ||dL/dx_k||")
+        for j in range(len(nodes)):
+            axes[-1, j].set_xlabel("QAT step")
+        axes[0, 0].legend(fontsize=7)
+        fig.suptitle(f"gradient balance of the fusion branches: {name}")
         fig.tight_layout()
         out = path / f"gradient_balance_{name}.png"
         fig.savefig(out, dpi=120)
         plt.close(fig)
         files.append(out)
     return files
+
+
+def qat(cfg, teacher, recipe, bits, fusion_mode, train_data, device, label):
+    """A QAT run from the float teacher's weights; with a fusion mode, distilled by Q-ADA."""
+    student = make_model(cfg, fusion_mode).to(device)
+    student.load_state_dict(teacher.state_dict())
+    quantize_model(student, recipe, bits, bits)
+    student.to(device)
+    with torch.no_grad():
+        student(train_data[0][: cfg.batch].to(device))  # first-batch init of the quantizers
+    distill = None
+    if fusion_mode is not None:
+        teacher.eval()
+        distill = QADALoss(teacher, student, points=["17", "20", "23"], weight=0.01)
+    losses, step_ms, peak = train(student, train_data, cfg, cfg.qat_steps, 1e-3, label,
+                                  teacher if distill else None, distill)
+    if distill is not None:
+        distill.remove()
+    return student, losses, step_ms, peak
+
+
+def fusion_logs_of(model) -> dict:
+    return {n: m.gate_log() for n, m in model.named_modules() if isinstance(m, GatedFusion)}
+
+
+def deploy(student, cfg, train_data, calib, device, test_data) -> tuple[dict, nn.Module]:
+    """The deployment flow of a Q2 model (docs/math.md §5): calibrate, remove the LayerNorms (each
+    replaced by its calibrated affine), fine-tune the LN-free model. Returns the metrics and the
+    fine-tuned model, the one the integer model must match."""
+    calibrate_fusion(student, [x.to(device) for x in calib])
+    removed = freeze_fusion(copy.deepcopy(student))
+    metrics = {"ln_removed": evaluate(removed, test_data)}
+    ft_batches = ((x.to(device), y.to(device)) for x, y in batches(*train_data, cfg.batch, cfg.ft_steps, seed=11))
+    finetune_without_layernorm(removed, ft_batches, detection_loss, lr=FT_LR)
+    metrics["finetuned"] = evaluate(removed, test_data)
+    return metrics, removed
 
 
 def main(smoke: bool = False, steps: int | None = None, out: str = "q2k_demo_out") -> int:
@@ -228,51 +277,47 @@ def main(smoke: bool = False, steps: int | None = None, out: str = "q2k_demo_out
     for recipe, bits, q2 in cfg.runs:
         name = f"{recipe}-W{bits}A{bits}{'+Q2' if q2 else ''}"
         teacher, float_losses, float_miou = floats["learned" if q2 else None]
-        student = make_model(cfg, "balanced" if q2 else None).to(device)
-        student.load_state_dict(teacher.state_dict())
-        quantize_model(student, recipe, bits, bits)
-        student.to(device)
-        with torch.no_grad():
-            student(train_data[0][: cfg.batch].to(device))  # first-batch init of the quantizers
-        distill = None
-        if q2:
-            teacher.eval()
-            distill = QADALoss(teacher, student, points=["17", "20", "23"], weight=0.01)
-        losses, step_ms, peak = train(student, train_data, cfg, cfg.qat_steps, 1e-3, name,
-                                      teacher if q2 else None, distill)
-        if distill is not None:
-            distill.remove()
-            fusion_logs[name] = {n: m.gate_log() for n, m in student.named_modules() if isinstance(m, GatedFusion)}
+        student, losses, step_ms, peak = qat(cfg, teacher, recipe, bits, "balanced" if q2 else None,
+                                             train_data, device, name)
         curves[name] = losses
-        fq_miou = evaluate(student, test_data)
-        deployed_fq = student
-        if q2:
-            # Deployment replaces each LayerNorm by its calibrated affine: the integer model must
-            # match the fake-quant model with that same affine (its metric is printed beside).
-            calibrate_fusion(student, [x.to(device) for x in calib])
-            deployed_fq = freeze_fusion(copy.deepcopy(student))
-        fq_deployed_miou = evaluate(deployed_fq, test_data)
-        int_model = convert_to_int(student.eval(), calib[0][:1].to(device))
-        int_miou = evaluate(int_model, test_data)
-        agree_int = abs(int_miou - fq_deployed_miou) <= INT_METRIC_TOL
-        ok &= agree_int
-        row = dict(run=name, float=float_miou, fake_quant=fq_miou, fq_deployed=fq_deployed_miou,
-                   integer=int_miou, step_ms=step_ms, peak=peak)
+        row = dict(run=name, float=float_miou, fake_quant=evaluate(student, test_data), step_ms=step_ms, peak=peak)
+        deployed = student
         if q2:
             row["imbalance"] = imbalance(student)
             ok &= row["imbalance"][1] < row["imbalance"][0]
+            fusion_logs[name] = {"Q-GBFusion": fusion_logs_of(student)}
+            if len(fusion_logs) == 1:  # the same run without the balancing, for the plot
+                learned, *_ = qat(cfg, teacher, recipe, bits, "learned", train_data, device, f"{name} learned")
+                fusion_logs[name]["GABFusion (learned gates)"] = fusion_logs_of(learned)
+            metrics, deployed = deploy(student, cfg, train_data, calib, device, test_data)
+            row.update(metrics)
+        int_model = convert_to_int(deployed.eval(), calib[0][:1].to(device))
+        row["integer"] = evaluate(int_model, test_data)
+        ok &= abs(row["integer"] - row.get("finetuned", row["fake_quant"])) <= INT_METRIC_TOL
         rows.append(row)
 
-    print(f"\n{'run':<18}{'float':>7}{'fake-q':>8}{'fq fixed-LN':>12}{'integer':>9}{'step ms':>9}{'peak MiB':>10}"
-          "  grad-norm imbalance")
+    def cell(r, key):
+        return f"{r[key]:.3f}" if key in r else "-"
+
+    print(f"\n{'run':<18}{'float':>7}{'fake-q':>8}{'LN removed':>11}{'fine-tuned':>11}{'integer':>9}{'step ms':>9}"
+          f"{'peak MiB':>10}  branch imbalance")
     for r in rows:
         imb = r.get("imbalance")
         peak = f"{r['peak']:.0f}" if r["peak"] is not None else "n/a"
-        print(f"{r['run']:<18}{r['float']:>7.3f}{r['fake_quant']:>8.3f}{r['fq_deployed']:>12.3f}{r['integer']:>9.3f}"
-              f"{r['step_ms']:>9.1f}"
-              f"{peak:>10}  " + (f"|log G0/G1| {imb[0]:.2f} -> {imb[1]:.2f}" if imb else ""))
-    print(f"metric: mIoU of the shape classes at stride 8. 'fq fixed-LN' is the fake-quant model with each\n"
-          f"LayerNorm replaced by its calibrated affine, as deployed; integer == it within {INT_METRIC_TOL}")
+        print(f"{r['run']:<18}{r['float']:>7.3f}{r['fake_quant']:>8.3f}{cell(r, 'ln_removed'):>11}"
+              f"{cell(r, 'finetuned'):>11}{r['integer']:>9.3f}{r['step_ms']:>9.1f}{peak:>10}  "
+              + (f"|log G0/G1| {imb[0]:.2f} -> {imb[1]:.2f}" if imb else ""))
+    print(f"metric: mIoU of the shape classes at stride 8. Q2 runs (Q-GBFusion + Q-ADA) are deployed as\n"
+          f"docs/math.md §5: 'LN removed' replaces each LayerNorm by its calibrated affine, 'fine-tuned' is\n"
+          f"that model after {cfg.ft_steps} Adam steps at lr {FT_LR:g} on the task loss; integer == the deployed\n"
+          f"fake-quant model (fine-tuned for Q2 runs) within {INT_METRIC_TOL}")
+    q2_rows = [r for r in rows if "finetuned" in r]
+    if q2_rows:
+        drop = sum(r["fake_quant"] - r["ln_removed"] for r in q2_rows) / len(q2_rows)
+        regained = sum(r["finetuned"] - r["ln_removed"] for r in q2_rows) / len(q2_rows)
+        share = f"{regained / drop:.0%} of it" if drop > 0 else "(no drop to recover)"
+        print(f"LayerNorm removal: mean drop {drop:+.3f} mIoU over {len(q2_rows)} Q2 run(s); fine-tuning "
+              f"regains {regained:+.3f}, {share}")
 
     # The fused kernels against the reference, on the first QAT configuration (one batch).
     recipe, bits, _ = cfg.runs[0]

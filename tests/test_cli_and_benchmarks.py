@@ -26,8 +26,9 @@ def test_doctor_reports_versions_and_backends():
 
 def test_demo_smoke_runs_end_to_end(tmp_path):
     """`q2k demo --smoke`: float, QAT (LSQ W4A4, PACT W3A3, N2UQ W4A4 + Q-GBFusion + Q-ADA),
-    calibration, integer conversion; the demo itself asserts integer == fake-quant (fixed LN),
-    the balanced gates reducing the energy imbalance, and fused == reference."""
+    calibration, LayerNorm removal and its fine-tuning, integer conversion; the demo itself asserts
+    integer == fake-quant (the fine-tuned LN-free model for the Q2 run), the balanced gates reducing
+    the branch gradient-norm imbalance, and fused == reference."""
     r = _q2k("demo", "--smoke", "--out", str(tmp_path))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     out = r.stdout
@@ -35,8 +36,12 @@ def test_demo_smoke_runs_end_to_end(tmp_path):
     for run in ("lsq-W4A4", "pact-W3A3", "n2uq-W4A4+Q2"):
         assert f"\n{run} " in out
     line = next(l for l in out.splitlines() if l.startswith("n2uq-W4A4+Q2"))
-    before, after = (float(v) for v in line.split("|log E0/E1|")[1].split("->"))
+    before, after = (float(v) for v in line.split("|log G0/G1|")[1].split("->"))
     assert after < before
+    # float, fake-quant, LN removed, fine-tuned, integer: all measured for the Q2 run
+    metrics = line.split()[1:6]
+    assert all(0.0 <= float(v) <= 1.0 for v in metrics), line
+    assert "Adam steps at lr" in out and "fine-tuning regains" in out
     assert "fused kernels vs reference" in out and ": agree" in out
     assert (tmp_path / "loss_curves.png").stat().st_size > 0
     assert (tmp_path / "gradient_balance_n2uq-W4A4+Q2.png").stat().st_size > 0

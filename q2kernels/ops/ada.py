@@ -47,7 +47,7 @@ MU_T, K_T, MU_S, K_S, RINV_T, RINV_S, INV_SUM_T, INV_SUM_S, HBAR, C1, C2 = (tl.c
 # The saliency form, a tl.constexpr of every kernel: SimAM's energy or Q2's log(1 + z^2).
 SIMAM: tl.constexpr = tl.constexpr(0)
 Q2: tl.constexpr = tl.constexpr(1)
-_FORM_ID = {"simam": 0, "q2": 1}
+_FORM_ID = {"simam": SIMAM.value, "q2": Q2.value}
 
 # Tile size and threads. A tile is TILE elements, ELEMS_PER_THREAD of them per thread (8 warps at
 # 2048): pass 3 then keeps T/S/Sq-derived tiles and six accumulator tiles live in 75-136 registers
