@@ -150,6 +150,15 @@ def test_prepare_rejects_bad_arguments(float_models, kwargs, match):
     assert type(model) is DetectionModel and model.state_dict().keys() == before.keys()
 
 
+def test_prepare_takes_a_yolo_object():
+    from ultralytics import YOLO
+
+    yolo = YOLO("yolov5n.yaml")
+    p = prepare(yolo, fusion="learned")
+    assert p.model is yolo.model and type(yolo.model) is Q2DetectionModel
+    assert [i for i, m in enumerate(yolo.model.model) if isinstance(m, GatedFusion)] == [12, 16, 19, 22]
+
+
 def test_prepare_rejects_other_models(float_models):
     with pytest.raises(TypeError, match="model"):
         prepare(nn.Sequential(nn.Conv2d(3, 8, 3)))

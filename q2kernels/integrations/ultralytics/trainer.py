@@ -2,8 +2,9 @@
 
 Ultralytics keeps its data, loss, optimiser, EMA, checkpoints and validation; the trainer adds:
 - get_model(): the DetectionModel built (and pretrained weights loaded) as usual, then prepare()d.
-  A q2kernels checkpoint given as weights (resuming, fine-tuning) is rebuilt from its `model.q2`
-  record and loaded whole.
+  A q2kernels checkpoint given as weights (fine-tuning it further) is rebuilt from its `model.q2`
+  record, not from the trainer's options, and loaded whole; it has no float teacher, so Q-ADA is
+  off (with a warning).
 - Q-ADA: for each training epoch the model's criterion becomes the detection loss plus the Q-ADA
   term (reported as `qada_loss`), the frozen float teacher run on each batch. Its hooks live only
   while an epoch trains: Ultralytics deep-copies the model for its EMA and pickles that copy into
