@@ -23,6 +23,7 @@ from ultralytics.cfg import get_cfg  # noqa: E402
 from ultralytics.nn.modules import Concat  # noqa: E402
 from ultralytics.nn.tasks import DetectionModel, load_checkpoint  # noqa: E402
 
+from q2kernels.deploy import calibrate_fusion, freeze_fusion, remove_layernorm  # noqa: E402
 from q2kernels.integrations.ultralytics import (  # noqa: E402
     Q2DetectionModel, Q2DetectionTrainer, Q2Options, prediction_convs, prepare, write_synthetic_dataset)
 from q2kernels.nn import DoReFaWeightQuantizer, GatedFusion, LSQQuantizer, QConv2d, Quantizer  # noqa: E402
@@ -107,6 +108,37 @@ def test_prepare_structure(float_models, yaml):
     model.eval()
     with torch.no_grad():
         assert model(_batch()["img"])[0].shape == ref.eval()(_batch()["img"])[0].shape
+
+
+@pytest.mark.parametrize("yaml", list(LAYOUT))
+def test_declared_feeds_fold_the_layernorm_exactly(float_models, yaml):
+    """The recorded consumers are all of each node's readers: remove_layernorm(feeds=model.q2["feeds"])
+    folds every node's frozen LayerNorm affine into them and computes what freeze_fusion's explicit
+    affine computes (a reader left out would read the un-normalised concat). Convs kept float: the
+    fold refuses quantizing consumers."""
+    model = copy.deepcopy(float_models[yaml])
+    prepare(model, keep_float=sorted(_plain_convs(model)), distill=False)
+    x = _batch(3)["img"]
+    calibrate_fusion(model, [x])
+    frozen = freeze_fusion(copy.deepcopy(model)).eval()
+    report = remove_layernorm(model, feeds=model.q2["feeds"], strict=True)
+    assert sorted(report) == sorted(LAYOUT[yaml]["feeds"])
+    assert not any(isinstance(m, GatedFusion) for m in model.modules())
+    folded, expected = _neck_outputs(model.eval(), x), _neck_outputs(frozen, x)
+    for a, b in zip(folded, expected):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item())
+
+
+def _neck_outputs(model, x):
+    """The features Detect reads (its input maps), not its squashed decoded output."""
+    outs = []
+    handles = [model.get_submodule(n).register_forward_hook(lambda m, i, o: outs.append(o))
+               for n in model.q2["points"]]
+    with torch.no_grad():
+        model(x)
+    for h in handles:
+        h.remove()
+    return outs
 
 
 def test_prepare_options(float_models):
