@@ -248,6 +248,9 @@ def test_options_and_trainer_arguments(tmp_path):
     assert Q2Options().prepare_kwargs() == dict(recipe="lsq", w_bits=4, a_bits=4, head_bits=None,
                                                 keep_float=None, fusion="balanced", distill=True)
     assert Q2Options(distill_weight=0.0).prepare_kwargs()["distill"] is False
+    for bad in (-0.1, float("nan"), float("inf"), "0.01", True):
+        with pytest.raises(ValueError, match="distill_weight"):
+            Q2Options(distill_weight=bad)
     data = write_synthetic_dataset(tmp_path / "ds", train=2, val=1, imgsz=IMGSZ)
     args = dict(model="yolov5n.yaml", data=str(data), project=str(tmp_path), name="r")
     with pytest.raises(TypeError, match="q2"):

@@ -43,6 +43,11 @@ class Q2Options:
     fusion: str | None = "balanced"
     distill_weight: float = 0.01
 
+    def __post_init__(self):
+        w = self.distill_weight
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 <= w < float("inf"):
+            raise ValueError(f"distill_weight: expected a finite number >= 0, got {w!r}")
+
     def prepare_kwargs(self) -> dict:
         kw = asdict(self)
         weight = kw.pop("distill_weight")
