@@ -23,6 +23,7 @@ from ultralytics.cfg import get_cfg  # noqa: E402
 from ultralytics.nn.modules import Concat  # noqa: E402
 from ultralytics.nn.tasks import DetectionModel, load_checkpoint  # noqa: E402
 
+from q2kernels.deploy import calibrate_fusion, freeze_fusion, remove_layernorm  # noqa: E402
 from q2kernels.integrations.ultralytics import (  # noqa: E402
     Q2DetectionModel, Q2DetectionTrainer, Q2Options, prediction_convs, prepare, write_synthetic_dataset)
 from q2kernels.nn import DoReFaWeightQuantizer, GatedFusion, LSQQuantizer, QConv2d, Quantizer  # noqa: E402
@@ -109,6 +110,37 @@ def test_prepare_structure(float_models, yaml):
         assert model(_batch()["img"])[0].shape == ref.eval()(_batch()["img"])[0].shape
 
 
+@pytest.mark.parametrize("yaml", list(LAYOUT))
+def test_declared_feeds_fold_the_layernorm_exactly(float_models, yaml):
+    """The recorded consumers are all of each node's readers: remove_layernorm(feeds=model.q2["feeds"])
+    folds every node's frozen LayerNorm affine into them and computes what freeze_fusion's explicit
+    affine computes (a reader left out would read the un-normalised concat). Convs kept float: the
+    fold refuses quantizing consumers."""
+    model = copy.deepcopy(float_models[yaml])
+    prepare(model, keep_float=sorted(_plain_convs(model)), distill=False)
+    x = _batch(3)["img"]
+    calibrate_fusion(model, [x])
+    frozen = freeze_fusion(copy.deepcopy(model)).eval()
+    report = remove_layernorm(model, feeds=model.q2["feeds"], strict=True)
+    assert sorted(report) == sorted(LAYOUT[yaml]["feeds"])
+    assert not any(isinstance(m, GatedFusion) for m in model.modules())
+    folded, expected = _neck_outputs(model.eval(), x), _neck_outputs(frozen, x)
+    for a, b in zip(folded, expected):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item())
+
+
+def _neck_outputs(model, x):
+    """The features Detect reads (its input maps), not its squashed decoded output."""
+    outs = []
+    handles = [model.get_submodule(n).register_forward_hook(lambda m, i, o: outs.append(o))
+               for n in model.q2["points"]]
+    with torch.no_grad():
+        model(x)
+    for h in handles:
+        h.remove()
+    return outs
+
+
 def test_prepare_options(float_models):
     ref = float_models["yolov5s.yaml"]
     model = copy.deepcopy(ref)
@@ -148,6 +180,15 @@ def test_prepare_rejects_bad_arguments(float_models, kwargs, match):
     with pytest.raises(ValueError, match=match):
         prepare(model, **kwargs)
     assert type(model) is DetectionModel and model.state_dict().keys() == before.keys()
+
+
+def test_prepare_takes_a_yolo_object():
+    from ultralytics import YOLO
+
+    yolo = YOLO("yolov5n.yaml")
+    p = prepare(yolo, fusion="learned")
+    assert p.model is yolo.model and type(yolo.model) is Q2DetectionModel
+    assert [i for i, m in enumerate(yolo.model.model) if isinstance(m, GatedFusion)] == [12, 16, 19, 22]
 
 
 def test_prepare_rejects_other_models(float_models):
@@ -207,6 +248,9 @@ def test_options_and_trainer_arguments(tmp_path):
     assert Q2Options().prepare_kwargs() == dict(recipe="lsq", w_bits=4, a_bits=4, head_bits=None,
                                                 keep_float=None, fusion="balanced", distill=True)
     assert Q2Options(distill_weight=0.0).prepare_kwargs()["distill"] is False
+    for bad in (-0.1, float("nan"), float("inf"), "0.01", True):
+        with pytest.raises(ValueError, match="distill_weight"):
+            Q2Options(distill_weight=bad)
     data = write_synthetic_dataset(tmp_path / "ds", train=2, val=1, imgsz=IMGSZ)
     args = dict(model="yolov5n.yaml", data=str(data), project=str(tmp_path), name="r")
     with pytest.raises(TypeError, match="q2"):

@@ -2,8 +2,9 @@
 
 Ultralytics keeps its data, loss, optimiser, EMA, checkpoints and validation; the trainer adds:
 - get_model(): the DetectionModel built (and pretrained weights loaded) as usual, then prepare()d.
-  A q2kernels checkpoint given as weights (resuming, fine-tuning) is rebuilt from its `model.q2`
-  record and loaded whole.
+  A q2kernels checkpoint given as weights (fine-tuning it further) is rebuilt from its `model.q2`
+  record, not from the trainer's options, and loaded whole; it has no float teacher, so Q-ADA is
+  off (with a warning).
 - Q-ADA: for each training epoch the model's criterion becomes the detection loss plus the Q-ADA
   term (reported as `qada_loss`), the frozen float teacher run on each batch. Its hooks live only
   while an epoch trains: Ultralytics deep-copies the model for its EMA and pickles that copy into
@@ -41,6 +42,11 @@ class Q2Options:
     keep_float: tuple[str, ...] | None = None
     fusion: str | None = "balanced"
     distill_weight: float = 0.01
+
+    def __post_init__(self):
+        w = self.distill_weight
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 <= w < float("inf"):
+            raise ValueError(f"distill_weight: expected a finite number >= 0, got {w!r}")
 
     def prepare_kwargs(self) -> dict:
         kw = asdict(self)
