@@ -31,7 +31,7 @@ FORMAT_VERSION = 1
 
 _FUNCTIONS = {_get_qualified_name(f): f for f in (
     torch.cat, torch.add, torch.mul, torch.relu, torch.sigmoid, torch.flatten, operator.add, operator.mul,
-    operator.getitem, F.silu, F.relu, F.interpolate, F.max_pool2d, packed_upsample_nearest, packed_maxpool2d,
+    operator.getitem, operator.matmul, F.silu, F.relu, F.interpolate, F.max_pool2d, packed_upsample_nearest, packed_maxpool2d,
     packed_write, channel_affine)}
 
 
