@@ -17,8 +17,7 @@ from torch import nn
 pytest.importorskip("ultralytics", reason="ultralytics is not installed (the optional [ultralytics] extra)")
 from ultralytics.nn.tasks import DetectionModel  # noqa: E402
 
-from q2kernels.deploy import (IntConv2d, convert_to_int, load_int_model, reference_forward,  # noqa: E402
-                              save_int_model, verify_int_model)
+from q2kernels.deploy import IntConv2d, convert_to_int, load_int_model, save_int_model, verify_int_model  # noqa: E402,E501
 from q2kernels.nn import LSQPlusQuantizer, LSQQuantizer, PACTQuantizer, QConv2d, quantize_model  # noqa: E402
 
 IMAGE = 32
@@ -82,7 +81,6 @@ def _qat_model(float_model, recipe, bits, seed=0):
         reestimate_batchnorm()  # also initialises the quantizers, on batch-normalised activations
         _spread(model, batch())
         reestimate_batchnorm()  # under the ranges from data
-        _spread(model, batch())
     return model, batch()
 
 
@@ -111,12 +109,10 @@ def test_detection_model_integer_equals_reference(float_models, cfg, recipe, bit
     assert result.exact, result.failures()
     assert result.ok, result.failures()
     assert result.differing_fraction <= MAX_DIFFERING
+    assert result.outputs_equal  # the three raw Detect maps, bit for bit
 
     out = int_model(x)
-    ref_out, _ = reference_forward(int_model, x)
-    assert len(out) == len(ref_out) == 3
-    for a, b in zip(out, ref_out):
-        assert a.dtype == torch.float32 and torch.equal(a, b.to(a.dtype))
+    assert len(out) == 3 and all(o.dtype == torch.float32 for o in out)
 
     path = tmp_path / "int.pt"
     save_int_model(int_model, path)

@@ -112,7 +112,8 @@ def test_a_folding_error_is_not_a_rounding_flip():
     model, x = _qat("lsq", 4)
     int_model = _convert(model, x)
     victim = next(m for m in int_model.net.modules() if isinstance(m, IntConv2d) and m.source == "yolo.8.cv1.conv")
-    victim.epilogues[:, ic.BIAS] += 0.05  # a bias folded wrongly: every code it writes shifts
+    # A bias folded wrongly: every value it writes moves by 0.3 steps of the quantizer it writes for.
+    victim.epilogues[:, ic.BIAS] += 0.3 / victim.epilogues[:, ic.Q_MUL]
     result = verify_int_model(model, int_model, x)
     assert result.exact  # the kernels still compute what the (wrong) model says
     assert not result.ok

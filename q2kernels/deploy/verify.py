@@ -337,11 +337,12 @@ class Verification:
     layers: dict[str, LayerCheck] = field(default_factory=dict)
     boundary: float = BOUNDARY
     missing: list[str] = field(default_factory=list)  # integer layers the fake-quant model has no QConv2d for
+    outputs_equal: bool = True  # the integer model's outputs are the reference mode's, bit for bit
 
     @property
     def exact(self) -> bool:
-        """The integer model's codes are the reference mode's, bit for bit, at every layer."""
-        return all(c.reference_mismatches == 0 for c in self.layers.values())
+        """The integer model's codes (at every layer) and outputs are the reference mode's, bit for bit."""
+        return self.outputs_equal and all(c.reference_mismatches == 0 for c in self.layers.values())
 
     @property
     def ok(self) -> bool:
@@ -356,6 +357,7 @@ class Verification:
     def failures(self) -> list[str]:
         out = [f"{n}: {c.reference_mismatches} codes differ from the reference mode"
                for n, c in self.layers.items() if c.reference_mismatches]
+        out += [] if self.outputs_equal else ["outputs: differ from the reference mode's"]
         out += [f"{n}: {c.beyond_boundary} codes differ from the fake-quant model's at up to {c.max_distance:.3g} "
                 f"code units from their decision boundary (> {self.boundary:g}: not a rounding flip)"
                 for n, c in self.layers.items() if c.beyond_boundary]
@@ -372,17 +374,26 @@ class Verification:
         return "\n".join(lines)
 
 
+def _same(a, b) -> bool:
+    """Outputs (tensors, possibly nested in tuples/lists) equal bit for bit, as float32."""
+    if isinstance(a, (tuple, list)):
+        return isinstance(b, (tuple, list)) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a.float(), b.float())
+    return a == b
+
+
 def verify_int_model(model: nn.Module, int_model: nn.Module, *inputs, boundary: float = BOUNDARY) -> Verification:
     """Compare `int_model` (convert_to_int(model, ...)) with the reference mode and with the QAT
     `model` on `inputs` (module docstring). The model is not changed."""
     model = trace.traceable(model)
-    _, got = integer_codes(int_model, *inputs)
-    _, want = reference_forward(int_model, *inputs)
+    out, got = integer_codes(int_model, *inputs)
+    ref_out, want = reference_forward(int_model, *inputs)
     fq32 = _teacher_forced(model, got, inputs, torch.float32)
     differs = {name: codes != fq32[name][0] for name, codes in got.items() if name in fq32}
     # The float64 evaluation only measures how far differing codes are from their boundaries.
     fq64 = _teacher_forced(model, got, inputs, torch.float64) if any(d.any() for d in differs.values()) else {}
-    result = Verification(boundary=boundary)
+    result = Verification(boundary=boundary, outputs_equal=_same(out, ref_out))
     for name, codes in got.items():
         if name not in fq32:
             result.missing.append(name)
