@@ -247,7 +247,7 @@ def _lsq_w(c):
 
 
 class Mixed(nn.Module):
-    """Layers the converter must keep in float (grouped conv, per-channel activation quantizer), an
+    """A layer the converter must keep in float (per-channel activation quantizer), a grouped conv, an
     activation with no integer epilogue (LeakyReLU), a sum-mode fusion node, a concat of odd channel
     counts and a residual add, between convertible QConv2d layers."""
 
@@ -289,20 +289,21 @@ def test_refused_layers_stay_float_and_the_rest_is_exact():
     with pytest.warns(UserWarning) as record:
         int_model = convert_to_int(model, x)
     messages = [str(w.message) for w in record]
-    assert any("'grouped'" in m and "groups=2" in m for m in messages)
     assert any("'per_channel'" in m and "per channel" in m for m in messages)
+    assert not any("'grouped'" in m for m in messages)
     report = int_model.report
     assert "LeakyReLU" in report["a:activation"]
-    assert report["grouped"].startswith("kept in float") and report["per_channel"].startswith("kept in float")
+    assert report["grouped"].startswith("integer conv") and report["per_channel"].startswith("kept in float")
+    assert next(m for m in int_model.net.modules() if getattr(m, "source", "") == "grouped").groups == 2
     assert "odd channel count" in next(v for k, v in report.items() if k.endswith(":concat"))
     assert report["fuse"].startswith("GatedFusion: LayerNorm replaced")
     kinds = {type(m).__name__ for m in int_model.net.modules()}
     assert {"IntConv2d", "QuantizePack", "QConv2d", "FixedFusion", "LeakyReLU"} <= kinds
-    _check_against_oracle(model, int_model, x, integer_layers=5)
+    _check_against_oracle(model, int_model, x, integer_layers=6)
 
 
 def test_strict_raises_naming_the_layer():
-    with pytest.raises(ValueError, match="layer 'grouped' kept in float: groups=2"):
+    with pytest.raises(ValueError, match="layer 'per_channel' kept in float: its activation quantizer"):
         convert_to_int(_mixed_model(), torch.randn(1, 3, IMAGE, IMAGE), strict=True)
 
 

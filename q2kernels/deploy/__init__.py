@@ -6,7 +6,8 @@ from .fusion import FixedFusion, calibrate_fusion, freeze_fusion, layernorm_affi
 
 # The integer path loads on first use: it builds the C++ extension (q2kernels._ext).
 _INTEGER = {"IntConv2d": "int_modules", "IntModel": "convert", "QuantizePack": "int_modules",
-            "convert_to_int": "convert", "load_int_model": "serialize", "save_int_model": "serialize"}
+            "convert_to_int": "convert", "load_int_model": "serialize", "save_int_model": "serialize",
+            "verify_int_model": "verify", "reference_forward": "verify"}
 
 __all__ = [
     "FixedFusion",

@@ -1,7 +1,9 @@
 """convert_to_int: a trained (and, with fusion nodes, calibrated) QAT model -> an integer model that
 computes what the fake-quant model computed (MATH.md 5 and 7), from 4-bit codes.
 
-The model is traced with torch.fx (QConv2d, quantizers and fusion nodes are leaves) and rebuilt:
+The model is traced with torch.fx (QConv2d, quantizers and fusion nodes are leaves; models whose own
+forward fx cannot trace, such as Ultralytics detectors, through the adapters of deploy.trace) and
+rebuilt:
 - Each QConv2d with a weight and an activation quantizer, with the BatchNorm2d and the activation
   (ReLU, SiLU, identity) that follow it, becomes one IntConv2d. BN folds into the epilogue's scale
   and bias; the activation runs in the epilogue.
@@ -22,6 +24,8 @@ Each quantizer gives its own integer form through the quantizer protocol (q2kern
 2k - (2^b - 1)), `int_activation` the activation codes (e.g. LSQ/LSQ+ R(clip((x - beta)/s)), PACT
 R(clip(x, 0, alpha)*n/alpha), N2UQ the count of thresholds below alpha1*x), each with the fp32 values
 the fake-quant forward uses. Every weight code is checked against the fake-quant weight here.
+Grouped and depthwise convs become grouped IntConv2d (ops.grouped_conv). deploy.verify checks a
+converted model against its fake-quant model, layer by layer.
 """
 from __future__ import annotations
 
@@ -40,6 +44,7 @@ from ..nn.protocol import IntActivation, NoIntegerForm
 from ..nn.quantizers import Quantizer
 from ..ops import int_conv as ic
 from .accumulator import overflow_reason
+from . import trace
 from .fusion import FixedFusion, layernorm_affine
 from .int_modules import (HEAD_CODES, HEAD_FLOAT, IntConv2d, QuantizePack, packed_maxpool2d,
                           packed_upsample_nearest, packed_write)
@@ -160,11 +165,6 @@ class _Unit:
     heads: list
 
 
-class _Tracer(fx.Tracer):
-    def is_leaf_module(self, m, qualname):
-        return isinstance(m, (QConv2d, Quantizer, GatedFusion, FixedFusion)) or super().is_leaf_module(m, qualname)
-
-
 class _Converter:
     def __init__(self, gm: fx.GraphModule, strict: bool):
         self.gm, self.strict = gm, strict
@@ -200,8 +200,6 @@ class _Converter:
         for node in candidates:
             conv = self.modules[node.target]
             try:
-                if conv.groups != 1:
-                    raise Refusal(f"groups={conv.groups}: the integer conv has groups = 1")
                 padding = _conv_padding(conv)
                 spec = _act_spec(conv.act_quantizer, f"{node.target}.act_quantizer")
                 weight = _weight_codes(conv, f"{node.target}.weight_quantizer")
@@ -441,7 +439,8 @@ def _int_conv(unit: _Unit) -> IntConv2d:
     return IntConv2d(conv.in_channels, cout, conv.kernel_size, conv.stride, unit.padding, conv.dilation,
                      spec.signed, w_signed, w_mul, w_add, unit.act, heads, ic.pack(k, 4, w_signed),
                      torch.stack(epilogues), thresholds,
-                     ic.weight_tap_sums(k).to(dev) if spec.offset != 0.0 else None, source=unit.name)
+                     ic.weight_tap_sums(k).to(dev) if spec.offset != 0.0 else None, source=unit.name,
+                     groups=conv.groups)
 
 
 def convert_to_int(model: nn.Module, example_input, strict: bool = False) -> IntModel:
@@ -449,7 +448,7 @@ def convert_to_int(model: nn.Module, example_input, strict: bool = False) -> Int
     tuple of the model's inputs) it runs on, for the shapes. The model is not changed. strict=True
     raises, naming the layer, where a layer would be kept in float."""
     model = copy.deepcopy(model).eval()
-    gm = fx.GraphModule(model, _Tracer().trace(model))
+    gm = trace.symbolic_trace(model, is_leaf=lambda m: isinstance(m, (QConv2d, Quantizer, GatedFusion, FixedFusion)))
     inputs = example_input if isinstance(example_input, tuple) else (example_input,)
     with torch.no_grad():
         ShapeProp(gm).propagate(*inputs)

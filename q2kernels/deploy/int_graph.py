@@ -44,7 +44,7 @@ def tensor_attribute(obj, name: str):
 FUNCTIONS = {_get_qualified_name(f): f for f in (
     torch.cat, torch.stack, torch.add, torch.mul, torch.relu, torch.sigmoid, torch.softmax, torch.flatten,
     torch.chunk, torch.split,
-    operator.add, operator.sub, operator.mul, operator.truediv, operator.getitem,
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.getitem, operator.matmul,
     F.silu, F.relu, F.sigmoid, F.softmax, F.interpolate, F.max_pool2d,
     packed_upsample_nearest, packed_maxpool2d, packed_write, channel_affine)}
 FUNCTIONS[_get_qualified_name(builtins.getattr)] = tensor_attribute

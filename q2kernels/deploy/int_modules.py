@@ -16,10 +16,13 @@ shared tensor at their channel offsets (`out`, `c_offset`, `total_channels`).
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops import grouped_conv as gc
 from ..ops import int_conv as ic
 
 HEAD_CODES, HEAD_FLOAT = "codes", "float"
@@ -32,7 +35,7 @@ def _new_packed(like: torch.Tensor, n: int, h: int, w: int, channels: int) -> to
 class IntConv2d(nn.Module):
     """An integer conv (MATH.md 7) with its heads (module docstring).
 
-    weight: packed codes (C_out, KH, KW, packed_bytes(C_in)); its integer levels are
+    weight: packed codes (C_out, KH, KW, packed_bytes(C_in/groups)); its integer levels are
     w_mul*k + w_add. tap_sums (int32, (C_out, KH+1, KW+1)) when the input has a zero point.
     heads: one dict per head, {"kind": "codes" | "float", "qn", "qp", "nthr", "signed"}, with
     epilogues (H, EPILOGUE_ROWS, C_out) and thresholds (H, 15) (the first nthr used).
@@ -41,8 +44,9 @@ class IntConv2d(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride, padding, dilation,
                  x_signed: bool, w_signed: bool, w_mul: int, w_add: int, act: str, heads: list[dict],
                  weight: torch.Tensor, epilogues: torch.Tensor, thresholds: torch.Tensor,
-                 tap_sums: torch.Tensor | None = None, source: str = ""):
+                 tap_sums: torch.Tensor | None = None, source: str = "", groups: int = 1):
         super().__init__()
+        self.groups = int(groups)
         self.in_channels, self.out_channels = int(in_channels), int(out_channels)
         self.kernel_size = tuple(int(k) for k in kernel_size)
         self.stride, self.padding, self.dilation = (tuple(int(v) for v in t) for t in (stride, padding, dilation))
@@ -57,7 +61,7 @@ class IntConv2d(nn.Module):
     def config(self) -> dict:
         return {k: getattr(self, k) for k in ("in_channels", "out_channels", "kernel_size", "stride", "padding",
                                               "dilation", "x_signed", "w_signed", "w_mul", "w_add", "act",
-                                              "heads", "source")}
+                                              "heads", "source", "groups")}
 
     def output_size(self, x: torch.Tensor) -> tuple[int, int]:
         (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel_size, self.stride, self.padding, self.dilation
@@ -72,7 +76,8 @@ class IntConv2d(nn.Module):
         if h["kind"] == HEAD_CODES and out is None and total_channels is not None:
             out = _new_packed(x, x.shape[0], *self.output_size(x), total_channels)
         thr = self.thresholds[head, :h["nthr"]] if h["nthr"] else None
-        return ic.conv2d(x, self.weight, self.epilogues[head], self.in_channels, x_signed=self.x_signed,
+        conv = ic.conv2d if self.groups == 1 else functools.partial(gc.conv2d_grouped, groups=self.groups)
+        return conv(x, self.weight, self.epilogues[head], self.in_channels, x_signed=self.x_signed,
                          w_signed=self.w_signed, w_mul=self.w_mul, w_add=self.w_add, tap_sums=self.tap_sums,
                          stride=self.stride, padding=self.padding, dilation=self.dilation, act=self.act,
                          qn=h["qn"], qp=h["qp"], thresholds=thr,
@@ -82,7 +87,7 @@ class IntConv2d(nn.Module):
     def extra_repr(self) -> str:
         kinds = ", ".join(h["kind"] for h in self.heads)
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-                f"padding={self.padding}, act={self.act!r}, heads=[{kinds}], source={self.source!r}")
+                f"padding={self.padding}, groups={self.groups}, act={self.act!r}, heads=[{kinds}], source={self.source!r}")
 
 
 _HEAD_KEYS = {"kind", "qn", "qp", "nthr", "signed"}
@@ -171,8 +176,9 @@ def packed_maxpool2d(x: torch.Tensor, channels: int, signed: bool, kernel_size, 
                      ceil_mode: bool) -> torch.Tensor:
     """Max pooling of packed codes: max(Q(v)) = Q(max(v)) for a non-decreasing quantizer Q."""
     codes = ic.unpack(x, channels, signed)
-    # CUDA max_pool2d has no integer kernels: there the codes are pooled as float16 (exact for 4-bit codes).
-    pooled = F.max_pool2d(codes.half() if codes.is_cuda else codes, kernel_size, stride, padding, dilation, ceil_mode)
+    # Pooled as float32 (exact for 4-bit codes): CUDA max_pool2d has no integer kernels, and the CPU one
+    # on channels_last int8 indexes with the element type (it fails from 256x20x20, SPPF at 640x640).
+    pooled = F.max_pool2d(codes.float(), kernel_size, stride, padding, dilation, ceil_mode)
     return ic.pack(pooled.to(torch.int8), 4, signed)
 
 

@@ -1,0 +1,121 @@
+"""Integer models of the real Ultralytics YOLOv5s and YOLO11s (DetectionModel from YAML, no download).
+
+For each model, recipe and bit width: convert_to_int traces the DetectionModel itself (deploy.trace),
+converts every quantized conv (YOLO11s's depthwise ones too), and deploy.verify_int_model checks it:
+every layer's codes equal the reference mode's (plain PyTorch, exact integer sums, emulated fp32
+epilogue) bit for bit, and the codes that differ from the teacher-forced fake-quant model's are rare
+and each within rounding of its decision boundary. The model saves and reloads bit for bit.
+The packed max-pool runs at SPPF's real map sizes. Skipped only where ultralytics is not installed.
+"""
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("ultralytics", reason="ultralytics is not installed (the optional [ultralytics] extra)")
+from ultralytics.nn.tasks import DetectionModel  # noqa: E402
+
+from q2kernels.deploy import IntConv2d, convert_to_int, load_int_model, save_int_model, verify_int_model  # noqa: E402,E501
+from q2kernels.nn import LSQPlusQuantizer, LSQQuantizer, PACTQuantizer, QConv2d, quantize_model  # noqa: E402
+
+IMAGE = 32
+# Upper bound on the fraction of codes that differ from the fake-quant model's (rounding flips); the
+# measured fractions are printed (pytest -s) and are far below it.
+MAX_DIFFERING = 2e-3
+
+
+@pytest.fixture(scope="module")
+def float_models():
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return {cfg: DetectionModel(f"{cfg}.yaml", verbose=False).eval() for cfg in ("yolov5s", "yolo11s")}
+
+
+def _spread(model, x):
+    """Activation ranges from data (1%..99% of each quantizer's input), so that codes use most levels."""
+    ranges = {}
+
+    def record(q, args):
+        ranges[q] = torch.quantile(args[0].flatten()[:2**20].float(), torch.tensor([0.01, 0.99]))
+
+    hooks = [m.act_quantizer.register_forward_pre_hook(record)
+             for m in model.modules() if isinstance(m, QConv2d) and m.act_quantizer is not None]
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    with torch.no_grad():
+        for q, (lo, hi) in ranges.items():
+            hi = hi.clamp_min(lo + 1e-2)
+            if isinstance(q, LSQPlusQuantizer):
+                q.s.fill_((hi - lo) / (2**q.bits - 1))
+                q.beta.fill_(lo)
+            elif isinstance(q, LSQQuantizer):
+                q.s.fill_(torch.maximum(hi, -lo) / (2 ** (q.bits - 1) - 1))
+            elif isinstance(q, PACTQuantizer):
+                q.alpha.fill_(hi.clamp_min(1e-2))
+            else:
+                q.alpha1.fill_(2.0 / hi.clamp_min(1e-2))
+
+
+def _qat_model(float_model, recipe, bits, seed=0):
+    """A quantized model as deployment sees it: quantizers initialised, BatchNorm statistics
+    re-estimated on data (random init leaves them meaningless), activation ranges from data."""
+    model = quantize_model(copy.deepcopy(float_model), recipe, w_bits=bits, a_bits=bits)
+    g = torch.Generator().manual_seed(seed)
+    batch = lambda: torch.randn(2, 3, IMAGE, IMAGE, generator=g)  # noqa: E731
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+
+    def reestimate_batchnorm():
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None
+        model.train()
+        model(batch())
+        model.eval()
+
+    with torch.no_grad():
+        reestimate_batchnorm()  # also initialises the quantizers, on batch-normalised activations
+        _spread(model, batch())
+        reestimate_batchnorm()  # under the ranges from data
+    return model, batch()
+
+
+CASES = [(cfg, recipe, bits) for cfg in ("yolov5s", "yolo11s") for recipe in ("lsq", "lsq_plus", "pact", "n2uq")
+         for bits in (4, 3)]
+
+
+@pytest.mark.parametrize("cfg,recipe,bits", CASES)
+def test_detection_model_integer_equals_reference(float_models, cfg, recipe, bits, tmp_path):
+    model, x = _qat_model(float_models[cfg], recipe, bits)
+    quantized = [n for n, m in model.named_modules() if isinstance(m, QConv2d)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing may be refused
+        int_model = convert_to_int(model, x)
+    sources = {m.source for m in int_model.net.modules() if isinstance(m, IntConv2d)}
+    # Every quantized conv the detector runs is an integer conv (the DFL conv is not run on raw maps).
+    assert sources == {n for n in quantized if ".dfl." not in n}
+    grouped = {m.source for m in int_model.net.modules() if isinstance(m, IntConv2d) and m.groups > 1}
+    assert bool(grouped) == (cfg == "yolo11s")
+
+    result = verify_int_model(model, int_model, x)
+    print(f"\n{cfg} {recipe} W{bits}A{bits}: {len(result.layers)} layers, differing codes "
+          f"{result.differing_fraction:.2e}, worst distance "
+          f"{max(c.max_distance for c in result.layers.values()):.2e} code units")
+    assert set(result.layers) == sources and not result.missing
+    assert result.exact, result.failures()
+    assert result.ok, result.failures()
+    assert result.differing_fraction <= MAX_DIFFERING
+    assert result.outputs_equal  # the three raw Detect maps, bit for bit
+
+    out = int_model(x)
+    assert len(out) == 3 and all(o.dtype == torch.float32 for o in out)
+
+    path = tmp_path / "int.pt"
+    save_int_model(int_model, path)
+    again = load_int_model(path)
+    for a, b in zip(again(x), out):
+        assert torch.equal(a, b)
