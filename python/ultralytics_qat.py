@@ -129,6 +129,8 @@ def main():
           f"mAP50-95 {metrics['metrics/mAP50-95(B)']:.4f}")
     torch.save(model.state_dict(), out / "ln_free_state_dict.pt")
     print(f"saved {out / 'ln_free_state_dict.pt'}")
+    # 5. Integer conversion and evaluation start here, from `model` (the LN-free fake-quant
+    # Q2DetectionModel) and the trainer's batches: q2kernels.deploy.convert_to_int(model, images).
 
 
 if __name__ == "__main__":
