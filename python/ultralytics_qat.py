@@ -29,32 +29,9 @@ from ultralytics import YOLO  # noqa: E402
 from ultralytics.models.yolo.detect import DetectionValidator  # noqa: E402
 from ultralytics.nn.tasks import load_checkpoint  # noqa: E402
 
-from q2kernels.deploy import calibrate_fusion  # noqa: E402
+from q2kernels.deploy import calibrate_fusion, finetune_without_layernorm  # noqa: E402
 from q2kernels.integrations.ultralytics import Q2DetectionTrainer, write_synthetic_dataset  # noqa: E402
 from q2kernels.nn import GatedFusion  # noqa: E402
-
-try:
-    from q2kernels.deploy import finetune_without_layernorm
-except ImportError:  # q2kernels before the deploy step landed: the same steps, here
-    from q2kernels.deploy import freeze_fusion
-
-    def finetune_without_layernorm(model, batches, loss_fn=None, steps=None, lr=2e-5, forward=None):
-        """Freeze every calibrated GatedFusion to its fixed affine, then train with Adam(lr) on
-        forward(model, batch) for at most `steps` batches. Returns the losses."""
-        freeze_fusion(model)
-        opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
-        model.train()
-        losses = []
-        for i, batch in enumerate(batches):
-            if steps is not None and i >= steps:
-                break
-            loss = forward(model, batch)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append(loss.detach())
-        return torch.stack(losses).tolist()
-
 
 def batches(trainer, count):
     """`count` preprocessed training batches from the trainer's own data pipeline."""

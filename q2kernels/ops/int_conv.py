@@ -154,10 +154,23 @@ def _fake_conv2d_out(x, weight, epilogue, tap_sums, thresholds, in_channels, x_s
     return None
 
 
+def _fake_conv2d_grouped(x, weight, epilogue, tap_sums, thresholds, in_channels, groups, x_signed, w_signed, w_mul,
+                         w_add, stride, padding, dilation, act, qn, qp, out_dtype):
+    return _fake_conv2d(x, weight, epilogue, tap_sums, thresholds, in_channels, x_signed, w_signed, w_mul, w_add,
+                        stride, padding, dilation, act, qn, qp, out_dtype)
+
+
+def _fake_conv2d_grouped_out(x, weight, epilogue, tap_sums, thresholds, in_channels, groups, x_signed, w_signed,
+                             w_mul, w_add, stride, padding, dilation, act, qn, qp, c_offset, out):
+    return _fake_conv2d_out(x, weight, epilogue, tap_sums, thresholds, in_channels, x_signed, w_signed, w_mul, w_add,
+                            stride, padding, dilation, act, qn, qp, c_offset, out)
+
+
 # Output shapes of the ops for tracing (torch.compile, opcheck), registered by load().
 _FAKES = {"pack": _fake_pack, "unpack": _fake_unpack, "quantize_pack": _fake_quantize_pack,
           "quantize_pack_out": _fake_quantize_pack_out, "conv2d_acc": _fake_conv2d_acc, "conv2d": _fake_conv2d,
-          "conv2d_out": _fake_conv2d_out}
+          "conv2d_out": _fake_conv2d_out, "conv2d_grouped": _fake_conv2d_grouped,
+          "conv2d_grouped_out": _fake_conv2d_grouped_out}
 
 
 def _int(v, name):
