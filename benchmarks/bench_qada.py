@@ -53,7 +53,7 @@ def _inputs(shape, dtype, layout, variant, device):
                    torch.tensor([STEP], device=device)]
     if n_inputs > 3:
         inputs.append((torch.round(T.float() / STEP) * STEP).to(dtype).contiguous(memory_format=fmt))
-    return inputs, (lambda T, S, Sq=None, delta=None, Tq=None: F.qada_loss(T, S, Sq, delta, Tq=Tq, **kw))
+    return inputs, (lambda T, S, Sq=None, delta=None, Tq=None: F.q_ada_loss(T, S, Sq, delta, Tq=Tq, **kw))
 
 
 def _cases(smoke):

@@ -148,45 +148,6 @@ def _check_number(v, name, lo, lo_allowed):
     return float(v)
 
 
-def q_ada_loss(T, S, Sq=None, delta=None, lam: float = ref.ada.LAMBDA, gamma: float = 1.0,
-               divergence: str = "js", reduction: str = "mean"):
-    """Q-ADA distillation loss (MATH.md 6) of student feature S against teacher feature T.
-
-    T, S: (B, C, H, W), float32/float16/bfloat16, NCHW or channels_last. Sq: the student's quantized
-    feature (the distortion term; None for none). delta: Sq's quantisation step, a positive number
-    or a tensor of 1 or C elements (None: each row's sqrt(var_S)); needs Sq. lam > 0, gamma >= 0.
-    divergence: "js" | "kl"; reduction: "mean" | "sum" over the B*C rows. Returns a 0-d float32
-    tensor. Only S receives a gradient: T, Sq, delta and the distortion map are constants.
-    gamma = 0 (or Sq = None) is GABFusion's ADA.
-    """
-    _check_feature(S, "S")
-    _check_feature(T, "T", like=S)
-    if Sq is not None:
-        _check_feature(Sq, "Sq", like=S)
-    lam = _check_number(lam, "lam", 0.0, lo_allowed=False)
-    gamma = _check_number(gamma, "gamma", 0.0, lo_allowed=True)
-    if divergence not in ref.ada.DIVERGENCES:
-        raise ValueError(f"divergence: expected one of {ref.ada.DIVERGENCES}, got {divergence!r}")
-    if reduction not in ref.ada.REDUCTIONS:
-        raise ValueError(f"reduction: expected one of {ref.ada.REDUCTIONS}, got {reduction!r}")
-    if delta is not None:
-        if Sq is None:
-            raise ValueError("delta: given without Sq; the distortion term it scales needs Sq")
-        if isinstance(delta, torch.Tensor):
-            delta = check_param(delta, "delta", S)
-            if delta.numel() not in (1, S.shape[1]):
-                raise ValueError(f"delta: expected 1 or C = {S.shape[1]} elements, got shape {tuple(delta.shape)}")
-            delta = delta.detach().reshape(-1)
-        else:
-            delta = torch.full((1,), _check_number(delta, "delta", 0.0, lo_allowed=False), device=S.device)
-    T = T.detach()
-    Sq = None if Sq is None else Sq.detach()
-    if _backend.resolve(S) == "triton":
-        loss, _ = torch.ops.q2kernels.q_ada(T, S, Sq, delta, lam, gamma, divergence == "kl", reduction == "mean")
-        return loss
-    return ref.q_ada_loss(T, S, Sq, delta, lam=lam, gamma=gamma, divergence=divergence, reduction=reduction)
-
-
 def _check_fusion_param(p, name, like, numel):
     """p checked and made contiguous (check_param): use the returned tensor."""
     p = check_param(p, name, like, numel)
@@ -253,14 +214,12 @@ def gated_fusion(xs, theta, gamma=None, beta=None, fuse: str = "concat", eps: fl
                             on_energies=None if controller is None else controller.step)
 
 
-# ---- Q-ADA in both saliency forms (helper `ada`; the lead may fold q_ada_loss into this) ----
-
-def qada_loss(T, S, Sq=None, delta=None, *, Tq=None, form: str = "q2", lam: float = ref.ada.LAMBDA,
+def q_ada_loss(T, S, Sq=None, delta=None, *, Tq=None, form: str = "q2", lam: float = ref.ada.LAMBDA,
               kappa: float = ref.ada.KAPPA, gamma: float = 1.0, divergence: str = "js", reduction: str = "mean"):
     """Q-ADA distillation loss (docs/math.md §6) of student feature S against teacher feature T.
 
     form: "q2" (the Q2 paper's saliency log(1 + z^2) + gamma log(1 + r^2), the default) or "simam"
-    (GABFusion's SimAM energy + gamma r; with Tq=None this is q_ada_loss). T, S: (B, C, H, W),
+    (GABFusion's SimAM energy + gamma r; with Tq=None and gamma = 0 or Sq = None, GABFusion's ADA). T, S: (B, C, H, W),
     float32/float16/bfloat16, NCHW or channels_last. Sq: the student's quantized feature (None: no
     distortion term). Tq: the teacher's quantized feature (needs Sq; None: the teacher side uses the
     student's distortion term). delta: the quantisation step, a positive number or a tensor of 1 or
@@ -289,7 +248,7 @@ def qada_loss(T, S, Sq=None, delta=None, *, Tq=None, form: str = "q2", lam: floa
         if Sq is None:
             raise ValueError("delta: given without Sq; the distortion term it scales needs Sq")
         if isinstance(delta, torch.Tensor):
-            check_param(delta, "delta", S)
+            delta = check_param(delta, "delta", S)
             if delta.numel() not in (1, S.shape[1]):
                 raise ValueError(f"delta: expected 1 or C = {S.shape[1]} elements, got shape {tuple(delta.shape)}")
             delta = delta.detach().reshape(-1)

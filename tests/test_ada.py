@@ -110,7 +110,7 @@ def loss_and_grad(backend, T, S, Sq=None, delta=None, Tq=None, g=None, **kw):
     """(loss, dS) for the upstream gradient g (a number; 1 if None)."""
     leaf = S.detach().clone().requires_grad_()
     with q2kernels.use_backend(backend):
-        loss = F.qada_loss(T, leaf, Sq, delta, Tq=Tq, **kw)
+        loss = F.q_ada_loss(T, leaf, Sq, delta, Tq=Tq, **kw)
     (dS,) = torch.autograd.grad(loss, leaf, None if g is None else torch.tensor(g, device=loss.device))
     return loss, dS
 
@@ -171,14 +171,6 @@ def test_own_and_shared_distortion_differ():
         own = loss_and_grad("reference", T, S, Sq, delta, Tq, form=form)
         assert abs(shared[0].item() - own[0].item()) > 1e-4 * abs(shared[0].item())
         assert (shared[1] - own[1]).abs().max() > 1e-3 * shared[1].abs().max()
-
-
-def test_q_ada_loss_is_the_simam_form():
-    """The original entry point keeps its meaning: qada_loss(form="simam") without Tq."""
-    T, S, Sq, delta, _ = make((2, 3, 6, 6), "channel")
-    for backend in ("reference", "triton"):
-        with q2kernels.use_backend(backend):
-            assert torch.equal(F.q_ada_loss(T, S, Sq, delta), F.qada_loss(T, S, Sq, delta, form="simam"))
 
 
 @pytest.mark.parametrize("shape", [(2, 3, 6, 6), (1, 8, 13, 17)])
@@ -252,7 +244,7 @@ def test_teacher_sq_tq_and_delta_get_no_gradient(backend, form):
     for x in (T, Sq, delta, Tq, S):
         x.requires_grad_()
     with q2kernels.use_backend(backend):
-        F.qada_loss(T, S, Sq, delta, Tq=Tq, form=form).backward()
+        F.q_ada_loss(T, S, Sq, delta, Tq=Tq, form=form).backward()
     assert T.grad is None and Sq.grad is None and delta.grad is None and Tq.grad is None
     assert S.grad is not None and S.grad.abs().sum() > 0
 
@@ -397,7 +389,7 @@ def test_torch_compile_fullgraph(triton_backend, form):
     def step(x):
         s = conv(x)
         sq = torch.round(s / 0.2) * 0.2
-        return F.qada_loss(T, s, sq.detach(), delta, Tq=torch.round(T / 0.2) * 0.2, form=form, divergence="kl")
+        return F.q_ada_loss(T, s, sq.detach(), delta, Tq=torch.round(T / 0.2) * 0.2, form=form, divergence="kl")
 
     compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
     got = compiled(x)
@@ -474,8 +466,8 @@ def test_qada_loss_collects_features_and_backprops_into_student_only(backend, fo
 
     tq = t_q if distortion == "own" else None
     with q2kernels.use_backend(backend):
-        want = 0.5 * (F.qada_loss(t_body, captured["body"], p_body.sq, p_body.delta, Tq=tq, form=form, divergence="kl")
-                      + F.qada_loss(t_neck, captured["neck"], form=form, divergence="kl"))
+        want = 0.5 * (F.q_ada_loss(t_body, captured["body"], p_body.sq, p_body.delta, Tq=tq, form=form, divergence="kl")
+                      + F.q_ada_loss(t_neck, captured["neck"], form=form, divergence="kl"))
         loss = qada()
     torch.testing.assert_close(loss, want, rtol=0, atol=0)
     assert all(p.teacher is None and p.student is None and p.quantizer is None for p in qada._points)  # consumed
@@ -547,8 +539,8 @@ def test_qada_loss_bad_arguments():
 # ---------------------------------------------------------------------------------------------
 # Bad input.
 
-@pytest.mark.parametrize("loss_fn", [F.q_ada_loss, F.qada_loss])
-def test_bad_input(loss_fn):
+def test_bad_input():
+    loss_fn = F.q_ada_loss
     T, S, Sq, delta, _ = make((2, 3, 4, 5), "channel")
     with pytest.raises(ValueError, match="T: expected the shape of S"):
         loss_fn(T[:, :2], S)
@@ -587,15 +579,15 @@ def test_bad_input(loss_fn):
 def test_bad_input_of_the_forms():
     T, S, Sq, delta, Tq = make((2, 3, 4, 5), "channel", own=True)
     with pytest.raises(ValueError, match="Tq: given without Sq"):
-        F.qada_loss(T, S, Tq=Tq)
+        F.q_ada_loss(T, S, Tq=Tq)
     with pytest.raises(ValueError, match="Tq: expected the shape of S"):
-        F.qada_loss(T, S, Sq, Tq=Tq[:, :2])
+        F.q_ada_loss(T, S, Sq, Tq=Tq[:, :2])
     with pytest.raises(TypeError, match="Tq: expected a float32"):
-        F.qada_loss(T, S, Sq, Tq=Tq.to(torch.int8))
+        F.q_ada_loss(T, S, Sq, Tq=Tq.to(torch.int8))
     with pytest.raises(ValueError, match="form"):
-        F.qada_loss(T, S, form="Q2")
+        F.q_ada_loss(T, S, form="Q2")
     with pytest.raises(ValueError, match="kappa"):
-        F.qada_loss(T, S, kappa=-1.0)
+        F.q_ada_loss(T, S, kappa=-1.0)
     with pytest.raises(ValueError, match="form"):
         torch.ops.q2kernels.q_ada(T, S, None, None, 1e-4, 1.0, False, True, None, "ada", 1e-6)
 

@@ -103,14 +103,14 @@ for dtype, fmt, kw in ((torch.bfloat16, torch.contiguous_format, dict(delta=torc
                        (torch.float16, torch.channels_last, dict())):
     Tc, Sc = T.to(dtype).to(memory_format=fmt), torch.randn_like(T).to(dtype).to(memory_format=fmt)
     Sq = None if kw.get("divergence") == "kl" else (Sc + 0.01)
-    fwd_bwd(lambda S: F.q_ada_loss(Tc, S, Sq, **kw), Sc)
-fwd_bwd(lambda S: F.q_ada_loss(torch.randn(1, 4, 90, 90), S), torch.randn(1, 4, 90, 90))  # rows in chunks
+    fwd_bwd(lambda S: F.q_ada_loss(Tc, S, Sq, form="simam", **kw), Sc)
+fwd_bwd(lambda S: F.q_ada_loss(torch.randn(1, 4, 90, 90), S, form="simam"), torch.randn(1, 4, 90, 90))  # rows in chunks
 for dtype, fmt, hw in ((torch.bfloat16, torch.contiguous_format, 9), (torch.float16, torch.channels_last, 9),
                        (torch.bfloat16, torch.contiguous_format, 90)):  # Q-ADA's Q2 form, the teacher's own Tq
     Tc = torch.randn(1, 24, hw, hw).to(dtype).to(memory_format=fmt)
     Sc = torch.randn_like(Tc)
-    fwd_bwd(lambda S: F.qada_loss(Tc, S, Sc + 0.01, 0.25, Tq=Tc + 0.01, form="q2"), Sc)
-fwd_bwd(lambda S: F.qada_loss(T, S, form="q2", divergence="kl"), torch.randn_like(T))
+    fwd_bwd(lambda S: F.q_ada_loss(Tc, S, Sc + 0.01, 0.25, Tq=Tc + 0.01, form="q2"), Sc)
+fwd_bwd(lambda S: F.q_ada_loss(T, S, form="q2", divergence="kl"), torch.randn_like(T))
 
 from q2kernels.ops import fusion as _fusion
 def fusion_case(channels, fuse, dtype, fmt, affine):

@@ -77,7 +77,7 @@ class QADALoss(nn.Module):
     points: module names present in both models, or (teacher_name, student_name) pairs.
     form ("q2": the Q2 paper's saliency, the default | "simam": GABFusion's), divergence ("js" | "kl"),
     gamma, lam, kappa and reduction ("mean" | "sum" over each feature's rows) are those of
-    q2kernels.functional.qada_loss. distortion: "own" (each side's term from its own quantized
+    q2kernels.functional.q_ada_loss. distortion: "own" (each side's term from its own quantized
     feature, as Q2 defines it) | "shared" (the student's term on both sides). form="simam",
     distortion="shared" is this loss's original behaviour; with gamma = 0 it is GABFusion's ADA.
     Calling the module consumes the features recorded since the last call. `remove()` (or leaving a `with` block, or
@@ -133,7 +133,7 @@ class QADALoss(nn.Module):
                 if not isinstance(feat, torch.Tensor):
                     raise TypeError(f"QADALoss: the {which} module {name!r} returned {type(feat).__name__}, "
                                     "expected a (B, C, H, W) tensor")
-            loss = F.qada_loss(p.teacher, p.student, p.sq, p.delta, Tq=self._teacher_quantized(p), form=self.form,
+            loss = F.q_ada_loss(p.teacher, p.student, p.sq, p.delta, Tq=self._teacher_quantized(p), form=self.form,
                                lam=self.lam, kappa=self.kappa, gamma=self.gamma, divergence=self.divergence,
                                reduction=self.reduction)
             total = loss if total is None else total + loss
