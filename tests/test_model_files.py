@@ -19,7 +19,7 @@ from q2kernels.ops import int_conv as ic
 
 
 class _Net(nn.Module):
-    """Integer convs, a float conv, a residual add and a kept-in-float QConv2d (grouped)."""
+    """Integer convs, a float conv, a residual add and a kept-in-float QConv2d (reflect padding)."""
 
     def __init__(self):
         super().__init__()
@@ -27,8 +27,8 @@ class _Net(nn.Module):
         self.a = QConv2d(8, 8, 3, padding=1, weight_quantizer=LSQQuantizer(4, "signed", axis=0, channels=8),
                          act_quantizer=LSQPlusQuantizer(4))
         self.bn = nn.BatchNorm2d(8)
-        self.grouped = QConv2d(8, 8, 3, padding=1, groups=2, weight_quantizer=DoReFaWeightQuantizer(4),
-                               act_quantizer=PACTQuantizer(4))
+        self.grouped = QConv2d(8, 8, 3, padding=1, groups=2, padding_mode="reflect",
+                               weight_quantizer=DoReFaWeightQuantizer(4), act_quantizer=PACTQuantizer(4))
         self.head = nn.Conv2d(8, 2, 1)
 
     def forward(self, x):
@@ -43,7 +43,7 @@ def saved(tmp_path_factory):
     x = torch.randn(2, 3, 8, 8)
     net(x)  # initialise the quantizers
     net.eval()
-    with pytest.warns(UserWarning, match="groups=2"):
+    with pytest.warns(UserWarning, match="padding_mode='reflect'"):
         model = convert_to_int(net, x)
     path = tmp_path_factory.mktemp("files") / "model.pt"
     save_int_model(model, path)
