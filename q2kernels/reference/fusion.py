@@ -18,6 +18,8 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from ._output import output_as
+
 FUSE_MODES = ("concat", "sum")
 EPS = 1e-5
 MOMENTUM = 0.9      # EMA of the energies: Ebar <- m*Ebar + (1-m)*E
@@ -176,7 +178,7 @@ class _GatedFusion(torch.autograd.Function):
             y = y + _channel(beta)
         ctx.save_for_backward(gates, gamma, mu, rstd, *xs)
         ctx.concat, ctx.has_beta, ctx.controller = concat, beta is not None, controller
-        return y.to(xs[0].dtype)
+        return output_as(y, xs[0])
 
     @staticmethod
     def backward(ctx, dy):

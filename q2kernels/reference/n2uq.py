@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from ._output import output_as
+
 # a+ = a if a > 1e-3 else 1e-3, with 1e-3 rounded to fp32 (the authors' eps is an fp32 tensor).
 A_FLOOR = float(torch.tensor(1e-3, dtype=torch.float32))
 
@@ -72,7 +74,7 @@ class _LTQ(torch.autograd.Function):
         y = (k.float() * interval) * alpha2.float().reshape(())
         ctx.save_for_backward(x, start, a, alpha1, alpha2)
         ctx.bits = bits
-        return y.to(x.dtype)
+        return output_as(y, x)
 
     @staticmethod
     def backward(ctx, g):
@@ -138,7 +140,7 @@ class _N2UQWeight(torch.autograd.Function):
         c = (w.float() * inv).clamp(-1.0, 1.0)
         wq = (torch.round((c + 1.0) * m) / m - 1.0) * sf_v
         ctx.save_for_backward(inv)
-        return wq.to(w.dtype)
+        return output_as(wq, w)
 
     @staticmethod
     def backward(ctx, g):
