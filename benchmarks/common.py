@@ -14,6 +14,7 @@ import platform
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import torch
@@ -169,10 +170,26 @@ def copy_bandwidth_gbs() -> float | None:
     return _COPY_GBS
 
 
+# (k, n): measure only the cases whose labels hash to k modulo n (run_all.py --shard k/n), so that a
+# benchmark too long for one device call is split over several; None: every case.
+SHARD: tuple[int, int] | None = None
+
+
+def in_shard(labels: dict) -> bool:
+    """Whether this process measures the case with these labels. Every impl of a case (its labels less
+    `impl`) falls in the same shard, so that speedups are computed within a shard."""
+    if SHARD is None:
+        return True
+    case = json.dumps({k: v for k, v in sorted(labels.items()) if k != "impl"}, default=str)
+    return zlib.crc32(case.encode()) % SHARD[1] == SHARD[0]
+
+
 def measure(fn, inputs, grad, bytes_fwd: int, bytes_bwd: int, **labels) -> dict:
     """Forward, backward and forward+backward of out = fn(*inputs) w.r.t. the inputs that require
     grad; bytes_* are the minimum bytes each pass must move (the floor for GB/s)."""
     wants = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+    if not in_shard(labels):
+        return dict(labels, other_shard=True, peak_mem_mb=None)
 
     def fwd():
         return fn(*inputs)
@@ -188,6 +205,7 @@ def measure(fn, inputs, grad, bytes_fwd: int, bytes_bwd: int, **labels) -> dict:
     row = dict(labels)
     fell_back = compile_fell_back(fn, fwd_bwd)
     if fell_back is not None:
+        print(f"measured: {json.dumps(dict(row, **fell_back))}", flush=True)
         return dict(row, **fell_back)
     if isinstance(fn, Compiled):
         row.update(fn.check())
@@ -201,6 +219,8 @@ def measure(fn, inputs, grad, bytes_fwd: int, bytes_bwd: int, **labels) -> dict:
         gbs = nbytes / row[f"{p}_ms"] / 1e6
         row[f"{p}_gbs"] = gbs
         row[f"{p}_pct_copy"] = 100 * gbs / copy if copy else None
+    # One line per measured case as it completes: a run cut short by its time limit keeps them in its log.
+    print(f"measured: {json.dumps(row)}", flush=True)
     return row
 
 
@@ -245,11 +265,15 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
     return "\n".join(lines)
 
 
+def report_table(name: str, rows: list[dict], columns: list[str]) -> str:
+    return f"## {name}\n\n{markdown_table(rows, columns)}\n"
+
+
 def report(name: str, rows: list[dict], columns: list[str], out: Path | None) -> str:
     """Print the table; with `out`, also write <out>/<gpu>-<commit>-<name>.json and .md."""
     env = environment()
-    table = f"## {name}\n\n{markdown_table(rows, columns)}\n"
-    print(table)
+    table = report_table(name, rows, columns)
+    print(table, flush=True)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         stem = f"{env['device'].replace(' ', '_')}-{env['commit']}-{name}"

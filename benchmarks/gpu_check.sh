@@ -1,19 +1,16 @@
 #!/usr/bin/env bash
-# The GPU campaign in one call on the device machine (no network): install offline, run the CUDA
-# tests, run every benchmark; results go to $OUT (or benchmarks/results when run by hand): doctor.txt,
-# cuda_tests.txt and <gpu>-<commit>.{json,md,png}. Commit them unedited under benchmarks/results/,
-# then `python benchmarks/run_all.py --summarize benchmarks/results/<gpu>-<commit>.json` updates the
-# README's table, and benchmarks/NOTES.md gets each target's measured value.
-set -uo pipefail
+# The GPU campaign on the device machine (no network), one budget-sized stage at a time:
+#
+#   bash benchmarks/gpu_check.sh 1          # first on any drawn device: install, build, doctor, CUDA tests
+#   bash benchmarks/gpu_check.sh 2 3        # then as many stages as the budget allows (see NOTES.md)
+#   bash benchmarks/gpu_check.sh all        # or everything, stage after stage
+#
+# benchmarks/campaign.py says what each stage runs; every stage has its own time limit (5 min) and
+# writes to $OUT (else benchmarks/results) as it goes: stages/<n>-<name>.log, stages/status.jsonl,
+# rows.jsonl and the per-benchmark and whole-run <gpu>-<commit>-*.{json,md}. A stage that passed there
+# is skipped next time. Commit what it wrote, unedited, under benchmarks/results/; then
+# `python benchmarks/run_all.py --summarize benchmarks/results/<gpu>-<commit>.json` updates the README's
+# table, and benchmarks/NOTES.md gets each stage's measured time next to its estimate.
+set -euo pipefail
 cd "$(dirname "$0")/.."
-out="${OUT:-benchmarks/results}"
-mkdir -p "$out"
-export PYTHONUNBUFFERED=1
-pip install -q --no-build-isolation --no-deps -e . 2>&1 | tail -3
-q2k doctor 2>&1 | tee "$out/doctor.txt"
-python -m pytest -m cuda -q -rs 2>&1 | tee "$out/cuda_tests.txt"
-tests_rc=${PIPESTATUS[0]}
-python benchmarks/run_all.py --out "$out" 2>&1 | tail -5
-bench_rc=${PIPESTATUS[0]}
-echo "cuda tests rc=$tests_rc, benchmarks rc=$bench_rc"
-exit $(( tests_rc || bench_rc ))
+exec python benchmarks/campaign.py "$@"

@@ -1,7 +1,15 @@
 """Every op benchmark in one run, written as one record: <out>/<gpu>-<commit>.{json,md,png}.
 
-    python benchmarks/run_all.py [--smoke] [--out benchmarks/results]
+    python benchmarks/run_all.py [--smoke] [--out benchmarks/results] [--only a,b | --skip a,b] [--shard k/n]
     python benchmarks/run_all.py --summarize benchmarks/results/<gpu>-<commit>.json   # README table
+
+Benchmarks run in ORDER (the campaign's priority). With --out, each one's rows are written as soon as
+it finishes: <out>/<gpu>-<commit>-<name>.{json,md}, and appended to <out>/rows.jsonl (one row a line,
+with its benchmark's name); the record <gpu>-<commit>.json merges into the one already there, so that
+runs of a few benchmarks at a time (benchmarks/gpu_check.sh stages) add up to the whole record.
+--shard k/n measures only the cases of shard k of n (benchmarks/common.py in_shard): its rows carry
+"shard": "k/n", its per-benchmark files are <gpu>-<commit>-<name>-shard<k>of<n>.{json,md}, and in the
+record they replace that shard's rows of an earlier run, so that the n shards add up to the benchmark.
 """
 from __future__ import annotations
 
@@ -15,6 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks import common  # noqa: E402  (sets TRITON_INTERPRET before triton loads)
 
 HERE = Path(__file__).resolve().parent
+# Priority order: what a budget-limited GPU session measures first.
+ORDER = ("fake_quant", "fusion", "qada", "n2uq", "int_conv", "train_step")
 
 
 README = HERE.parent / "README.md"
@@ -74,30 +84,74 @@ def _plot(record, path):
     plt.close(fig)
 
 
+def _names(text: str | None, option: str) -> list[str]:
+    names = [n for n in (text or "").split(",") if n]
+    unknown = sorted(set(names) - set(ORDER))
+    if unknown:
+        raise SystemExit(f"run_all: {option}: unknown benchmark(s) {', '.join(unknown)}; expected some of "
+                         f"{', '.join(ORDER)}")
+    return names
+
+
+def selected(only: str | None, skip: str | None) -> list[str]:
+    """The benchmarks to run, in ORDER: --only's (all if not given) less --skip's."""
+    chosen = _names(only, "--only") or list(ORDER)
+    skipped = set(_names(skip, "--skip"))
+    return [n for n in ORDER if n in chosen and n not in skipped]
+
+
+def shard(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    k, _, n = text.partition("/")
+    if not (k.isdigit() and n.isdigit() and 0 <= int(k) < int(n)):
+        raise SystemExit(f"run_all: --shard: expected k/n with 0 <= k < n, got {text!r}")
+    return int(k), int(n)
+
+
 def main(argv=None):
+    import argparse
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--summarize"]:
         # A run recorded on the device machine: put its headline numbers into this checkout's README.
         record = json.loads(Path(argv[1]).read_text())
         _summary_into_readme(record["env"], record)
         return record
-    args = common.parse_args(__doc__.splitlines()[0], argv)
+    pick = argparse.ArgumentParser(add_help=False)
+    pick.add_argument("--only", default=None, help="comma-separated benchmarks to run (default: all)")
+    pick.add_argument("--skip", default=None, help="comma-separated benchmarks not to run")
+    pick.add_argument("--shard", default=None, help="k/n: only the cases of shard k of n")
+    picked, rest = pick.parse_known_args(argv)
+    names = selected(picked.only, picked.skip)
+    common.SHARD = shard(picked.shard)
+    tag = {} if common.SHARD is None else {"shard": picked.shard}
+    suffix = "" if common.SHARD is None else f"-shard{common.SHARD[0]}of{common.SHARD[1]}"
+    args = common.parse_args(__doc__.splitlines()[0], rest)
     env = common.environment()
-    sections, record = [], {"env": env, "benchmarks": {}}
-    for path in sorted(HERE.glob("bench_*.py")):
-        bench = importlib.import_module(f"benchmarks.{path.stem}")
-        name = path.stem.removeprefix("bench_")
+    stem = f"{env['device'].replace(' ', '_')}-{env['commit']}"
+    combined = args.out / f"{stem}.json" if args.out is not None else None
+    record = {"env": env, "benchmarks": {}}
+    if combined is not None and combined.exists():
+        record["benchmarks"] = json.loads(combined.read_text())["benchmarks"]
+    for name in names:
+        bench = importlib.import_module(f"benchmarks.bench_{name}")
         print(f"== {name}", flush=True)
-        rows = bench.run(args.smoke)
-        record["benchmarks"][name] = rows
-        sections.append(common.report(name, rows, bench.COLUMNS, None))
+        rows = [dict(r, **tag) for r in bench.run(args.smoke) if not r.get("other_shard")]
+        earlier = [r for r in record["benchmarks"].get(name, []) if tag and r.get("shard") not in (None, tag["shard"])]
+        record["benchmarks"][name] = earlier + rows
+        common.report(name + suffix, rows, bench.COLUMNS, args.out)
+        if args.out is not None:
+            with open(args.out / "rows.jsonl", "a") as f:
+                for row in rows:
+                    f.write(json.dumps({"bench": name, "device": env["device"], "commit": env["commit"], **row}) + "\n")
     if args.out is not None:
         if common.HAS_CUDA:
             _summary_into_readme(env, record)
         args.out.mkdir(parents=True, exist_ok=True)
-        stem = f"{env['device'].replace(' ', '_')}-{env['commit']}"
-        (args.out / f"{stem}.json").write_text(json.dumps(record, indent=1))
+        combined.write_text(json.dumps(record, indent=1))
         _plot(record, args.out / f"{stem}.png")
+        sections = [common.report_table(name, rows, importlib.import_module(f"benchmarks.bench_{name}").COLUMNS)
+                    for name, rows in record["benchmarks"].items()]
         (args.out / f"{stem}.md").write_text(
             f"# q2kernels benchmarks: {env['device']} at {env['commit']}\n\n"
             f"`{json.dumps(env)}`\n\n" + "\n".join(sections))

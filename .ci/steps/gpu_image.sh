@@ -22,5 +22,5 @@ print(f"gpu image: torch {torch.__version__} (CUDA {torch.version.cuda}), triton
 assert torch.__version__.startswith("2.11.0") and torch.version.cuda and triton.__version__ == "3.6.0"
 PY
 python -m pytest -q -p no:cacheprovider \
-    tests/test_cuda_build.py tests/test_interpreter_compat.py tests/test_triton_compile.py \
+    tests/test_cuda_build.py tests/test_interpreter_compat.py tests/test_reference_compile.py tests/test_triton_compile.py \
     tests/test_fake_quant.py tests/test_n2uq.py tests/test_ada.py tests/test_fusion.py

@@ -11,6 +11,7 @@ import math
 import torch
 
 from ..constants import SCALE_FLOOR
+from ._output import output_as
 
 QRANGE_MODES = ("unsigned", "signed", "symmetric")
 
@@ -62,7 +63,7 @@ class _LSQ(torch.autograd.Function):
         y = q * s_ + b
         ctx.save_for_backward(x, s, beta)
         ctx.qn, ctx.qp, ctx.axis, ctx.grad_scale = qn, qp, axis, grad_scale
-        return y.to(x.dtype)
+        return output_as(y, x)
 
     @staticmethod
     def backward(ctx, g):
@@ -111,7 +112,7 @@ class _PACT(torch.autograd.Function):
         # Both divisions correctly rounded (Tensor.__rtruediv__ would multiply by a reciprocal).
         y = torch.round(c * (a.new_full((), n) / a)) * (a / n)
         ctx.save_for_backward(x, alpha)
-        return y.to(x.dtype)
+        return output_as(y, x)
 
     @staticmethod
     def backward(ctx, g):
@@ -148,7 +149,7 @@ class _DoReFaWeight(torch.autograd.Function):
         q = torch.round((t * inv_2m + 0.5) * n)
         wq = q * (2.0 / n) - 1.0
         ctx.save_for_backward(w)
-        return wq.to(w.dtype)
+        return output_as(wq, w)
 
     @staticmethod
     def backward(ctx, g):

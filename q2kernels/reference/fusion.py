@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from ..constants import LAYERNORM_EPS as EPS
+from ._output import output_as
 
 FUSE_MODES = ("concat", "sum")
 
@@ -58,7 +59,7 @@ class _GatedFusion(torch.autograd.Function):
             y = y + _channel(beta)
         ctx.save_for_backward(gates, gamma, mu, rstd, *xs)
         ctx.concat, ctx.has_beta, ctx.on_energies = concat, beta is not None, on_energies
-        return y.to(xs[0].dtype)
+        return output_as(y, xs[0])
 
     @staticmethod
     def backward(ctx, dy):

@@ -18,6 +18,7 @@ import struct
 import torch
 
 from ..constants import A_FLOOR
+from ._output import output_as
 
 
 def ltq_levels(bits: int) -> int:
@@ -76,7 +77,7 @@ class _LTQ(torch.autograd.Function):
         y = (k.float() * interval) * alpha2.float().reshape(())
         ctx.save_for_backward(x, start, a, alpha1, alpha2)
         ctx.bits = bits
-        return y.to(x.dtype)
+        return output_as(y, x)
 
     @staticmethod
     def backward(ctx, g):
@@ -144,7 +145,7 @@ class _N2UQWeight(torch.autograd.Function):
         c = (w.float() * inv).clamp(-1.0, 1.0)
         wq = (torch.round((c + 1.0) * m) / m - 1.0) * sf_v
         ctx.save_for_backward(inv)
-        return wq.to(w.dtype)
+        return output_as(wq, w)
 
     @staticmethod
     def backward(ctx, g):
