@@ -31,8 +31,8 @@ FORMAT_VERSION = 1
 
 _FUNCTIONS = {_get_qualified_name(f): f for f in (
     torch.cat, torch.add, torch.mul, torch.relu, torch.sigmoid, torch.flatten, operator.add, operator.mul,
-    operator.getitem, operator.matmul, F.silu, F.relu, F.interpolate, F.max_pool2d, packed_upsample_nearest, packed_maxpool2d,
-    packed_write, channel_affine)}
+    operator.getitem, operator.matmul, F.silu, F.relu, F.interpolate, F.max_pool2d, packed_upsample_nearest,
+    packed_maxpool2d, packed_write, channel_affine)}
 
 
 def _conv_config(m: nn.Conv2d) -> dict:
