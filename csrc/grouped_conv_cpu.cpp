@@ -39,7 +39,8 @@ at::Tensor grouped_conv_setup(GroupedConvParams& p, const at::Tensor& x, const a
   TORCH_CHECK_VALUE(weight.device() == x.device(), "weight: is on ", weight.device(), " but x is on ", x.device());
   // The geometry (and every other check of the dense conv) is check_conv's on one group: a packed
   // tensor of that group's input channels, of x's shape otherwise (only its metadata is looked at).
-  const at::Tensor x_group = at::empty({x.size(0), x.size(1), x.size(2), weight.size(3)}, x.options().device(at::kMeta));
+  const at::Tensor x_group =
+      at::empty({x.size(0), x.size(1), x.size(2), weight.size(3)}, x.options().device(at::kMeta));
   const at::Tensor w_meta = at::empty(weight.sizes(), weight.options().device(at::kMeta));
   ConvProblem g = check_conv(x_group, w_meta, in_channels / groups, x_signed, w_signed, w_mul, w_add, stride, padding,
                              dilation);

@@ -163,3 +163,17 @@ def test_packed_maxpool_at_real_sizes(shape, signed):
     codes = torch.randint(-8 if signed else 0, 8 if signed else 16, shape, generator=g)
     pooled = packed_maxpool2d(ic.pack(codes, 4, signed), shape[1], signed, 5, 1, 2, 1, False)
     assert torch.equal(ic.unpack(pooled, shape[1], signed).double(), _maxpool_oracle(codes, 5, 1, 2))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("recipe", sorted(RECIPES))
+def test_cuda_equals_cpu(recipe):
+    for geom in GEOMS:
+        c = _case(geom, recipe)
+        gpu = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in c.items()}
+        for dtype in (torch.uint8, torch.float32):
+            assert torch.equal(_grouped(gpu, out_dtype=dtype).cpu(), _grouped(c, out_dtype=dtype))
+        out = torch.full((2, 5, 6, ic.packed_bytes(200)), 0x5C, dtype=torch.uint8)
+        if c["k"].shape[0] <= 190 and _grouped(c).shape[1:3] == (5, 6):
+            want = _grouped(c, out=out.clone(), c_offset=8)
+            assert torch.equal(_grouped(gpu, out=out.cuda(), c_offset=8).cpu(), want)

@@ -17,7 +17,8 @@ from torch import nn
 pytest.importorskip("ultralytics", reason="ultralytics is not installed (the optional [ultralytics] extra)")
 from ultralytics.nn.tasks import DetectionModel  # noqa: E402
 
-from q2kernels.deploy import IntConv2d, convert_to_int, load_int_model, save_int_model, verify_int_model  # noqa: E402,E501
+from q2kernels.deploy import (IntConv2d, convert_to_int, load_int_model, save_int_model,  # noqa: E402
+                              verify_int_model)
 from q2kernels.nn import LSQPlusQuantizer, LSQQuantizer, PACTQuantizer, QConv2d, quantize_model  # noqa: E402
 
 IMAGE = 32

@@ -78,16 +78,17 @@ class IntConv2d(nn.Module):
         thr = self.thresholds[head, :h["nthr"]] if h["nthr"] else None
         conv = ic.conv2d if self.groups == 1 else functools.partial(gc.conv2d_grouped, groups=self.groups)
         return conv(x, self.weight, self.epilogues[head], self.in_channels, x_signed=self.x_signed,
-                         w_signed=self.w_signed, w_mul=self.w_mul, w_add=self.w_add, tap_sums=self.tap_sums,
-                         stride=self.stride, padding=self.padding, dilation=self.dilation, act=self.act,
-                         qn=h["qn"], qp=h["qp"], thresholds=thr,
-                         out_dtype=torch.uint8 if h["kind"] == HEAD_CODES else torch.float32,
-                         out=out, c_offset=c_offset)
+                    w_signed=self.w_signed, w_mul=self.w_mul, w_add=self.w_add, tap_sums=self.tap_sums,
+                    stride=self.stride, padding=self.padding, dilation=self.dilation, act=self.act,
+                    qn=h["qn"], qp=h["qp"], thresholds=thr,
+                    out_dtype=torch.uint8 if h["kind"] == HEAD_CODES else torch.float32,
+                    out=out, c_offset=c_offset)
 
     def extra_repr(self) -> str:
         kinds = ", ".join(h["kind"] for h in self.heads)
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-                f"padding={self.padding}, groups={self.groups}, act={self.act!r}, heads=[{kinds}], source={self.source!r}")
+                f"padding={self.padding}, groups={self.groups}, act={self.act!r}, heads=[{kinds}], "
+                f"source={self.source!r}")
 
 
 _HEAD_KEYS = {"kind", "qn", "qp", "nthr", "signed"}
