@@ -4,7 +4,7 @@ import importlib
 from .finetune import finetune_without_layernorm
 from .fusion import FixedFusion, calibrate_fusion, freeze_fusion, layernorm_affine, remove_layernorm
 
-# The integer path loads on first use: it builds the C++ extension (q2kernels._ext).
+# The integer path loads on first use (its first op builds the C++ extension, q2kernels._ext).
 _INTEGER = {"IntConv2d": "int_modules", "IntModel": "convert", "QuantizePack": "int_modules",
             "convert_to_int": "convert", "load_int_model": "serialize", "save_int_model": "serialize",
             "verify_int_model": "verify", "reference_forward": "verify"}
