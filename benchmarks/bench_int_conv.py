@@ -35,7 +35,7 @@ COLUMNS = ["layer", "batch", "shape", "impl", "fwd_ms", "tops", "pct_mma_peak", 
            "speedup_vs_cudnn_bf16", "mma", "proj_4090_ms"]
 
 SMOKE_SCALE = 8
-# Dense MMA peaks (TOPS) of the path the integer kernels take on each GPU (REFERENCE.md).
+# Dense MMA peaks (TOPS) of the path the integer kernels take on each GPU (benchmarks/NOTES.md, hardware ceilings).
 MMA_PEAK_TOPS = {"4090": 1321.0, "A100": 1248.0, "H100": 1979.0, "H200": 1979.0}
 
 
@@ -163,7 +163,7 @@ def _add_stack_rows(rows, batch, peak, copy):
 # integer conv ran, and what an RTX 4090 would take -- a projection, not a measurement:
 #     proj_4090_ms = max(2*MACs / (u_mma * P_4090), bytes / (u_copy * B_4090))
 # with u_mma = achieved TOPS / this GPU's peak for the impl's operand type and u_copy = achieved GB/s
-# / this GPU's measured copy bandwidth, P_4090 and B_4090 the RTX 4090's peaks (REFERENCE.md): the
+# / this GPU's measured copy bandwidth, P_4090 and B_4090 the RTX 4090's peaks (benchmarks/NOTES.md, hardware ceilings): the
 # same fractions of peak on the 4090, which runs the int4 MMA (s4) where this GPU may run int8 (s8).
 PEAKS = {"4090": {"int4": 1321.0, "int8": 661.0, "bf16": 165.0, "fp16": 165.0, "bw": 1008.0},
          "A100": {"int4": 1248.0, "int8": 624.0, "bf16": 312.0, "fp16": 312.0},

@@ -1,6 +1,6 @@
-"""Real workload shapes (../shared/REFERENCE.md; conv lists copied to benchmarks/data/ so a run on
-a machine without shared/ has them): every conv of YOLOv5s and YOLO11s at 640x640, the fusion
-(Concat) nodes of their necks, and the Q-ADA distillation points. Per image; batch prepended."""
+"""Real workload shapes (the conv lists of benchmarks/data/): every conv of YOLOv5s and YOLO11s at
+640x640, the fusion (Concat) nodes of their necks, and the Q-ADA distillation points. Per image;
+batch prepended."""
 from __future__ import annotations
 
 import json
