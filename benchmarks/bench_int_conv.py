@@ -1,4 +1,4 @@
-"""Integer W4A4 conv (q2kernels._C, MATH.md 7) on every YOLOv5s conv layer, and the whole stack.
+"""Integer W4A4 conv (q2kernels._C, docs/math.md §7) on every YOLOv5s conv layer, and the whole stack.
 
     python benchmarks/bench_int_conv.py [--smoke] [--out benchmarks/results]
 

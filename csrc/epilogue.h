@@ -1,4 +1,4 @@
-// The integer conv's epilogue (MATH.md 7), one definition for the CPU path and the CUDA kernels.
+// The integer conv's epilogue (docs/math.md §7), one definition for the CPU path and the CUDA kernels.
 //
 // Per output element (pixel p, output channel o), from the integer sums
 //   I = sum over valid taps and input channels of w_int * q_a,  w_int = w_mul*k + w_add

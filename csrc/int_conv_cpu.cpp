@@ -1,4 +1,4 @@
-// The CPU integer conv (MATH.md 7): packed 4-bit NHWC activations and weights, exact int32
+// The CPU integer conv (docs/math.md §7): packed 4-bit NHWC activations and weights, exact int32
 // accumulation, the zero-point corrections exact at borders, and the epilogue of epilogue.h.
 // It is the oracle of the CUDA kernels, written for clarity first: the codes are widened to int16
 // once, then every output pixel gathers its patch (zeros outside the image) and takes one int16

@@ -44,7 +44,7 @@ def _grad_scale(grad_scale, x, axis, qp):
 
 def lsq_quantize(x, s, bits: int = 4, mode: str = "signed", axis: int | None = None,
                  grad_scale="auto", beta=None):
-    """LSQ fake quantisation (MATH.md 1); with `beta`, LSQ+ (MATH.md 2).
+    """LSQ fake quantisation (docs/math.md §1); with `beta`, LSQ+ (docs/math.md §2).
 
     x: float32/float16/bfloat16, any layout. s (and beta): float32, 1 element, or size(axis)
     elements for per-channel. mode: "unsigned" | "signed" | "symmetric". grad_scale: "auto"
@@ -67,14 +67,14 @@ def lsq_quantize(x, s, bits: int = 4, mode: str = "signed", axis: int | None = N
 
 def lsq_plus_quantize(x, s, beta, bits: int = 4, mode: str = "unsigned", axis: int | None = None,
                       grad_scale="auto"):
-    """LSQ+ (MATH.md 2): y = R(clip((x - beta)/s, Qn, Qp))*s + beta, learnable s and beta."""
+    """LSQ+ (docs/math.md §2): y = R(clip((x - beta)/s, Qn, Qp))*s + beta, learnable s and beta."""
     if beta is None:
         raise ValueError("beta: LSQ+ needs an offset tensor, got None")
     return lsq_quantize(x, s, bits=bits, mode=mode, axis=axis, grad_scale=grad_scale, beta=beta)
 
 
 def pact_quantize(x, alpha, bits: int = 4):
-    """PACT activation quantisation (MATH.md 3): clip to [0, alpha], 2^bits - 1 uniform steps."""
+    """PACT activation quantisation (docs/math.md §3): clip to [0, alpha], 2^bits - 1 uniform steps."""
     check_float_tensor(x, "x")
     check_bits(bits)
     alpha = _check_scale_param(alpha, "alpha", x, None)
@@ -85,7 +85,7 @@ def pact_quantize(x, alpha, bits: int = 4):
 
 
 def dorefa_weight_quantize(w, bits: int = 4):
-    """DoReFa weight quantisation (MATH.md 3): tanh, normalise by max|tanh|, 2^bits levels in [-1, 1]."""
+    """DoReFa weight quantisation (docs/math.md §3): tanh, normalise by max|tanh|, 2^bits levels in [-1, 1]."""
     check_float_tensor(w, "w")
     check_bits(bits)
     if _backend.resolve(w) == "triton":
@@ -94,7 +94,7 @@ def dorefa_weight_quantize(w, bits: int = 4):
 
 
 def n2uq_act_quantize(x, start, a, alpha1, alpha2, bits: int = 4):
-    """N2UQ learnable-threshold activation quantisation (LTQ, MATH.md 4): u = alpha1*x, level
+    """N2UQ learnable-threshold activation quantisation (LTQ, docs/math.md §4): u = alpha1*x, level
     k = #{thresholds below u} (thresholds from start and the intervals a), y = k*(2/(2^bits-1))*alpha2.
 
     x: float32/float16/bfloat16, any layout. start, alpha1, alpha2: float32, 1 element each;
@@ -117,7 +117,7 @@ def n2uq_act_quantize(x, start, a, alpha1, alpha2, bits: int = 4):
 
 
 def n2uq_weight_quantize(w, bits: int = 4):
-    """N2UQ weight quantisation (MATH.md 4): per output channel (dim 0) scale
+    """N2UQ weight quantisation (docs/math.md §4): per output channel (dim 0) scale
     sf = mean|W|*(2^bits-1)/2^(bits-1) (not learned, no gradient), 2^bits symmetric levels with no
     zero in [-sf, sf], and dW = g/sf (no clip mask). w: float32/float16/bfloat16, 1-d or more."""
     check_float_tensor(w, "w")
@@ -158,7 +158,7 @@ def _check_fusion_param(p, name, like, numel):
 
 def gated_fusion(xs, theta, gamma=None, beta=None, fuse: str = "concat", eps: float = ref.fusion.EPS,
                  controller=None):
-    """Gated fusion + LayerNorm over channels (MATH.md 5; GABFusion / Q-GBFusion).
+    """Gated fusion + LayerNorm over channels (docs/math.md §5; GABFusion / Q-GBFusion).
 
     xs: K >= 2 tensors (B, C_k, H, W) of one float dtype and device, NCHW or channels_last (ragged
     C_k allowed for concat). theta: (K,) float32 gate logits, a = softmax(theta). fuse: "concat"

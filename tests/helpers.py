@@ -1,4 +1,4 @@
-"""Comparison helpers that encode MATH.md section 0."""
+"""Comparison helpers that encode docs/math.md §0."""
 import torch
 
 

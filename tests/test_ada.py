@@ -1,4 +1,4 @@
-"""Q-ADA (MATH.md 6): the reference against float64 autograd and a plain SimAM, the fused kernels
+"""Q-ADA (docs/math.md §6): the reference against float64 autograd and a plain SimAM, the fused kernels
 against the reference (loss and dS), opcheck, torch.compile, QADALoss on two small conv nets, and
 bad input."""
 import copy
@@ -23,7 +23,7 @@ DIVERGENCES = ("js", "kl")
 
 def oracle(T, S, Sq=None, delta=None, Tq=None, form="simam", lam=1e-4, kappa=1e-6, gamma=1.0,
            divergence="js", reduction="mean"):
-    """MATH.md 6 in float64 with autograd; the distortion maps are computed without a graph."""
+    """docs/math.md §6 in float64 with autograd; the distortion maps are computed without a graph."""
     M = T.shape[2] * T.shape[3]
 
     def moments(x):
@@ -189,7 +189,7 @@ def test_reference_gamma0_is_simam_ada(shape):
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 @pytest.mark.parametrize("shape", [(2, 3, 1, 1), (1, 2, 1, 9), (1, 2, 7, 1)])
 def test_one_pixel_and_thin_maps_are_finite(backend, shape, form):
-    """SimAM divides by H*W - 1: NaN for 1x1 maps. MATH.md uses max(M - 1, 1). A one-pixel row has
+    """SimAM divides by H*W - 1: NaN for 1x1 maps. docs/math.md uses max(M - 1, 1). A one-pixel row has
     P^T = P^S = 1: loss and gradient exactly 0 (float64 autograd of Q2's sqrt(var) is NaN there)."""
     torch.manual_seed(3)
     T, S, Sq, delta, Tq = make(shape, "var", own=True)

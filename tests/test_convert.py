@@ -1,4 +1,4 @@
-"""convert_to_int, save_int_model, load_int_model (MATH.md 5 and 7).
+"""convert_to_int, save_int_model, load_int_model (docs/math.md §5 and 7).
 
 End to end: a tiny YOLOv5 (C3 blocks with and without residuals, SPPF max pooling, upsampling, four
 gated-fusion concat nodes, SiLU or ReLU) trained a few steps under each recipe, calibrated and

@@ -77,7 +77,7 @@ def test_pact_reference_matches_float64_autograd():
     dx, da = torch.autograd.grad(y, (x32, a32), g.float())
     torch.testing.assert_close(y.double(), y64.detach(), rtol=0, atol=1e-5)
     torch.testing.assert_close(dx.double(), dx64, rtol=0, atol=1e-6)
-    # MATH.md 3: dalpha = sum g*[x >= alpha] (the clip's gradient; the STE rounding term is dropped).
+    # docs/math.md §3: dalpha = sum g*[x >= alpha] (the clip's gradient; the STE rounding term is dropped).
     torch.testing.assert_close(da.double(), (g * (x >= 2.5)).sum().reshape(1), rtol=1e-5, atol=1e-5)
 
 
@@ -109,7 +109,7 @@ def _literal_grad_scale(x, axis, qp):
 
 
 def _param_grads64(kind, x, params, g, qn, qp, axis, gscale):
-    """[(grad, sum of |terms|)] of each parameter from MATH.md 1-3: the fp32 per-element terms (the
+    """[(grad, sum of |terms|)] of each parameter from docs/math.md §1-3: the fp32 per-element terms (the
     level decisions are the contract's), summed in float64. An oracle for the reductions: its only
     rounding is that of the terms, so an fp32 sum's error is bounded by a multiple of 2^-24 of
     sum |terms|."""

@@ -1,4 +1,4 @@
-"""Gated fusion + LayerNorm (MATH.md 5): the reference against float64 autograd, the fused Triton
+"""Gated fusion + LayerNorm (docs/math.md §5): the reference against float64 autograd, the fused Triton
 kernels (interpreter on CPU) against the reference for outputs, every gradient and the branch
 energies; the closed-loop controller; GatedFusion; torch.compile; opcheck; deployment (calibration,
 LayerNorm removal and its refusals); bad input."""

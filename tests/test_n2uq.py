@@ -1,4 +1,4 @@
-"""N2UQ (MATH.md 4): the LTQ activation quantizer and the N2UQ weight quantizer. The reference
+"""N2UQ (docs/math.md §4): the LTQ activation quantizer and the N2UQ weight quantizer. The reference
 against float64 autograd through the authors' surrogate and against closed forms at thresholds and
 segment edges; the fused Triton kernels (the interpreter on CPU) against the reference; registration,
 compile and bad input."""
@@ -110,7 +110,7 @@ def _run_act(x, params, bits, g, backend):
 
 def _check_act(x, params, bits, g):
     """The fused kernels against the reference: identical levels (so identical y), identical dx
-    (the same fp32 products in the same order), parameter grads within MATH.md 0."""
+    (the same fp32 products in the same order), parameter grads within docs/math.md §0."""
     x = x.detach().requires_grad_()
     leaves = [p.detach().clone().requires_grad_() for p in params]
     (y0, grads0), (y1, grads1) = run_both(lambda x, *p: F.n2uq_act_quantize(x, *p, bits), [x, *leaves], g)

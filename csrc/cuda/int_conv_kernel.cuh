@@ -1,4 +1,4 @@
-// The CUDA integer conv (MATH.md 7): implicit GEMM on packed 4-bit NHWC codes, int32 accumulation
+// The CUDA integer conv (docs/math.md §7): implicit GEMM on packed 4-bit NHWC codes, int32 accumulation
 // on tensor cores, the epilogue of ../epilogue.h fused. One kernel source, two MMA paths.
 //
 // GEMM view. M = N*H_out*W_out output pixels (rows), N = C_out (columns), K = KH*KW*C_pad codes,

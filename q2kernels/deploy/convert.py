@@ -1,5 +1,5 @@
 """convert_to_int: a trained (and, with fusion nodes, calibrated) QAT model -> an integer model that
-computes what the fake-quant model computed (MATH.md 5 and 7), from 4-bit codes.
+computes what the fake-quant model computed (docs/math.md §5 and 7), from 4-bit codes.
 
 The model is traced with torch.fx (QConv2d, quantizers and fusion nodes are leaves; models whose own
 forward fx cannot trace, such as Ultralytics detectors, through the adapters of deploy.trace) and

@@ -33,7 +33,7 @@ def _new_packed(like: torch.Tensor, n: int, h: int, w: int, channels: int) -> to
 
 
 class IntConv2d(nn.Module):
-    """An integer conv (MATH.md 7) with its heads (module docstring).
+    """An integer conv (docs/math.md §7) with its heads (module docstring).
 
     weight: packed codes (C_out, KH, KW, packed_bytes(C_in/groups)); its integer levels are
     w_mul*k + w_add. tap_sums (int32, (C_out, KH+1, KW+1)) when the input has a zero point.

@@ -1,4 +1,4 @@
-"""QADALoss: Q-ADA feature distillation (MATH.md 6) between named modules of a teacher and a student.
+"""QADALoss: Q-ADA feature distillation (docs/math.md §6) between named modules of a teacher and a student.
 
 Forward hooks record, at every distillation point, the teacher module's output (detached: teacher
 features never keep a graph) and the student module's output S. When S is handed as is to an

@@ -1,4 +1,4 @@
-"""N2UQ quantizer modules (MATH.md 4): the learnable-threshold activation quantizer and the N2UQ
+"""N2UQ quantizer modules (docs/math.md §4): the learnable-threshold activation quantizer and the N2UQ
 weight quantizer, on the Quantizer base of quantizers.py, with their answers to the deployment
 protocol (protocol.py) and the "n2uq" quantize_model recipe."""
 from __future__ import annotations
@@ -14,7 +14,7 @@ from .quantizers import Quantizer
 
 class N2UQQuantizer(Quantizer):
     """N2UQ's learnable-threshold activation quantizer (LTQ). Parameters (fp32, per tensor), at
-    MATH.md's initial values: `start` 0, the 2^bits - 1 intervals `a` 2/(2^bits - 1) each, the input
+    docs/math.md's initial values: `start` 0, the 2^bits - 1 intervals `a` 2/(2^bits - 1) each, the input
     scale `alpha1` 1 and the output scale `alpha2` 1. They start from constants, not from data; the
     outputs are the uniform levels k*(2/(2^bits - 1))*alpha2, k = 0..2^bits - 1."""
 

@@ -132,7 +132,7 @@ def _usable(*values: torch.Tensor) -> torch.Tensor:
 
 
 class LSQQuantizer(Quantizer):
-    """LSQ (MATH.md 1). Per tensor, or per channel along `axis` with `channels` steps (weights:
+    """LSQ (docs/math.md §1). Per tensor, or per channel along `axis` with `channels` steps (weights:
     axis=0, channels=out_channels). mode: "signed" | "unsigned" | "symmetric".
 
     Init: s = 2*mean|x|/sqrt(Qp) (per channel: over the channel's elements) from the first batch
@@ -202,7 +202,7 @@ class LSQQuantizer(Quantizer):
 
 
 class LSQPlusQuantizer(LSQQuantizer):
-    """LSQ+ (MATH.md 2): LSQ with a learnable offset beta; unsigned grid by default.
+    """LSQ+ (docs/math.md §2): LSQ with a learnable offset beta; unsigned grid by default.
 
     Init: s = (max - min)/(Qp - Qn), beta = min - Qn*s from the first batch where s is positive and
     both are finite for some channel (a constant batch, e.g. all zeros, is skipped); channels where
@@ -242,7 +242,7 @@ class LSQPlusQuantizer(LSQQuantizer):
 
 
 class PACTQuantizer(Quantizer):
-    """PACT (MATH.md 3): clip to a learnable [0, alpha], 2^bits - 1 steps. alpha starts at
+    """PACT (docs/math.md §3): clip to a learnable [0, alpha], 2^bits - 1 steps. alpha starts at
     `alpha_init`, or, when that is None, at the maximum (at least 1e-3) of the first batch whose
     maximum is positive and finite (an all-zero or all-negative batch is skipped)."""
 
@@ -282,7 +282,7 @@ class PACTQuantizer(Quantizer):
 
 
 class DoReFaWeightQuantizer(Quantizer):
-    """DoReFa weights (MATH.md 3), paired with PACT activations. No learnable parameters; the
+    """DoReFa weights (docs/math.md §3), paired with PACT activations. No learnable parameters; the
     output lies in [-1, 1] (DoReFa's convention), so the conv's scale is absorbed by BatchNorm.
     Integer form: wq = (2q - n)/n with q in [0, n], n = 2^bits - 1."""
 

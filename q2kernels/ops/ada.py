@@ -1,4 +1,4 @@
-"""Fused Q-ADA distillation loss (MATH.md section 6): one forward kernel, one backward kernel, for
+"""Fused Q-ADA distillation loss (docs/math.md §6): one forward kernel, one backward kernel, for
 both saliency forms (Q2's log(1 + z^2) and SimAM's energy: the FORM tl.constexpr; reference/ada.py
 has the math of both and the derivation of the gradient).
 

@@ -1,4 +1,4 @@
-"""Fused DoReFa weight fake quantisation (MATH.md 3).
+"""Fused DoReFa weight fake quantisation (docs/math.md §3).
 
 wq = 2*R(u*n)/n - 1 with u = tanh(w)/(2m) + 1/2 and m = max|tanh(w)| over the whole tensor. m is a
 global reduction, so forward and backward each take two passes over w: a first pass reduces per-program

@@ -1,4 +1,4 @@
-"""Fused LSQ / LSQ+ / PACT fake quantisation (MATH.md sections 1-3): one Triton kernel pair.
+"""Fused LSQ / LSQ+ / PACT fake quantisation (docs/math.md §1-§3): one Triton kernel pair.
 
 Forward: one read of x, one write of y. Backward: one read of x and g, one write of dx, and every
 parameter gradient (ds, dbeta, dalpha; per channel where per-channel) reduced in the same pass into

@@ -1,4 +1,4 @@
-"""The integer W4A4/W3A3 ops of q2kernels._C (csrc/; MATH.md section 7): packing of 4-bit codes,
+"""The integer W4A4/W3A3 ops of q2kernels._C (csrc/; docs/math.md §7): packing of 4-bit codes,
 the float quantize-and-pack op, and the integer conv with its fused epilogue.
 
 The kernels are C++ (CPU) and CUDA (csrc/cuda/, where built), registered with TORCH_LIBRARY as

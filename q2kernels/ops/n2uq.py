@@ -1,9 +1,9 @@
-"""Fused N2UQ (MATH.md section 4): the learnable-threshold activation quantizer (LTQ) and the N2UQ
+"""Fused N2UQ (docs/math.md §4): the learnable-threshold activation quantizer (LTQ) and the N2UQ
 weight quantizer.
 
 LTQ. A one-program kernel first turns the parameters into a table of 6 * 2^b + 1 fp32 entries (see
 _ltq_tables_kernel): the thresholds t_1..t_n, the segment edges d_0..d_n, both merged, the slopes
-I/a+ and a+. The two running sums are sequential fp32 loops in MATH.md's order, exactly as the
+I/a+ and a+. The two running sums are sequential fp32 loops in docs/math.md's order, exactly as the
 reference computes them, so level decisions agree bit for bit; a cumsum (a tree) would not. The
 table is at most 6 KiB and stays in L1/L2 for the main kernels:
 - forward: one read of x, one write of y. The level k = #{i : u > t_i} comes from a branchless
@@ -75,7 +75,7 @@ def _ltq_tables_kernel(start_ptr, a_ptr, tab_ptr, interval, BITS: tl.constexpr):
     tl.store(tab_ptr + 3 * M + offs, a_pos)
     tl.store(tab_ptr + offs, float("inf"), mask=offs == n)
     tl.store(tab_ptr + 4 * M + 2 * offs + 1, float("inf"), mask=offs == n)
-    # The running sums: scalar, sequential, in MATH.md's order (the reference's loop).
+    # The running sums: scalar, sequential, in docs/math.md's order (the reference's loop).
     s0 = tl.load(start_ptr)
     prev = _a_pos(tl.load(a_ptr))
     t = s0 + prev * 0.5
@@ -175,12 +175,12 @@ def _ltq_bwd_kernel(x_ptr, g_ptr, dx_ptr, tab_ptr, alpha1_ptr, alpha2_ptr, part_
         acc_alpha1 += tl.sum(w * tl.where(inside, x, 0.0), axis=0)
         acc_alpha2 += tl.sum(g * (k.to(tl.float32) * interval), axis=0)
         acc += tl.where(cols == n, tl.sum(w, axis=0), 0.0)
-        # MATH.md's da_j = -sum_{segments i>j} P_i - Q_j, element by element: an element of
+        # docs/math.md's da_j = -sum_{segments i>j} P_i - Q_j, element by element: an element of
         # segment seg, with f = (u - d_seg)/a+_seg, adds w to every D_j with j < seg (the suffix
         # sum) and w*f to D_seg (Q), so each segment costs a select and a multiply-add per
         # element and one reduction, and no suffix pass is left for the second stage. f is not
         # clamped to 1: in fp32 the edge spacing d_{seg+1} - d_seg can exceed a+_seg, and
-        # MATH.md's Q keeps that f. It is computed as (u - d_seg)*slope/I, within a few ulps of
+        # docs/math.md's Q keeps that f. It is computed as (u - d_seg)*slope/I, within a few ulps of
         # the quotient, without a division.
         f = tl.where(inside, (u - left) * slope * inv_interval, 0.0)
         seg_f = seg.to(tl.float32)

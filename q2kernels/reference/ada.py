@@ -1,4 +1,4 @@
-"""Eager reference of the Q-ADA distillation loss (MATH.md section 6), in both saliency forms.
+"""Eager reference of the Q-ADA distillation loss (docs/math.md §6), in both saliency forms.
 
 Per row (b, c) of a (B, C, H, W) feature, M = H*W, for X in {T, S}: d = X - mean X,
 var = sum d^2 / max(M - 1, 1), sd = sqrt(var), and with w = d^2 k the score of a pixel is
@@ -138,7 +138,7 @@ class _QADA(torch.autograd.Function):
 
 def q_ada_loss(T, S, Sq=None, delta=None, lam=LAMBDA, gamma=1.0, divergence="js", reduction="mean",
                *, Tq=None, form="simam", kappa=KAPPA):
-    """Q-ADA loss (MATH.md 6) of student S against teacher T, both (B, C, H, W). Sq: the student's
+    """Q-ADA loss (docs/math.md §6) of student S against teacher T, both (B, C, H, W). Sq: the student's
     quantized feature (or None); Tq: the teacher's own quantized feature (or None: the teacher side
     uses the student's distortion term); delta: their step, a tensor of 1 or C elements (or None:
     each row's own sd). form: "q2" | "simam" (the default here, so that the positional signature

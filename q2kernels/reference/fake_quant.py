@@ -1,7 +1,7 @@
-"""Eager reference of LSQ, LSQ+, PACT and DoReFa fake quantisation (MATH.md sections 1-3).
+"""Eager reference of LSQ, LSQ+, PACT and DoReFa fake quantisation (docs/math.md §1-§3).
 
 Written for clarity: each quantizer is a torch.autograd.Function whose backward is the closed form of
-MATH.md, computed with plain PyTorch ops in fp32. This is the CPU backend and the oracle the fused
+docs/math.md, computed with plain PyTorch ops in fp32. This is the CPU backend and the oracle the fused
 kernels are tested against; it never imports from q2kernels.ops.
 """
 from __future__ import annotations
@@ -89,7 +89,7 @@ class _LSQ(torch.autograd.Function):
 
 
 def lsq_fake_quant(x, s, bits=4, mode="signed", axis=None, grad_scale="auto", beta=None):
-    """LSQ (MATH.md 1) or, with `beta`, LSQ+ (MATH.md 2). `s` (and `beta`) hold 1 element per
+    """LSQ (docs/math.md §1) or, with `beta`, LSQ+ (docs/math.md §2). `s` (and `beta`) hold 1 element per
     tensor, or one per channel of `axis`. grad_scale: "auto" = 1/sqrt(N*Qp), a float, or None (1)."""
     qn, qp = qrange(bits, mode)
     if grad_scale == "auto":
@@ -100,7 +100,7 @@ def lsq_fake_quant(x, s, bits=4, mode="signed", axis=None, grad_scale="auto", be
 
 
 def lsq_plus_fake_quant(x, s, beta, bits=4, mode="unsigned", axis=None, grad_scale="auto"):
-    """LSQ+ (MATH.md 2): v = (x - beta)/s on an (unsigned by default) grid, y = q*s + beta."""
+    """LSQ+ (docs/math.md §2): v = (x - beta)/s on an (unsigned by default) grid, y = q*s + beta."""
     return lsq_fake_quant(x, s, bits=bits, mode=mode, axis=axis, grad_scale=grad_scale, beta=beta)
 
 
@@ -127,7 +127,7 @@ class _PACT(torch.autograd.Function):
 
 
 def pact_fake_quant(x, alpha, bits=4):
-    """PACT activation quantizer (MATH.md 3): clip to [0, alpha], 2^bits-1 uniform steps.
+    """PACT activation quantizer (docs/math.md §3): clip to [0, alpha], 2^bits-1 uniform steps.
 
     alpha is floored as LSQ's step is, alpha' = max(alpha, 1e-8) (no gradient below the floor):
     n/alpha then stays finite (a denormal alpha would make it inf, and 0*inf a NaN level), so a
@@ -169,7 +169,7 @@ class _DoReFaWeight(torch.autograd.Function):
 
 
 def dorefa_weight_fake_quant(w, bits=4):
-    """DoReFa weight quantizer (MATH.md 3), used with PACT activations.
+    """DoReFa weight quantizer (docs/math.md §3), used with PACT activations.
 
     Degenerate tensors: all-zero weights have m = 0, and every u is taken as 1/2 (t/(2m) with t = 0),
     so wq = 2*R(n/2)/n - 1 = 1/n (n/2 is a tie, rounded to the even 2^(bits-1)), with zero

@@ -1,14 +1,14 @@
-"""Eager reference of N2UQ (MATH.md section 4): the learnable-threshold activation quantizer (LTQ)
+"""Eager reference of N2UQ (docs/math.md §4): the learnable-threshold activation quantizer (LTQ)
 and the N2UQ weight quantizer.
 
 Written for clarity, in the authors' style (one pass over the tensor per level): each quantizer is a
-torch.autograd.Function whose backward is the closed form of MATH.md, in plain fp32 PyTorch. This
+torch.autograd.Function whose backward is the closed form of docs/math.md, in plain fp32 PyTorch. This
 is the CPU backend and the oracle of the fused kernels; it never imports from q2kernels.ops.
 
 Exactness. The thresholds and segment edges are two sequential fp32 running sums over the clamped
-intervals a+, in the order MATH.md writes them (`ltq_tables`); the kernels compute the same sums in
+intervals a+, in the order docs/math.md writes them (`ltq_tables`); the kernels compute the same sums in
 the same order, so every level decision agrees bit for bit. The weight quantizer divides by its
-per-channel scale as every other quantizer here does (MATH.md 0): `inv = 1/sf` once, then `w*inv`
+per-channel scale as every other quantizer here does (docs/math.md §0): `inv = 1/sf` once, then `w*inv`
 (and dW = g*inv); its scale sums |W| in fp64 so that any summation order gives the same fp32 sf.
 """
 from __future__ import annotations
@@ -35,7 +35,7 @@ def ltq_interval(bits: int) -> float:
 
 
 def ltq_init(bits: int, device=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """MATH.md 4 initial parameters (start, a, alpha1, alpha2): 0, n entries of I, 1, 1 (fp32)."""
+    """docs/math.md §4 initial parameters (start, a, alpha1, alpha2): 0, n entries of I, 1, 1 (fp32)."""
     f32 = dict(dtype=torch.float32, device=device)
     n = ltq_levels(bits)
     return (torch.zeros(1, **f32), torch.full((n,), ltq_interval(bits), **f32),
@@ -116,7 +116,7 @@ class _LTQ(torch.autograd.Function):
 
 
 def n2uq_act_fake_quant(x, start, a, alpha1, alpha2, bits: int = 4):
-    """N2UQ's learnable-threshold activation quantizer (LTQ, MATH.md 4): y = k*I*alpha2, k = the
+    """N2UQ's learnable-threshold activation quantizer (LTQ, docs/math.md §4): y = k*I*alpha2, k = the
     number of thresholds below alpha1*x. start, alpha1, alpha2: 1 element; a: 2^bits - 1."""
     return _LTQ.apply(x, start, a, alpha1, alpha2, bits)
 
@@ -154,7 +154,7 @@ class _N2UQWeight(torch.autograd.Function):
 
 
 def n2uq_weight_fake_quant(w, bits: int = 4):
-    """N2UQ weight quantizer (MATH.md 4): per output channel (dim 0) scale sf = mean|W|*(2^b-1)/2^(b-1),
+    """N2UQ weight quantizer (docs/math.md §4): per output channel (dim 0) scale sf = mean|W|*(2^b-1)/2^(b-1),
     2^b symmetric levels with no zero, dW = g/sf (no clip mask).
 
     An all-zero channel (sf = 0) has no scale to divide by: 1/sf is taken as 0 there, so its
