@@ -17,7 +17,7 @@ from benchmarks import common, shapes  # noqa: E402  (common sets TRITON_INTERPR
 
 import torch  # noqa: E402
 
-from q2kernels import functional as F  # noqa: E402
+from q2kernels import functional as qF  # noqa: E402
 
 COLUMNS = ["quantizer", "shape", "dtype", "impl", "fwd_ms", "bwd_ms", "fwd_bwd_ms", "fwd_pct_copy",
            "bwd_pct_copy", "peak_mem_mb", "saved_mb", "speedup_vs_eager", "speedup_vs_compile",
@@ -27,12 +27,12 @@ COLUMNS = ["quantizer", "shape", "dtype", "impl", "fwd_ms", "bwd_ms", "fwd_bwd_m
 def _quantizers(device):
     """name -> (fn(x, p), params(x)) for the activation quantizers; 4 bits."""
     return {
-        "lsq": (lambda x, s: F.lsq_quantize(x, s, 4, "signed"),
+        "lsq": (lambda x, s: qF.lsq_quantize(x, s, 4, "signed"),
                 lambda x: [torch.tensor([0.05], device=device, requires_grad=True)]),
-        "lsq_plus": (lambda x, s, b: F.lsq_plus_quantize(x, s, b, 4),
+        "lsq_plus": (lambda x, s, b: qF.lsq_plus_quantize(x, s, b, 4),
                      lambda x: [torch.tensor([0.05], device=device, requires_grad=True),
                                 torch.tensor([-0.3], device=device, requires_grad=True)]),
-        "pact": (lambda x, a: F.pact_quantize(x, a, 4),
+        "pact": (lambda x, a: qF.pact_quantize(x, a, 4),
                  lambda x: [torch.tensor([2.0], device=device, requires_grad=True)]),
     }
 
@@ -69,7 +69,7 @@ def run(smoke: bool) -> list[dict]:
     for shape in w_shapes:
         w = torch.randn(shape, device=device, requires_grad=True)
         g = torch.randn_like(w)
-        fn = lambda w: F.dorefa_weight_quantize(w, 4)  # noqa: E731
+        fn = lambda w: qF.dorefa_weight_quantize(w, 4)  # noqa: E731
         for impl, f in common.backend_impls(fn, smoke).items():
             # DoReFa's global max takes a second read of w in each pass.
             rows.append(common.measure(f, [w], g, 3 * w.numel() * 4, 5 * w.numel() * 4,

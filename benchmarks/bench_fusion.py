@@ -1,5 +1,5 @@
 """Gated fusion + LayerNorm (GABFusion / Q-GBFusion) at the YOLOv5s and YOLO11s neck Concat nodes:
-the fused Triton op against the eager chain, torch.compile of that chain, and F.layer_norm on a
+the fused Triton op against the eager chain, torch.compile of that chain, and qF.layer_norm on a
 channels_last input (the LayerNorm alone, on an already concatenated tensor).
 
     python benchmarks/bench_fusion.py [--smoke] [--out benchmarks/results] [--sweep]
@@ -12,7 +12,7 @@ impl:
   eager+energy    the same, with the branch energies measured the eager way (a hook per branch:
                   one more read of every dx)
   compile         torch.compile of the eager chain (no energies)
-  native_ln       F.layer_norm over the channels of a channels_last tensor that is already the
+  native_ln       qF.layer_norm over the channels of a channels_last tensor that is already the
                   concatenation (no gates, no concat): the LayerNorm's own cost
 --sweep adds q2kernels rows for other block-size settings (ops/fusion.py FWD_TILE, FWD_WARPS,
 BWD_TILE, BWD_WARPS, PROGRAMS_PER_SM) so a GPU run can pick the rule.
@@ -31,10 +31,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks import common, shapes  # noqa: E402  (common sets TRITON_INTERPRET first)
 
 import torch  # noqa: E402
-import torch.nn.functional as TF  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 import q2kernels  # noqa: E402
-from q2kernels import functional as F  # noqa: E402
+from q2kernels import functional as qF  # noqa: E402
 from q2kernels.gate_controller import GateController  # noqa: E402
 from q2kernels.ops import fusion as fusion_op  # noqa: E402
 
@@ -52,7 +52,7 @@ def _eager_chain(*args):
     *xs, theta, gamma, beta = args
     a = torch.softmax(theta.float(), 0).to(xs[0].dtype)
     h = torch.cat([a[k] * x for k, x in enumerate(xs)], dim=1)
-    y = TF.layer_norm(h.permute(0, 2, 3, 1), (h.size(1),), gamma.to(h.dtype), beta.to(h.dtype), 1e-5)
+    y = F.layer_norm(h.permute(0, 2, 3, 1), (h.size(1),), gamma.to(h.dtype), beta.to(h.dtype), 1e-5)
     return y.permute(0, 3, 1, 2)
 
 
@@ -80,7 +80,7 @@ def _fused(controller_factory):
     def run(*args):
         *xs, theta, gamma, beta = args
         with q2kernels.use_backend("triton"):
-            return F.gated_fusion(list(xs), theta, gamma, beta, controller=controller_factory())
+            return qF.gated_fusion(list(xs), theta, gamma, beta, controller=controller_factory())
     return run
 
 
@@ -96,7 +96,7 @@ def _balanced_controller(K, device):
 def _native_ln(cat_cl):
     def run(*args):
         *_, gamma, beta = args
-        y = TF.layer_norm(cat_cl.permute(0, 2, 3, 1), (cat_cl.size(1),), gamma.to(cat_cl.dtype),
+        y = F.layer_norm(cat_cl.permute(0, 2, 3, 1), (cat_cl.size(1),), gamma.to(cat_cl.dtype),
                           beta.to(cat_cl.dtype), 1e-5)
         return y.permute(0, 3, 1, 2)
     return run

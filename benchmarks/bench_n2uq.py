@@ -22,7 +22,7 @@ from benchmarks import common, shapes  # noqa: E402  (common sets TRITON_INTERPR
 
 import torch  # noqa: E402
 
-from q2kernels import functional as F  # noqa: E402
+from q2kernels import functional as qF  # noqa: E402
 
 COLUMNS = ["quantizer", "bits", "shape", "dtype", "impl", "fwd_ms", "bwd_ms", "fwd_bwd_ms", "fwd_pct_copy",
            "bwd_pct_copy", "fwd_bwd_pct_copy", "peak_mem_mb", "saved_mb", "speedup_vs_eager",
@@ -58,7 +58,7 @@ def run(smoke: bool) -> list[dict]:
         x.requires_grad_()
         g = torch.randn_like(x)
         e = x.element_size()
-        fn = lambda x, s, a, a1, a2, bits=bits: F.n2uq_act_quantize(x, s, a, a1, a2, bits)  # noqa: E731
+        fn = lambda x, s, a, a1, a2, bits=bits: qF.n2uq_act_quantize(x, s, a, a1, a2, bits)  # noqa: E731
         for impl, f in common.backend_impls(fn, smoke).items():
             rows.append(common.measure(f, [x, *_ltq_params(bits, device)], g, 2 * x.numel() * e,
                                        3 * x.numel() * e, quantizer="ltq", bits=bits, shape=str(tuple(shape)),
@@ -69,7 +69,7 @@ def run(smoke: bool) -> list[dict]:
     for shape in w_shapes:
         w = (torch.randn(shape, device=device) * 0.02).requires_grad_()
         g = torch.randn_like(w)
-        fn = lambda w: F.n2uq_weight_quantize(w, 4)  # noqa: E731
+        fn = lambda w: qF.n2uq_weight_quantize(w, 4)  # noqa: E731
         for impl, f in common.backend_impls(fn, smoke).items():
             rows.append(common.measure(f, [w], g, 2 * w.numel() * 4, 2 * w.numel() * 4, quantizer="n2uq_weight",
                                        bits=4, shape=str(tuple(shape)), dtype="float32", impl=impl))

@@ -24,7 +24,7 @@ from benchmarks import common, shapes  # noqa: E402  (common sets TRITON_INTERPR
 
 import torch  # noqa: E402
 
-from q2kernels import functional as F  # noqa: E402
+from q2kernels import functional as qF  # noqa: E402
 from q2kernels.ops import ada as ada_op  # noqa: E402
 
 COLUMNS = ["point", "shape", "dtype", "layout", "variant", "impl", "fwd_ms", "bwd_ms", "fwd_bwd_ms",
@@ -53,7 +53,7 @@ def _inputs(shape, dtype, layout, variant, device):
                    torch.tensor([STEP], device=device)]
     if n_inputs > 3:
         inputs.append((torch.round(T.float() / STEP) * STEP).to(dtype).contiguous(memory_format=fmt))
-    return inputs, (lambda T, S, Sq=None, delta=None, Tq=None: F.q_ada_loss(T, S, Sq, delta, Tq=Tq, **kw))
+    return inputs, (lambda T, S, Sq=None, delta=None, Tq=None: qF.q_ada_loss(T, S, Sq, delta, Tq=Tq, **kw))
 
 
 def _cases(smoke):

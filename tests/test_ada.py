@@ -7,10 +7,10 @@ import gc
 import pytest
 import torch
 from torch import nn
-from torch.nn import functional as TF
+import torch.nn.functional as F
 
 import q2kernels
-from q2kernels import functional as F
+from q2kernels import functional as qF
 from q2kernels.nn import LSQQuantizer, QADALoss, QConv2d
 
 from conftest import DEVICE
@@ -74,7 +74,7 @@ def simam_ada(T, S):
     q = simam_attention(S.double())
     p, q = p / p.sum(-1, keepdim=True), q / q.sum(-1, keepdim=True)
     m = (0.5 * (p + q)).log()
-    js = 0.5 * TF.kl_div(m, p, reduction="none").sum(-1) + 0.5 * TF.kl_div(m, q, reduction="none").sum(-1)
+    js = 0.5 * F.kl_div(m, p, reduction="none").sum(-1) + 0.5 * F.kl_div(m, q, reduction="none").sum(-1)
     return js.mean()
 
 
@@ -110,7 +110,7 @@ def loss_and_grad(backend, T, S, Sq=None, delta=None, Tq=None, g=None, **kw):
     """(loss, dS) for the upstream gradient g (a number; 1 if None)."""
     leaf = S.detach().clone().requires_grad_()
     with q2kernels.use_backend(backend):
-        loss = F.q_ada_loss(T, leaf, Sq, delta, Tq=Tq, **kw)
+        loss = qF.q_ada_loss(T, leaf, Sq, delta, Tq=Tq, **kw)
     (dS,) = torch.autograd.grad(loss, leaf, None if g is None else torch.tensor(g, device=loss.device))
     return loss, dS
 
@@ -244,7 +244,7 @@ def test_teacher_sq_tq_and_delta_get_no_gradient(backend, form):
     for x in (T, Sq, delta, Tq, S):
         x.requires_grad_()
     with q2kernels.use_backend(backend):
-        F.q_ada_loss(T, S, Sq, delta, Tq=Tq, form=form).backward()
+        qF.q_ada_loss(T, S, Sq, delta, Tq=Tq, form=form).backward()
     assert T.grad is None and Sq.grad is None and delta.grad is None and Tq.grad is None
     assert S.grad is not None and S.grad.abs().sum() > 0
 
@@ -389,7 +389,7 @@ def test_torch_compile_fullgraph(triton_backend, form):
     def step(x):
         s = conv(x)
         sq = torch.round(s / 0.2) * 0.2
-        return F.q_ada_loss(T, s, sq.detach(), delta, Tq=torch.round(T / 0.2) * 0.2, form=form, divergence="kl")
+        return qF.q_ada_loss(T, s, sq.detach(), delta, Tq=torch.round(T / 0.2) * 0.2, form=form, divergence="kl")
 
     compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
     got = compiled(x)
@@ -466,8 +466,8 @@ def test_qada_loss_collects_features_and_backprops_into_student_only(backend, fo
 
     tq = t_q if distortion == "own" else None
     with q2kernels.use_backend(backend):
-        want = 0.5 * (F.q_ada_loss(t_body, captured["body"], p_body.sq, p_body.delta, Tq=tq, form=form, divergence="kl")
-                      + F.q_ada_loss(t_neck, captured["neck"], form=form, divergence="kl"))
+        want = 0.5 * (qF.q_ada_loss(t_body, captured["body"], p_body.sq, p_body.delta, Tq=tq, form=form, divergence="kl")
+                      + qF.q_ada_loss(t_neck, captured["neck"], form=form, divergence="kl"))
         loss = qada()
     torch.testing.assert_close(loss, want, rtol=0, atol=0)
     assert all(p.teacher is None and p.student is None and p.quantizer is None for p in qada._points)  # consumed
@@ -540,7 +540,7 @@ def test_qada_loss_bad_arguments():
 # Bad input.
 
 def test_bad_input():
-    loss_fn = F.q_ada_loss
+    loss_fn = qF.q_ada_loss
     T, S, Sq, delta, _ = make((2, 3, 4, 5), "channel")
     with pytest.raises(ValueError, match="T: expected the shape of S"):
         loss_fn(T[:, :2], S)
@@ -579,15 +579,15 @@ def test_bad_input():
 def test_bad_input_of_the_forms():
     T, S, Sq, delta, Tq = make((2, 3, 4, 5), "channel", own=True)
     with pytest.raises(ValueError, match="Tq: given without Sq"):
-        F.q_ada_loss(T, S, Tq=Tq)
+        qF.q_ada_loss(T, S, Tq=Tq)
     with pytest.raises(ValueError, match="Tq: expected the shape of S"):
-        F.q_ada_loss(T, S, Sq, Tq=Tq[:, :2])
+        qF.q_ada_loss(T, S, Sq, Tq=Tq[:, :2])
     with pytest.raises(TypeError, match="Tq: expected a float32"):
-        F.q_ada_loss(T, S, Sq, Tq=Tq.to(torch.int8))
+        qF.q_ada_loss(T, S, Sq, Tq=Tq.to(torch.int8))
     with pytest.raises(ValueError, match="form"):
-        F.q_ada_loss(T, S, form="Q2")
+        qF.q_ada_loss(T, S, form="Q2")
     with pytest.raises(ValueError, match="kappa"):
-        F.q_ada_loss(T, S, kappa=-1.0)
+        qF.q_ada_loss(T, S, kappa=-1.0)
     with pytest.raises(ValueError, match="form"):
         torch.ops.q2kernels.q_ada(T, S, None, None, 1e-4, 1.0, False, True, None, "ada", 1e-6)
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import q2kernels
-from q2kernels import functional as F
+from q2kernels import functional as qF
 from q2kernels import reference as ref
 from q2kernels.ops import _layout
 from q2kernels.ops import fake_quant as fq_op
@@ -220,7 +220,7 @@ def test_lsq_kernel_bits_and_modes(bits, mode, axis):
     _plant_ties_and_bounds(x, s, qn, qp, axis)
     g = torch.randn_like(x)
     oracle = dict(kind="lsq", qn=qn, qp=qp, axis=axis, gscale=_literal_grad_scale(x, axis, qp))
-    _check_against_reference(lambda x, s: F.lsq_quantize(x, s, bits, mode, axis), x, [s.requires_grad_()], g, oracle)
+    _check_against_reference(lambda x, s: qF.lsq_quantize(x, s, bits, mode, axis), x, [s.requires_grad_()], g, oracle)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -242,7 +242,7 @@ def test_lsq_kernel_layouts_and_dtypes(dtype, layout, axis):
     _plant_ties_and_bounds(x, s, -8, 7, axis)
     g = torch.randn(x.shape).to(dtype)
     oracle = dict(kind="lsq", qn=-8, qp=7, axis=axis, gscale=_literal_grad_scale(x, axis, 7))
-    _check_against_reference(lambda x, s: F.lsq_quantize(x, s, 4, "signed", axis), x, [s.requires_grad_()], g, oracle)
+    _check_against_reference(lambda x, s: qF.lsq_quantize(x, s, 4, "signed", axis), x, [s.requires_grad_()], g, oracle)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
@@ -259,7 +259,7 @@ def test_lsq_plus_kernel(bits, axis, dtype, channels_last):
     s, beta = _steps(C) * (8 / 2**bits), torch.round(torch.randn(C) * 0.2 * 64) / 64
     _plant_ties_and_bounds(x, s, qn, qp, axis, beta)
     g = torch.randn(x.shape).to(dtype)
-    fn = lambda x, s, b: F.lsq_plus_quantize(x, s, b, bits, "unsigned", axis)  # noqa: E731
+    fn = lambda x, s, b: qF.lsq_plus_quantize(x, s, b, bits, "unsigned", axis)  # noqa: E731
     # y = q*s + beta: the kernel may fuse the multiply-add (one rounding), so allow 1 ulp.
     (y0, _), (y1, _) = run_both(fn, [x, s, beta], None)
     torch.testing.assert_close(y1.float(), y0.float(), rtol=2**-22, atol=1e-7)
@@ -277,7 +277,7 @@ def test_pact_kernel(bits, dtype):
     x[0, 0, 0, :4] = torch.tensor([0.0, 2.25, -0.0, 2.2500002]).to(dtype)  # on and around the bounds
     g = torch.randn(x.shape).to(dtype)
     oracle = dict(kind="pact", qn=0, qp=n, axis=None, gscale=1.0)
-    _check_against_reference(lambda x, a: F.pact_quantize(x, a, bits), x, [alpha.requires_grad_()], g, oracle)
+    _check_against_reference(lambda x, a: qF.pact_quantize(x, a, bits), x, [alpha.requires_grad_()], g, oracle)
 
 
 @pytest.mark.parametrize("axis", [None, 1, 3])
@@ -294,7 +294,7 @@ def test_lsq_auto_grad_scale_is_one_over_sqrt_n_qp(axis, backend):
     with q2kernels.use_backend(backend):
         for gs in ("auto", None):
             sl = s.clone().requires_grad_()
-            grads.append(torch.autograd.grad(F.lsq_quantize(x, sl, 4, "signed", axis, grad_scale=gs), sl, g)[0])
+            grads.append(torch.autograd.grad(qF.lsq_quantize(x, sl, 4, "signed", axis, grad_scale=gs), sl, g)[0])
     # (the kernel scales each term, the reference the sum: they differ in the last bits)
     torch.testing.assert_close(grads[0], grads[1] / math.sqrt(N * 7), rtol=1e-4, atol=1e-7)
 
@@ -309,7 +309,7 @@ def test_dorefa_kernel(dtype):
     w.view(-1)[5] = 2.0
     w.view(-1)[77] = -2.0  # a tie at the max |tanh|
     g = torch.randn(w.shape).to(dtype)
-    (y0, (dw0,)), (y1, (dw1,)) = run_both(lambda w: F.dorefa_weight_quantize(w, 4), [w.requires_grad_()], g)
+    (y0, (dw0,)), (y1, (dw1,)) = run_both(lambda w: qF.dorefa_weight_quantize(w, 4), [w.requires_grad_()], g)
     n = 15
     u0 = (y0.float() + 1) * n / 2
     # tanh is computed from exp in the kernel: decisions agree except within ulps of a tie.
@@ -324,7 +324,7 @@ def test_exact_ties_and_clamp_bounds(triton_backend):
     bounds = torch.tensor([-8.0, 7.0, -7.0, -8.0000005, 7.0000005])  # Qn, Qp of 4-bit signed
     x = torch.cat([halves, bounds]) * s
     g = torch.ones_like(x)
-    (y0, (dx0, ds0)), (y1, (dx1, ds1)) = run_both(lambda x, s: F.lsq_quantize(x, s, 4, "signed"),
+    (y0, (dx0, ds0)), (y1, (dx1, ds1)) = run_both(lambda x, s: qF.lsq_quantize(x, s, 4, "signed"),
                                                   [x.requires_grad_(), s.requires_grad_()], g)
     expected_levels = torch.round(halves.clamp(-8, 7))  # half to even: 0.5 -> 0, 1.5 -> 2, -0.5 -> -0
     assert torch.equal(y1[:20] / 0.25, expected_levels)
@@ -335,9 +335,9 @@ def test_exact_ties_and_clamp_bounds(triton_backend):
 
 
 @pytest.mark.parametrize("fn", [
-    lambda x: F.lsq_quantize(x, torch.tensor([0.3]), 4, "signed"),
-    lambda x: F.lsq_plus_quantize(x, torch.tensor([0.3]), torch.tensor([0.1]), 4),
-    lambda x: F.pact_quantize(x, torch.tensor([2.0]), 4),
+    lambda x: qF.lsq_quantize(x, torch.tensor([0.3]), 4, "signed"),
+    lambda x: qF.lsq_plus_quantize(x, torch.tensor([0.3]), torch.tensor([0.1]), 4),
+    lambda x: qF.pact_quantize(x, torch.tensor([2.0]), 4),
 ], ids=["lsq", "lsq_plus", "pact"])
 def test_nan_and_inf_propagate(fn, triton_backend):
     x = torch.tensor([float("nan"), float("inf"), -float("inf"), 1.0, -1.0])
@@ -352,12 +352,12 @@ def test_nan_and_inf_propagate(fn, triton_backend):
 def test_empty_and_tiny_shapes(shape, triton_backend):
     x = torch.randn(shape).requires_grad_()
     s = torch.tensor([0.2], requires_grad=True)
-    y = F.lsq_quantize(x, s, 4, "signed")
+    y = qF.lsq_quantize(x, s, 4, "signed")
     y.sum().backward()
     assert y.shape == x.shape
     with q2kernels.use_backend("reference"):
         xr, sr = x.detach().clone().requires_grad_(), s.detach().clone().requires_grad_()
-        F.lsq_quantize(xr, sr, 4, "signed").sum().backward()
+        qF.lsq_quantize(xr, sr, 4, "signed").sum().backward()
     assert torch.equal(x.grad, xr.grad)
     assert_sum_close(s.grad, sr.grad, torch.tensor(float(x.numel())))
     if x.numel() == 0:
@@ -367,7 +367,7 @@ def test_empty_and_tiny_shapes(shape, triton_backend):
 def test_scale_below_floor_gets_no_gradient(triton_backend):
     x = torch.randn(64)
     s = torch.tensor([1e-9], requires_grad=True)
-    y = F.lsq_quantize(x, s, 4, "signed")
+    y = qF.lsq_quantize(x, s, 4, "signed")
     y.sum().backward()
     assert s.grad.item() == 0.0
     assert torch.equal(y, (torch.round((x * (1 / torch.tensor(1e-8))).clamp(-8, 7)) * 1e-8))
@@ -380,9 +380,9 @@ def test_int64_offsets_path(monkeypatch, triton_backend):
     s = torch.rand(3) + 0.1
     g = torch.randn_like(x)
     oracle = dict(kind="lsq", qn=-8, qp=7, axis=1, gscale=_literal_grad_scale(x, 1, 7))
-    _check_against_reference(lambda x, s: F.lsq_quantize(x, s, 4, "signed", 1), x, [s.requires_grad_()], g, oracle)
+    _check_against_reference(lambda x, s: qF.lsq_quantize(x, s, 4, "signed", 1), x, [s.requires_grad_()], g, oracle)
     w = torch.randn(4, 3, 3, 3)
-    (y0, _), (y1, _) = run_both(lambda w: F.dorefa_weight_quantize(w, 4), [w], None)
+    (y0, _), (y1, _) = run_both(lambda w: qF.dorefa_weight_quantize(w, 4), [w], None)
     assert (y0 != y1).float().mean() < 0.01
 
 
@@ -392,7 +392,7 @@ def test_deterministic_bits(triton_backend):
     g = torch.randn_like(x)
     runs = []
     for _ in range(2):
-        y = F.lsq_quantize(x, s, 4, "signed", 1)
+        y = qF.lsq_quantize(x, s, 4, "signed", 1)
         runs.append((y,) + torch.autograd.grad(y, (x, s), g))
     for a, b in zip(*runs):
         assert torch.equal(a, b)
@@ -417,20 +417,20 @@ def test_opcheck_dorefa():
 
 
 @pytest.mark.parametrize("bad,match", [
-    (lambda x, s: F.lsq_quantize(x, s, 1), "bits"),
-    (lambda x, s: F.lsq_quantize(x, s, 9), "bits"),
-    (lambda x, s: F.lsq_quantize(x.to(torch.int32), s, 4), "x: expected a float32"),
-    (lambda x, s: F.lsq_quantize(x.to(torch.complex64), s, 4), "x: expected a float32"),
-    (lambda x, s: F.lsq_quantize(x, torch.ones(3), 4), "s: expected 1 element"),
-    (lambda x, s: F.lsq_quantize(x, torch.ones(3), 4, axis=1), "s: expected 5 element"),
-    (lambda x, s: F.lsq_quantize(x, s, 4, axis=4), "axis"),
-    (lambda x, s: F.lsq_quantize(x, s, 4, mode="asym"), "mode"),
-    (lambda x, s: F.lsq_quantize(x, s.to("meta"), 4), "s: is on meta"),
-    (lambda x, s: F.lsq_quantize(x, s.double(), 4), "s: expected a float32"),
-    (lambda x, s: F.lsq_plus_quantize(x, s, None, 4), "beta"),
-    (lambda x, s: F.pact_quantize(x, torch.ones(2), 4), "alpha: expected 1 element"),
-    (lambda x, s: F.dorefa_weight_quantize(x, 0), "bits"),
-    (lambda x, s: F.lsq_quantize(x, s, 4, grad_scale="yes"), "grad_scale"),
+    (lambda x, s: qF.lsq_quantize(x, s, 1), "bits"),
+    (lambda x, s: qF.lsq_quantize(x, s, 9), "bits"),
+    (lambda x, s: qF.lsq_quantize(x.to(torch.int32), s, 4), "x: expected a float32"),
+    (lambda x, s: qF.lsq_quantize(x.to(torch.complex64), s, 4), "x: expected a float32"),
+    (lambda x, s: qF.lsq_quantize(x, torch.ones(3), 4), "s: expected 1 element"),
+    (lambda x, s: qF.lsq_quantize(x, torch.ones(3), 4, axis=1), "s: expected 5 element"),
+    (lambda x, s: qF.lsq_quantize(x, s, 4, axis=4), "axis"),
+    (lambda x, s: qF.lsq_quantize(x, s, 4, mode="asym"), "mode"),
+    (lambda x, s: qF.lsq_quantize(x, s.to("meta"), 4), "s: is on meta"),
+    (lambda x, s: qF.lsq_quantize(x, s.double(), 4), "s: expected a float32"),
+    (lambda x, s: qF.lsq_plus_quantize(x, s, None, 4), "beta"),
+    (lambda x, s: qF.pact_quantize(x, torch.ones(2), 4), "alpha: expected 1 element"),
+    (lambda x, s: qF.dorefa_weight_quantize(x, 0), "bits"),
+    (lambda x, s: qF.lsq_quantize(x, s, 4, grad_scale="yes"), "grad_scale"),
 ])
 def test_bad_input_errors(bad, match):
     x = torch.randn(2, 5, 3, 3)
@@ -449,12 +449,12 @@ def test_cuda_kernels_match_reference_at_scale(dtype, axis):
     beta = torch.randn(C, device="cuda") * 0.1
     g = torch.randn(x.shape, device="cuda").to(dtype)
     gscale = dict(signed=_literal_grad_scale(x, axis, 7), unsigned=_literal_grad_scale(x, axis, 15))
-    _check_against_reference(lambda x, s: F.lsq_quantize(x, s, 4, "signed", axis), x, [s.requires_grad_()], g,
+    _check_against_reference(lambda x, s: qF.lsq_quantize(x, s, 4, "signed", axis), x, [s.requires_grad_()], g,
                              dict(kind="lsq", qn=-8, qp=7, axis=axis, gscale=gscale["signed"]))
-    _check_against_reference(lambda x, s, b: F.lsq_plus_quantize(x, s, b, 4, axis=axis), x,
+    _check_against_reference(lambda x, s, b: qF.lsq_plus_quantize(x, s, b, 4, axis=axis), x,
                              [s.requires_grad_(), beta.requires_grad_()], g,
                              dict(kind="lsq_plus", qn=0, qp=15, axis=axis, gscale=gscale["unsigned"]),
                              exact_levels=False)
-    _check_against_reference(lambda x, a: F.pact_quantize(x, a, 4), x,
+    _check_against_reference(lambda x, a: qF.pact_quantize(x, a, 4), x,
                              [torch.tensor([2.0], device="cuda").requires_grad_()], g,
                              dict(kind="pact", qn=0, qp=15, axis=None, gscale=1.0))

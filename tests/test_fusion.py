@@ -11,7 +11,7 @@ from torch import nn
 
 import q2kernels
 from q2kernels import deploy
-from q2kernels import functional as F
+from q2kernels import functional as qF
 from q2kernels import reference as ref
 from q2kernels.gate_controller import GateController
 from q2kernels.nn import FusionConv, GatedFusion
@@ -66,14 +66,14 @@ def _run(backend, xs, theta, gamma, beta, fuse, dy):
     theta, gamma, beta = _leaf(theta), _leaf(gamma), _leaf(beta)
     rec = _recorder(len(xs), device=xs[0].device)
     with q2kernels.use_backend(backend):
-        y = F.gated_fusion(xs, theta, gamma, beta, fuse=fuse, controller=rec)
+        y = qF.gated_fusion(xs, theta, gamma, beta, fuse=fuse, controller=rec)
     wants = xs + [t for t in (theta, gamma, beta) if t is not None]
     grads = torch.autograd.grad(y, wants, dy)
     return y, grads, rec.grad_norm.clone()
 
 
 def _float64_chain(xs, theta, gamma, beta, fuse, eps=1e-5):
-    """The eager chain in float64: softmax, scale, cat (or add), F.layer_norm over channels."""
+    """The eager chain in float64: softmax, scale, cat (or add), qF.layer_norm over channels."""
     a = torch.softmax(theta, dim=0)
     hs = [a[k] * x for k, x in enumerate(xs)]
     h = torch.cat(hs, dim=1) if fuse == "concat" else sum(hs)
@@ -221,7 +221,7 @@ def test_kernel_half_stores_round_to_nearest_even(dtype, fuse, triton_backend):
     outs = {}
     for name, cast in (("half", lambda t: t), ("fp32", lambda t: t.float())):
         leaves = [cast(x).requires_grad_() for x in xs]
-        y = F.gated_fusion(leaves, theta, gamma, beta, fuse=fuse)
+        y = qF.gated_fusion(leaves, theta, gamma, beta, fuse=fuse)
         outs[name] = (y,) + torch.autograd.grad(y, leaves, cast(dy))
     for half, full in zip(outs["half"], outs["fp32"]):
         assert half.dtype == dtype
@@ -246,7 +246,7 @@ def test_strided_and_expanded_parameters(view):
         assert not gamma.is_contiguous()
         leaves = [x.clone().requires_grad_() for x in xs]
         with q2kernels.use_backend(backend):
-            y = F.gated_fusion(leaves, theta, gamma, beta)
+            y = qF.gated_fusion(leaves, theta, gamma, beta)
         results[backend] = (y,) + torch.autograd.grad(y, leaves + bases, dy)
     for got, want in zip(results["triton"], results["reference"]):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
@@ -286,7 +286,7 @@ def test_kernel_expanded_dy_is_read_in_place(triton_backend):
     w = torch.randn(7)
 
     def loss(xs, theta):
-        return (F.gated_fusion(xs, theta).sum(dim=(0, 2, 3)) * w).sum()
+        return (qF.gated_fusion(xs, theta).sum(dim=(0, 2, 3)) * w).sum()
 
     loss(xs, theta).backward()
     got = [x.grad.clone() for x in xs] + [theta.grad.clone()]
@@ -302,13 +302,13 @@ def test_kernel_expanded_dy_is_read_in_place(triton_backend):
 def test_kernel_nan_stays_in_its_pixel(triton_backend):
     xs = _branches([4, 3])
     xs[1][1, 2, 2, 3] = float("nan")
-    y = F.gated_fusion(xs, torch.zeros(2))
+    y = qF.gated_fusion(xs, torch.zeros(2))
     assert torch.isnan(y[1, :, 2, 3]).all()
     bad = torch.zeros_like(y, dtype=torch.bool)
     bad[1, :, 2, 3] = True
     assert not torch.isnan(y[~bad]).any()
     with q2kernels.use_backend("reference"):
-        torch.testing.assert_close(y, F.gated_fusion(xs, torch.zeros(2)), equal_nan=True, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(y, qF.gated_fusion(xs, torch.zeros(2)), equal_nan=True, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("shape", [(0, 3, 4), (2, 0, 4)])
@@ -318,7 +318,7 @@ def test_kernel_empty(shape, triton_backend):
     theta = torch.zeros(2, requires_grad=True)
     gamma, beta = torch.ones(5, requires_grad=True), torch.zeros(5, requires_grad=True)
     rec = _recorder(2)
-    y = F.gated_fusion(xs, theta, gamma, beta, controller=rec)
+    y = qF.gated_fusion(xs, theta, gamma, beta, controller=rec)
     assert y.shape == (B, 5, H, W)
     y.sum().backward()
     assert xs[0].grad.shape == xs[0].shape
@@ -333,7 +333,7 @@ def test_kernel_deterministic_bits(triton_backend):
     runs = []
     for _ in range(2):
         rec = _recorder(2)
-        y = F.gated_fusion(xs, theta, gamma, beta, controller=rec)
+        y = qF.gated_fusion(xs, theta, gamma, beta, controller=rec)
         runs.append((y, rec.grad_norm) + torch.autograd.grad(y, xs + [theta, gamma, beta], dy))
     for a, b in zip(*runs):
         assert torch.equal(a, b)
@@ -758,23 +758,23 @@ def _good():
 
 
 @pytest.mark.parametrize("bad,match", [
-    (lambda xs, t: F.gated_fusion(xs[:1], t[:1]), r"xs: expected at least 2 branches, got 1"),
-    (lambda xs, t: F.gated_fusion(xs[0], t), "xs: expected a list or tuple"),
-    (lambda xs, t: F.gated_fusion([xs[0], xs[1][:1]], t), r"xs\[1\]: batch and spatial size"),
-    (lambda xs, t: F.gated_fusion([xs[0], xs[1][:, :, :2]], t), r"xs\[1\]: batch and spatial size"),
-    (lambda xs, t: F.gated_fusion([xs[0], xs[1].half()], t), r"xs\[1\]: dtype torch.float16 differs"),
-    (lambda xs, t: F.gated_fusion([xs[0], xs[1].to("meta")], t), r"xs\[1\]: is on meta"),
-    (lambda xs, t: F.gated_fusion([xs[0], xs[1].int()], t), r"xs\[1\]: expected a float32"),
-    (lambda xs, t: F.gated_fusion([xs[0], xs[1][0]], t), r"xs\[1\]: expected a 4-d"),
-    (lambda xs, t: F.gated_fusion(xs, t, fuse="sum"), r"fuse='sum' needs equal channel counts, got \[4, 3\]"),
-    (lambda xs, t: F.gated_fusion(xs, t, fuse="add"), "fuse: expected one of"),
-    (lambda xs, t: F.gated_fusion(xs, t, torch.ones(6)), r"gamma: expected 7 element"),
-    (lambda xs, t: F.gated_fusion(xs, t, torch.ones(7), torch.ones(4)), r"beta: expected 7 element"),
-    (lambda xs, t: F.gated_fusion(xs, t, torch.ones(7).double()), "gamma: expected a float32"),
-    (lambda xs, t: F.gated_fusion(xs, torch.zeros(3)), r"theta: expected 2 element"),
-    (lambda xs, t: F.gated_fusion(xs, t, eps=0.0), "eps"),
-    (lambda xs, t: F.gated_fusion(xs, t, controller=object()), "controller: expected"),
-    (lambda xs, t: F.gated_fusion(xs, t, controller=_recorder(2, device="meta")), "controller.grad_norm: is on meta"),
+    (lambda xs, t: qF.gated_fusion(xs[:1], t[:1]), r"xs: expected at least 2 branches, got 1"),
+    (lambda xs, t: qF.gated_fusion(xs[0], t), "xs: expected a list or tuple"),
+    (lambda xs, t: qF.gated_fusion([xs[0], xs[1][:1]], t), r"xs\[1\]: batch and spatial size"),
+    (lambda xs, t: qF.gated_fusion([xs[0], xs[1][:, :, :2]], t), r"xs\[1\]: batch and spatial size"),
+    (lambda xs, t: qF.gated_fusion([xs[0], xs[1].half()], t), r"xs\[1\]: dtype torch.float16 differs"),
+    (lambda xs, t: qF.gated_fusion([xs[0], xs[1].to("meta")], t), r"xs\[1\]: is on meta"),
+    (lambda xs, t: qF.gated_fusion([xs[0], xs[1].int()], t), r"xs\[1\]: expected a float32"),
+    (lambda xs, t: qF.gated_fusion([xs[0], xs[1][0]], t), r"xs\[1\]: expected a 4-d"),
+    (lambda xs, t: qF.gated_fusion(xs, t, fuse="sum"), r"fuse='sum' needs equal channel counts, got \[4, 3\]"),
+    (lambda xs, t: qF.gated_fusion(xs, t, fuse="add"), "fuse: expected one of"),
+    (lambda xs, t: qF.gated_fusion(xs, t, torch.ones(6)), r"gamma: expected 7 element"),
+    (lambda xs, t: qF.gated_fusion(xs, t, torch.ones(7), torch.ones(4)), r"beta: expected 7 element"),
+    (lambda xs, t: qF.gated_fusion(xs, t, torch.ones(7).double()), "gamma: expected a float32"),
+    (lambda xs, t: qF.gated_fusion(xs, torch.zeros(3)), r"theta: expected 2 element"),
+    (lambda xs, t: qF.gated_fusion(xs, t, eps=0.0), "eps"),
+    (lambda xs, t: qF.gated_fusion(xs, t, controller=object()), "controller: expected"),
+    (lambda xs, t: qF.gated_fusion(xs, t, controller=_recorder(2, device="meta")), "controller.grad_norm: is on meta"),
     (lambda xs, t: GatedFusion([4]), "channels"),
     (lambda xs, t: GatedFusion([4, 3], fuse="sum"), "channels: fuse='sum' needs equal"),
     (lambda xs, t: GatedFusion([4, 3], mode="auto"), "mode"),

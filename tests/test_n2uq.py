@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import q2kernels
-from q2kernels import functional as F
+from q2kernels import functional as qF
 from q2kernels.nn import N2UQQuantizer, N2UQWeightQuantizer, QConv2d, QLinear, quantize_model
 from q2kernels.ops import _layout
 from q2kernels.ops import n2uq as n2uq_op
@@ -104,7 +104,7 @@ def _run_act(x, params, bits, g, backend):
     leaves = [t.detach().clone().requires_grad_() for t in params]
     xl = x.detach().clone().requires_grad_()
     with q2kernels.use_backend(backend):
-        y = F.n2uq_act_quantize(xl, *leaves, bits)
+        y = qF.n2uq_act_quantize(xl, *leaves, bits)
     return y, torch.autograd.grad(y, [xl, *leaves], g)
 
 
@@ -113,7 +113,7 @@ def _check_act(x, params, bits, g):
     (the same fp32 products in the same order), parameter grads within docs/math.md §0."""
     x = x.detach().requires_grad_()
     leaves = [p.detach().clone().requires_grad_() for p in params]
-    (y0, grads0), (y1, grads1) = run_both(lambda x, *p: F.n2uq_act_quantize(x, *p, bits), [x, *leaves], g)
+    (y0, grads0), (y1, grads1) = run_both(lambda x, *p: qF.n2uq_act_quantize(x, *p, bits), [x, *leaves], g)
     assert y1.dtype == x.dtype and y1.shape == x.shape
     if _layout.is_dense(x) and x.numel() > 1:
         assert y1.stride() == x.stride(), "the output must keep the input's memory layout"
@@ -333,7 +333,7 @@ def test_kernel_deterministic(triton_backend):
     g = torch.randn(x.shape)
     runs = []
     for _ in range(2):
-        y = F.n2uq_act_quantize(x, *params, bits)
+        y = qF.n2uq_act_quantize(x, *params, bits)
         runs.append((y,) + torch.autograd.grad(y, (x, *params), g))
     for r0, r1 in zip(*runs):
         assert torch.equal(r0, r1)
@@ -346,7 +346,7 @@ def test_kernel_int64_offsets_path(monkeypatch, triton_backend):
     x = _inputs(params, (2, 3, 5, 5))
     _check_act(x, params, 4, torch.randn(x.shape))
     w = torch.randn(4, 3, 3, 3)
-    (y0, _), (y1, _) = run_both(lambda w: F.n2uq_weight_quantize(w, 4), [w], None)
+    (y0, _), (y1, _) = run_both(lambda w: qF.n2uq_weight_quantize(w, 4), [w], None)
     assert torch.equal(y0, y1)
 
 
@@ -356,20 +356,20 @@ def test_autograd_saves_nothing_larger_than_the_input(triton_backend):
     params = [p.requires_grad_() for p in params]
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        F.n2uq_act_quantize(x, *params, 4)
+        qF.n2uq_act_quantize(x, *params, 4)
     assert any(t.data_ptr() == x.data_ptr() for t in saved)  # x itself, not a copy
     assert all(t.numel() <= n2uq_op.table_size(4) for t in saved if t.data_ptr() != x.data_ptr())
     w = torch.randn(6, 4, 3, 3, requires_grad=True)
     saved.clear()
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        F.n2uq_weight_quantize(w, 4)
+        qF.n2uq_weight_quantize(w, 4)
     assert [t.shape for t in saved] == [(6,)], "the weight quantizer saves its scales only"
 
 
 def test_weight_grad_of_a_sum_is_one_over_the_scale(triton_backend):
     """y.sum() hands the backward an expanded (stride-0) gradient."""
     w = (torch.randn(5, 4, 3, 3) * 0.1).to(memory_format=torch.channels_last).requires_grad_()
-    F.n2uq_weight_quantize(w, 3).sum().backward()
+    qF.n2uq_weight_quantize(w, 3).sum().backward()
     inv = 1.0 / ref.n2uq_weight_scale(w, 3)
     assert torch.equal(w.grad, inv.reshape(-1, 1, 1, 1).expand(w.shape))
 
@@ -425,11 +425,11 @@ def test_weight_ties_round_half_to_even(backend):
     ties = v - v.floor() == 0.5
     assert ties.sum() > 20
     with q2kernels.use_backend(backend):
-        y = F.n2uq_weight_quantize(w, bits)
+        y = qF.n2uq_weight_quantize(w, bits)
     q = torch.round((y / sf[:, None] + 1) * m)
     assert bool((q[ties] % 2 == 0).all())
     with q2kernels.use_backend("reference"):
-        assert torch.equal(y, F.n2uq_weight_quantize(w, bits))
+        assert torch.equal(y, qF.n2uq_weight_quantize(w, bits))
 
 
 @pytest.mark.parametrize("bits", [2, 3, 5, 8])
@@ -446,7 +446,7 @@ def test_weight_kernel_matches_reference(bits, shape, layout, triton_backend):
     elif layout == "sliced":
         w = torch.cat([w, w], 1)[:, ::2]
     g = torch.randn(w.shape)
-    (y0, (dw0,)), (y1, (dw1,)) = run_both(lambda w: F.n2uq_weight_quantize(w, bits), [w.requires_grad_()], g)
+    (y0, (dw0,)), (y1, (dw1,)) = run_both(lambda w: qF.n2uq_weight_quantize(w, bits), [w.requires_grad_()], g)
     if _layout.is_dense(w):
         assert y1.stride() == w.stride()
     assert torch.equal(y1, y0), "fp64 |W| sums give the same sf, hence the same levels"
@@ -457,7 +457,7 @@ def test_weight_kernel_matches_reference(bits, shape, layout, triton_backend):
 def test_weight_kernel_half_dtypes(dtype, triton_backend):
     w = (torch.randn(12, 5, 3, 3) * 0.05).to(dtype).to(memory_format=torch.channels_last)
     g = torch.randn(w.shape).to(dtype)
-    (y0, (dw0,)), (y1, (dw1,)) = run_both(lambda w: F.n2uq_weight_quantize(w, 4), [w.requires_grad_()], g)
+    (y0, (dw0,)), (y1, (dw1,)) = run_both(lambda w: qF.n2uq_weight_quantize(w, 4), [w.requires_grad_()], g)
     assert y1.dtype == dtype and dw1.dtype == dtype
     assert torch.equal(y1, y0) and torch.equal(dw1, dw0)
 
@@ -465,7 +465,7 @@ def test_weight_kernel_half_dtypes(dtype, triton_backend):
 @pytest.mark.parametrize("shape", [(0, 3, 3, 3), (4, 0, 3, 3), (0,)])
 def test_weight_empty(shape, triton_backend):
     w = torch.randn(shape, requires_grad=True)
-    y = F.n2uq_weight_quantize(w, 4)
+    y = qF.n2uq_weight_quantize(w, 4)
     y.sum().backward()
     assert y.shape == w.shape and w.grad.shape == w.shape
 
@@ -500,8 +500,8 @@ class _TinyN2UQNet(nn.Module):
         self.weight = nn.Parameter(torch.randn(6, 3, 3, 3) * 0.2)
 
     def forward(self, x):
-        xq = F.n2uq_act_quantize(x, self.start, self.a, self.alpha1, self.alpha2, self.bits)
-        return torch.nn.functional.conv2d(xq, F.n2uq_weight_quantize(self.weight, self.bits), padding=1)
+        xq = qF.n2uq_act_quantize(x, self.start, self.a, self.alpha1, self.alpha2, self.bits)
+        return torch.nn.functional.conv2d(xq, qF.n2uq_weight_quantize(self.weight, self.bits), padding=1)
 
 
 def test_torch_compile_fullgraph(triton_backend):
@@ -518,21 +518,21 @@ def test_torch_compile_fullgraph(triton_backend):
 
 
 @pytest.mark.parametrize("bad,match", [
-    (lambda x, p: F.n2uq_act_quantize(x, p[0], torch.ones(16), p[2], p[3], 4), "a: expected 2\\^bits - 1 = 15"),
-    (lambda x, p: F.n2uq_act_quantize(x, p[0], p[1], p[2], p[3], 3), "a: expected 2\\^bits - 1 = 7"),
-    (lambda x, p: F.n2uq_act_quantize(x, p[0], p[1].to("meta"), p[2], p[3], 4), "a: is on meta"),
-    (lambda x, p: F.n2uq_act_quantize(x, p[0].to("meta"), p[1], p[2], p[3], 4), "start: is on meta"),
-    (lambda x, p: F.n2uq_act_quantize(x, p[0], p[1], p[2], p[3].to("meta"), 4), "alpha2: is on meta"),
-    (lambda x, p: F.n2uq_act_quantize(x, p[0], p[1], torch.ones(2), p[3], 4), "alpha1: expected 1 element"),
-    (lambda x, p: F.n2uq_act_quantize(x, p[0], p[1].double(), p[2], p[3], 4), "a: expected a float32"),
-    (lambda x, p: F.n2uq_act_quantize(x, p[0], p[1], p[2], p[3], 1), "bits"),
-    (lambda x, p: F.n2uq_act_quantize(x, p[0], p[1], p[2], p[3], 9), "bits"),
-    (lambda x, p: F.n2uq_act_quantize(x, p[0], p[1], p[2], p[3], 4.0), "bits"),
-    (lambda x, p: F.n2uq_act_quantize(x.int(), p[0], p[1], p[2], p[3], 4), "x: expected a float32"),
-    (lambda x, p: F.n2uq_weight_quantize(x, 9), "bits"),
-    (lambda x, p: F.n2uq_weight_quantize(x, True), "bits"),
-    (lambda x, p: F.n2uq_weight_quantize(torch.tensor(1.0), 4), "w: expected a tensor with an output-channel"),
-    (lambda x, p: F.n2uq_weight_quantize(x.long(), 4), "w: expected a float32"),
+    (lambda x, p: qF.n2uq_act_quantize(x, p[0], torch.ones(16), p[2], p[3], 4), "a: expected 2\\^bits - 1 = 15"),
+    (lambda x, p: qF.n2uq_act_quantize(x, p[0], p[1], p[2], p[3], 3), "a: expected 2\\^bits - 1 = 7"),
+    (lambda x, p: qF.n2uq_act_quantize(x, p[0], p[1].to("meta"), p[2], p[3], 4), "a: is on meta"),
+    (lambda x, p: qF.n2uq_act_quantize(x, p[0].to("meta"), p[1], p[2], p[3], 4), "start: is on meta"),
+    (lambda x, p: qF.n2uq_act_quantize(x, p[0], p[1], p[2], p[3].to("meta"), 4), "alpha2: is on meta"),
+    (lambda x, p: qF.n2uq_act_quantize(x, p[0], p[1], torch.ones(2), p[3], 4), "alpha1: expected 1 element"),
+    (lambda x, p: qF.n2uq_act_quantize(x, p[0], p[1].double(), p[2], p[3], 4), "a: expected a float32"),
+    (lambda x, p: qF.n2uq_act_quantize(x, p[0], p[1], p[2], p[3], 1), "bits"),
+    (lambda x, p: qF.n2uq_act_quantize(x, p[0], p[1], p[2], p[3], 9), "bits"),
+    (lambda x, p: qF.n2uq_act_quantize(x, p[0], p[1], p[2], p[3], 4.0), "bits"),
+    (lambda x, p: qF.n2uq_act_quantize(x.int(), p[0], p[1], p[2], p[3], 4), "x: expected a float32"),
+    (lambda x, p: qF.n2uq_weight_quantize(x, 9), "bits"),
+    (lambda x, p: qF.n2uq_weight_quantize(x, True), "bits"),
+    (lambda x, p: qF.n2uq_weight_quantize(torch.tensor(1.0), 4), "w: expected a tensor with an output-channel"),
+    (lambda x, p: qF.n2uq_weight_quantize(x.long(), 4), "w: expected a float32"),
 ])
 def test_bad_input_errors(bad, match):
     x = torch.randn(2, 5, 3, 3)
@@ -635,5 +635,5 @@ def test_cuda_act_matches_reference_at_scale(bits, dtype):
 def test_cuda_weight_matches_reference(bits):
     w = torch.randn(512, 256, 3, 3, device="cuda") * 0.02
     g = torch.randn(w.shape, device="cuda")
-    (y0, (dw0,)), (y1, (dw1,)) = run_both(lambda w: F.n2uq_weight_quantize(w, bits), [w.requires_grad_()], g)
+    (y0, (dw0,)), (y1, (dw1,)) = run_both(lambda w: qF.n2uq_weight_quantize(w, bits), [w.requires_grad_()], g)
     assert torch.equal(y1, y0) and torch.equal(dw1, dw0)

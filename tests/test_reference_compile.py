@@ -6,24 +6,24 @@ import pytest
 import torch
 
 import q2kernels
-import q2kernels.functional as F
+import q2kernels.functional as qF
 
 N = 15  # 4-bit LTQ intervals
 
 CASES = {
-    "lsq": (lambda x, s: F.lsq_quantize(x, s, 4), lambda: [torch.randn(2, 3, 4, 4), torch.tensor([0.3])]),
-    "lsq_plus": (lambda x, s, b: F.lsq_plus_quantize(x, s, b, 4, axis=1),
+    "lsq": (lambda x, s: qF.lsq_quantize(x, s, 4), lambda: [torch.randn(2, 3, 4, 4), torch.tensor([0.3])]),
+    "lsq_plus": (lambda x, s, b: qF.lsq_plus_quantize(x, s, b, 4, axis=1),
                  lambda: [torch.randn(2, 3, 4, 4), torch.rand(3) + 0.1, torch.randn(3) * 0.1]),
-    "pact": (lambda x, a: F.pact_quantize(x, a, 4), lambda: [torch.randn(2, 3, 4, 4) * 2, torch.tensor([2.0])]),
-    "dorefa": (lambda w: F.dorefa_weight_quantize(w, 4), lambda: [torch.randn(4, 3, 3, 3)]),
-    "n2uq_act": (lambda x, st, a, a1, a2: F.n2uq_act_quantize(x, st, a, a1, a2, 4),
+    "pact": (lambda x, a: qF.pact_quantize(x, a, 4), lambda: [torch.randn(2, 3, 4, 4) * 2, torch.tensor([2.0])]),
+    "dorefa": (lambda w: qF.dorefa_weight_quantize(w, 4), lambda: [torch.randn(4, 3, 3, 3)]),
+    "n2uq_act": (lambda x, st, a, a1, a2: qF.n2uq_act_quantize(x, st, a, a1, a2, 4),
                  lambda: [torch.randn(2, 3, 4, 4), torch.tensor([-0.2]), torch.full((N,), 2.0 / N) * (1 + 0.3 * torch.rand(N)),
                           torch.tensor([1.3]), torch.tensor([0.8])]),
-    "n2uq_weight": (lambda w: F.n2uq_weight_quantize(w, 4), lambda: [torch.randn(4, 3, 3, 3) * 0.1]),
-    "gated_fusion": (lambda x0, x1, th, g, b: F.gated_fusion([x0, x1], th, g, b),
+    "n2uq_weight": (lambda w: qF.n2uq_weight_quantize(w, 4), lambda: [torch.randn(4, 3, 3, 3) * 0.1]),
+    "gated_fusion": (lambda x0, x1, th, g, b: qF.gated_fusion([x0, x1], th, g, b),
                      lambda: [torch.randn(2, 4, 3, 3), torch.randn(2, 2, 3, 3) * 2, torch.randn(2), torch.randn(6),
                               torch.randn(6)]),
-    "q_ada": (lambda T, S: F.q_ada_loss(T, S), lambda: [torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)]),
+    "q_ada": (lambda T, S: qF.q_ada_loss(T, S), lambda: [torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)]),
 }
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-import q2kernels.functional as F
+import q2kernels.functional as qF
 from q2kernels.ops import _layout
 
 
@@ -33,7 +33,7 @@ def _fusion_case(channels, fuse, dtype, fmt, affine, B=1, HW=(40, 40)):
     xs = [torch.randn(B, c, *HW).to(dtype).to(memory_format=fmt).requires_grad_() for c in channels]
     C = sum(channels) if fuse == "concat" else channels[0]
     gb = (torch.ones(C, requires_grad=True), torch.zeros(C, requires_grad=True)) if affine else (None, None)
-    F.gated_fusion(xs, torch.zeros(len(xs), requires_grad=True), *gb, fuse=fuse).backward(torch.randn(B, C, *HW))
+    qF.gated_fusion(xs, torch.zeros(len(xs), requires_grad=True), *gb, fuse=fuse).backward(torch.randn(B, C, *HW))
 
 
 def _ltq(bits):
@@ -48,16 +48,16 @@ def ops():
     xl = x.to(memory_format=torch.channels_last)
     s1, s6 = torch.tensor([0.3]), torch.rand(6) + 0.1
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        _fwd_bwd(lambda x, s: F.lsq_quantize(x, s, 4), x.to(dtype), s1)
-    _fwd_bwd(lambda x, s: F.lsq_quantize(x, s, 4, axis=1), x, s6)
-    _fwd_bwd(lambda x, s: F.lsq_quantize(x, s, 4, axis=1), xl, s6)
-    _fwd_bwd(lambda x, s, b: F.lsq_plus_quantize(x, s, b, 4, axis=1), xl, s6, s6.clone())
-    _fwd_bwd(lambda x, a: F.pact_quantize(x, a, 4), x.bfloat16(), s1)
-    _fwd_bwd(lambda w: F.dorefa_weight_quantize(w, 4), x)
+        _fwd_bwd(lambda x, s: qF.lsq_quantize(x, s, 4), x.to(dtype), s1)
+    _fwd_bwd(lambda x, s: qF.lsq_quantize(x, s, 4, axis=1), x, s6)
+    _fwd_bwd(lambda x, s: qF.lsq_quantize(x, s, 4, axis=1), xl, s6)
+    _fwd_bwd(lambda x, s, b: qF.lsq_plus_quantize(x, s, b, 4, axis=1), xl, s6, s6.clone())
+    _fwd_bwd(lambda x, a: qF.pact_quantize(x, a, 4), x.bfloat16(), s1)
+    _fwd_bwd(lambda w: qF.dorefa_weight_quantize(w, 4), x)
 
     for bits, dtype, xx in ((4, torch.bfloat16, xl), (8, torch.float32, x), (2, torch.float16, xl)):
-        _fwd_bwd(lambda x, st, a, a1, a2: F.n2uq_act_quantize(x, st, a, a1, a2, bits), xx.to(dtype), *_ltq(bits))
-        _fwd_bwd(lambda w: F.n2uq_weight_quantize(w, bits), xx.to(dtype))
+        _fwd_bwd(lambda x, st, a, a1, a2: qF.n2uq_act_quantize(x, st, a, a1, a2, bits), xx.to(dtype), *_ltq(bits))
+        _fwd_bwd(lambda w: qF.n2uq_weight_quantize(w, bits), xx.to(dtype))
 
     T = torch.randn(2, 24, 9, 9)
     for dtype, fmt, kw in ((torch.bfloat16, torch.contiguous_format, dict(delta=torch.rand(24) + 0.1)),
@@ -65,14 +65,14 @@ def ops():
                            (torch.float16, torch.channels_last, dict())):
         Tc, Sc = T.to(dtype).to(memory_format=fmt), torch.randn_like(T).to(dtype).to(memory_format=fmt)
         Sq = None if kw.get("divergence") == "kl" else (Sc + 0.01)
-        _fwd_bwd(lambda S: F.q_ada_loss(Tc, S, Sq, form="simam", **kw), Sc)
-    _fwd_bwd(lambda S: F.q_ada_loss(torch.randn(1, 4, 90, 90), S, form="simam"), torch.randn(1, 4, 90, 90))  # rows in chunks
+        _fwd_bwd(lambda S: qF.q_ada_loss(Tc, S, Sq, form="simam", **kw), Sc)
+    _fwd_bwd(lambda S: qF.q_ada_loss(torch.randn(1, 4, 90, 90), S, form="simam"), torch.randn(1, 4, 90, 90))  # rows in chunks
     for dtype, fmt, hw in ((torch.bfloat16, torch.contiguous_format, 9), (torch.float16, torch.channels_last, 9),
                            (torch.bfloat16, torch.contiguous_format, 90)):  # the Q2 form, the teacher's own Tq
         Tc = torch.randn(1, 24, hw, hw).to(dtype).to(memory_format=fmt)
         Sc = torch.randn_like(Tc)
-        _fwd_bwd(lambda S: F.q_ada_loss(Tc, S, Sc + 0.01, 0.25, Tq=Tc + 0.01, form="q2"), Sc)
-    _fwd_bwd(lambda S: F.q_ada_loss(T, S, form="q2", divergence="kl"), torch.randn_like(T))
+        _fwd_bwd(lambda S: qF.q_ada_loss(Tc, S, Sc + 0.01, 0.25, Tq=Tc + 0.01, form="q2"), Sc)
+    _fwd_bwd(lambda S: qF.q_ada_loss(T, S, form="q2", divergence="kl"), torch.randn_like(T))
 
     for fmt in (torch.contiguous_format, torch.channels_last):
         _fusion_case([512, 256], "concat", torch.bfloat16, fmt, True)
@@ -85,11 +85,11 @@ def ops():
     _layout.needs_int64 = lambda t: True
     fusion_op._max_offset = lambda t: 2**31
     try:
-        _fwd_bwd(lambda x, s: F.lsq_quantize(x, s, 4, axis=1), xl, s6)
-        _fwd_bwd(lambda w: F.dorefa_weight_quantize(w, 4), x.bfloat16())
-        _fwd_bwd(lambda x, st, a, a1, a2: F.n2uq_act_quantize(x, st, a, a1, a2, 4), xl.bfloat16(), *_ltq(4))
-        _fwd_bwd(lambda w: F.n2uq_weight_quantize(w, 4), x)
-        _fwd_bwd(lambda S: F.q_ada_loss(T.to(memory_format=torch.channels_last), S, S + 0.01),
+        _fwd_bwd(lambda x, s: qF.lsq_quantize(x, s, 4, axis=1), xl, s6)
+        _fwd_bwd(lambda w: qF.dorefa_weight_quantize(w, 4), x.bfloat16())
+        _fwd_bwd(lambda x, st, a, a1, a2: qF.n2uq_act_quantize(x, st, a, a1, a2, 4), xl.bfloat16(), *_ltq(4))
+        _fwd_bwd(lambda w: qF.n2uq_weight_quantize(w, 4), x)
+        _fwd_bwd(lambda S: qF.q_ada_loss(T.to(memory_format=torch.channels_last), S, S + 0.01),
                  torch.randn_like(T).to(memory_format=torch.channels_last))
         _fusion_case([512, 256], "concat", torch.bfloat16, torch.channels_last, True)
     finally:
@@ -107,15 +107,15 @@ def cuda_tests():
             x = torch.empty(16, 64, 80, 80).to(dtype).to(memory_format=cl)
             C = 1 if axis is None else 64
             s, beta = torch.rand(C) * 0.2 + 0.05, torch.randn(C) * 0.1
-            _fwd_bwd(lambda x, s: F.lsq_quantize(x, s, 4, "signed", axis), x, s)
-            _fwd_bwd(lambda x, s, b: F.lsq_plus_quantize(x, s, b, 4, axis=axis), x, s, beta)
-            _fwd_bwd(lambda x, a: F.pact_quantize(x, a, 4), x, torch.tensor([2.0]))
+            _fwd_bwd(lambda x, s: qF.lsq_quantize(x, s, 4, "signed", axis), x, s)
+            _fwd_bwd(lambda x, s, b: qF.lsq_plus_quantize(x, s, b, 4, axis=axis), x, s, beta)
+            _fwd_bwd(lambda x, a: qF.pact_quantize(x, a, 4), x, torch.tensor([2.0]))
     # test_n2uq.py::test_cuda_act_matches_reference_at_scale, ::test_cuda_weight_matches_reference
     for bits in (2, 4, 8):
         for dtype in DTYPES:
             x = torch.empty(16, 64, 40, 40).to(dtype).to(memory_format=cl)
-            _fwd_bwd(lambda x, st, a, a1, a2: F.n2uq_act_quantize(x, st, a, a1, a2, bits), x, *_ltq(bits))
-        _fwd_bwd(lambda w: F.n2uq_weight_quantize(w, bits), torch.empty(512, 256, 3, 3))
+            _fwd_bwd(lambda x, st, a, a1, a2: qF.n2uq_act_quantize(x, st, a, a1, a2, bits), x, *_ltq(bits))
+        _fwd_bwd(lambda w: qF.n2uq_weight_quantize(w, bits), torch.empty(512, 256, 3, 3))
     # test_ada.py::test_cuda_distillation_points (both forms; the bf16 case with its own Tq)
     for c, hw in ((128, 80), (256, 40), (512, 20)):
         for layout in ("nchw", "cl"):
@@ -126,7 +126,7 @@ def cuda_tests():
                         T, S = (torch.empty(4, c, hw, hw).to(dtype).to(memory_format=fmt) for _ in range(2))
                         kw = dict(delta=torch.tensor([0.3]), Tq=T.clone()) if scalar_sq else {}
                         Sq = S.clone() if scalar_sq else None
-                        _fwd_bwd(lambda S: F.q_ada_loss(T, S, Sq, form=form, divergence=divergence, **kw), S)
+                        _fwd_bwd(lambda S: qF.q_ada_loss(T, S, Sq, form=form, divergence=divergence, **kw), S)
     # test_fusion.py::test_cuda_kernel_matches_reference_yolo_nodes
     for dtype in DTYPES:
         for fmt in (torch.contiguous_format, cl):

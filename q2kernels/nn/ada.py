@@ -18,7 +18,7 @@ import weakref
 import torch
 from torch import nn
 
-from .. import functional as F
+from .. import functional as qF
 from .. import reference as ref
 from .._validate import check_number
 from .quantizers import Quantizer
@@ -133,7 +133,7 @@ class QADALoss(nn.Module):
                 if not isinstance(feat, torch.Tensor):
                     raise TypeError(f"QADALoss: the {which} module {name!r} returned {type(feat).__name__}, "
                                     "expected a (B, C, H, W) tensor")
-            loss = F.q_ada_loss(p.teacher, p.student, p.sq, p.delta, Tq=self._teacher_quantized(p), form=self.form,
+            loss = qF.q_ada_loss(p.teacher, p.student, p.sq, p.delta, Tq=self._teacher_quantized(p), form=self.form,
                                lam=self.lam, kappa=self.kappa, gamma=self.gamma, divergence=self.divergence,
                                reduction=self.reduction)
             total = loss if total is None else total + loss

@@ -36,7 +36,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .. import functional as F
+from .. import functional as qF
 from .. import reference as ref
 from ..constants import GATE_EMA_WEIGHT, GATE_ETA, LAYERNORM_EPS
 from ..gate_controller import GateController, register_process_group
@@ -127,7 +127,7 @@ class GatedFusion(nn.Module):
         for k, (x, c) in enumerate(zip(xs, self.channels)):
             if x.dim() != 4 or x.size(1) != c:
                 raise ValueError(f"xs[{k}]: expected (B, {c}, H, W), got shape {tuple(x.shape)}")
-        return F.gated_fusion(xs, self.theta, self.gamma, self.beta, fuse=self.fuse, eps=self.eps,
+        return qF.gated_fusion(xs, self.theta, self.gamma, self.beta, fuse=self.fuse, eps=self.eps,
                               controller=self.controller())
 
     def gates(self) -> torch.Tensor:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .. import functional as F
+from .. import functional as qF
 from .. import reference as ref
 from .protocol import IntActivation, IntWeight, Recipe, register_recipe
 from .quantizers import Quantizer
@@ -27,7 +27,7 @@ class N2UQQuantizer(Quantizer):
         self.alpha2 = nn.Parameter(alpha2)
 
     def quantize(self, x):
-        return F.n2uq_act_quantize(x, self.start, self.a, self.alpha1, self.alpha2, self.bits)
+        return qF.n2uq_act_quantize(x, self.start, self.a, self.alpha1, self.alpha2, self.bits)
 
     def step_size(self):
         """The output step I*|alpha2| (the thresholds on the input side are not uniform)."""
@@ -49,7 +49,7 @@ class N2UQWeightQuantizer(Quantizer):
     (sf/n)*(2k - n) with k in [0, n], n = 2^bits - 1."""
 
     def quantize(self, w):
-        return F.n2uq_weight_quantize(w, self.bits)
+        return qF.n2uq_weight_quantize(w, self.bits)
 
     def int_weight(self, w, wq):
         n = 2**self.bits - 1

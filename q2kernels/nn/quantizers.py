@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .. import functional as F
+from .. import functional as qF
 from .. import reference as ref
 from .._validate import check_bits
 from .protocol import IntActivation, IntWeight, NoIntegerForm, Recipe, register_quantizer, register_recipe
@@ -169,7 +169,7 @@ class LSQQuantizer(Quantizer):
         return ok.any()
 
     def quantize(self, x):
-        return F.lsq_quantize(x, self.s, self.bits, self.mode, self.axis, self.grad_scale)
+        return qF.lsq_quantize(x, self.s, self.bits, self.mode, self.axis, self.grad_scale)
 
     def step_size(self):
         return self.s.detach().clamp_min(ref.fake_quant.SCALE_FLOOR)
@@ -232,7 +232,7 @@ class LSQPlusQuantizer(LSQQuantizer):
         return ok.any()
 
     def quantize(self, x):
-        return F.lsq_plus_quantize(x, self.s, self.beta, self.bits, self.mode, self.axis, self.grad_scale)
+        return qF.lsq_plus_quantize(x, self.s, self.beta, self.bits, self.mode, self.axis, self.grad_scale)
 
     def _offset(self):
         return float(self.beta.detach().float().reshape(()))
@@ -264,7 +264,7 @@ class PACTQuantizer(Quantizer):
         return ok.all()
 
     def quantize(self, x):
-        return F.pact_quantize(x, self.alpha, self.bits)
+        return qF.pact_quantize(x, self.alpha, self.bits)
 
     def step_size(self):
         return self.alpha.detach() / (2**self.bits - 1)
@@ -287,7 +287,7 @@ class DoReFaWeightQuantizer(Quantizer):
     Integer form: wq = (2q - n)/n with q in [0, n], n = 2^bits - 1."""
 
     def quantize(self, w):
-        return F.dorefa_weight_quantize(w, self.bits)
+        return qF.dorefa_weight_quantize(w, self.bits)
 
     def int_weight(self, w, wq):
         n = 2**self.bits - 1
