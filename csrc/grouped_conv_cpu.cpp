@@ -127,7 +127,7 @@ void conv2d_grouped_out_cpu(const at::Tensor& x, const at::Tensor& weight, const
                             int64_t in_channels, int64_t groups, bool x_signed, bool w_signed, int64_t w_mul,
                             int64_t w_add, c10::IntArrayRef stride, c10::IntArrayRef padding,
                             c10::IntArrayRef dilation, int64_t act, int64_t qn, int64_t qp, int64_t c_offset,
-                            at::Tensor out) {
+                            const at::Tensor& out) {
   GroupedConvParams p;
   grouped_conv_setup(p, x, weight, epilogue, tap_sums, thresholds, in_channels, groups, x_signed, w_signed, w_mul,
                      w_add, stride, padding, dilation, act, qn, qp, out.scalar_type(), out, c_offset);
