@@ -24,36 +24,12 @@ from q2kernels.nn import (DoReFaWeightQuantizer, GatedFusion, LSQPlusQuantizer, 
                           PACTQuantizer, QConv2d, quantize_model)
 from q2kernels.ops import int_conv as ic
 
+from deployable import spread_activation_quantizers
+
 IMAGE = 32
 # Distance (in code units) of the oracle's decision variable from a rounding tie under which the
 # integer path may round the other way.
 NEAR = 1e-4
-
-
-def _spread_activation_quantizers(model, x):
-    """Set each activation quantizer's range to its input's (1%..99%) on x, so that the codes use most
-    levels (the first-batch inits leave a tiny random network's activations on 2 to 4 levels)."""
-    ranges = {}
-
-    def record(q, args):
-        ranges[q] = torch.quantile(args[0].flatten()[:2**20].float(), torch.tensor([0.01, 0.99]))
-
-    hooks = [m.act_quantizer.register_forward_pre_hook(record)
-             for m in model.modules() if isinstance(m, QConv2d) and m.act_quantizer is not None]
-    with torch.no_grad():
-        model(x)
-        for h in hooks:
-            h.remove()
-        for q, (lo, hi) in ranges.items():
-            if isinstance(q, LSQPlusQuantizer):
-                q.s.fill_((hi - lo) / (2**q.bits - 1))
-                q.beta.fill_(lo)
-            elif isinstance(q, LSQQuantizer):
-                q.s.fill_(torch.maximum(hi, -lo) / (2 ** (q.bits - 1) - 1))
-            elif isinstance(q, PACTQuantizer):
-                q.alpha.fill_(hi)
-            else:
-                q.alpha1.fill_(2.0 / hi)
 
 
 def _train(model, steps=2, seed=0):
@@ -80,7 +56,7 @@ def _train(model, steps=2, seed=0):
         for _ in range(2):
             model(batch())
     model.eval()
-    _spread_activation_quantizers(model, batch())
+    spread_activation_quantizers(model, batch())
     if any(isinstance(m, GatedFusion) for m in model.modules()):
         calibrate_fusion(model, [batch()])
     return model

@@ -12,14 +12,14 @@ import warnings
 
 import pytest
 import torch
-from torch import nn
 
 pytest.importorskip("ultralytics", reason="ultralytics is not installed (the optional [ultralytics] extra)")
 from ultralytics.nn.tasks import DetectionModel  # noqa: E402
 
 from q2kernels.deploy import (IntConv2d, convert_to_int, load_int_model, save_int_model,  # noqa: E402
                               verify_int_model)
-from q2kernels.nn import LSQPlusQuantizer, LSQQuantizer, PACTQuantizer, QConv2d, quantize_model  # noqa: E402
+from q2kernels.nn import QConv2d, quantize_model  # noqa: E402
+from deployable import settle  # noqa: E402
 
 IMAGE = 32
 # Upper bound on the fraction of codes that differ from the fake-quant model's (rounding flips); the
@@ -35,53 +35,13 @@ def float_models():
         return {cfg: DetectionModel(f"{cfg}.yaml", verbose=False).eval() for cfg in ("yolov5s", "yolo11s")}
 
 
-def _spread(model, x):
-    """Activation ranges from data (1%..99% of each quantizer's input), so that codes use most levels."""
-    ranges = {}
-
-    def record(q, args):
-        ranges[q] = torch.quantile(args[0].flatten()[:2**20].float(), torch.tensor([0.01, 0.99]))
-
-    hooks = [m.act_quantizer.register_forward_pre_hook(record)
-             for m in model.modules() if isinstance(m, QConv2d) and m.act_quantizer is not None]
-    with torch.no_grad():
-        model(x)
-    for h in hooks:
-        h.remove()
-    with torch.no_grad():
-        for q, (lo, hi) in ranges.items():
-            hi = hi.clamp_min(lo + 1e-2)
-            if isinstance(q, LSQPlusQuantizer):
-                q.s.fill_((hi - lo) / (2**q.bits - 1))
-                q.beta.fill_(lo)
-            elif isinstance(q, LSQQuantizer):
-                q.s.fill_(torch.maximum(hi, -lo) / (2 ** (q.bits - 1) - 1))
-            elif isinstance(q, PACTQuantizer):
-                q.alpha.fill_(hi.clamp_min(1e-2))
-            else:
-                q.alpha1.fill_(2.0 / hi.clamp_min(1e-2))
-
-
 def _qat_model(float_model, recipe, bits, seed=0):
     """A quantized model as deployment sees it: quantizers initialised, BatchNorm statistics
     re-estimated on data (random init leaves them meaningless), activation ranges from data."""
     model = quantize_model(copy.deepcopy(float_model), recipe, w_bits=bits, a_bits=bits)
     g = torch.Generator().manual_seed(seed)
     batch = lambda: torch.randn(2, 3, IMAGE, IMAGE, generator=g)  # noqa: E731
-    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
-
-    def reestimate_batchnorm():
-        for m in bns:
-            m.reset_running_stats()
-            m.momentum = None
-        model.train()
-        model(batch())
-        model.eval()
-
-    with torch.no_grad():
-        reestimate_batchnorm()  # also initialises the quantizers, on batch-normalised activations
-        _spread(model, batch())
-        reestimate_batchnorm()  # under the ranges from data
+    settle(model, batch)
     return model, batch()
 
 

@@ -16,8 +16,10 @@ from q2kernels.deploy import IntConv2d, convert_to_int, reference_forward, verif
 from q2kernels.deploy.verify import pack_codes, unpack_codes
 from q2kernels.models import YOLOv5
 from q2kernels.models.yolo import ConvBNAct
-from q2kernels.nn import LSQPlusQuantizer, LSQQuantizer, PACTQuantizer, QConv2d, quantize_model
+from q2kernels.nn import quantize_model
 from q2kernels.ops import int_conv as ic
+
+from deployable import settle, spread_activation_quantizers
 
 IMAGE = 32
 
@@ -43,46 +45,9 @@ def _qat(recipe, bits, seed=0):
     quantize_model(model, recipe, w_bits=bits, a_bits=bits)
     g = torch.Generator().manual_seed(seed)
     batch = lambda: torch.randn(2, 3, IMAGE, IMAGE, generator=g)  # noqa: E731
-    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
-
-    def reestimate_batchnorm():
-        for m in bns:
-            m.reset_running_stats()
-            m.momentum = None
-        model.train()
-        model(batch())
-        model.eval()
-
-    with torch.no_grad():
-        reestimate_batchnorm()  # also initialises the quantizers, on batch-normalised activations
-        _spread(model, batch())
-        reestimate_batchnorm()  # under the ranges from data
-        _spread(model, batch())
+    settle(model, batch)
+    spread_activation_quantizers(model, batch())
     return model, batch()
-
-
-def _spread(model, x):
-    ranges = {}
-
-    def record(q, args):
-        ranges[q] = torch.quantile(args[0].flatten().float(), torch.tensor([0.01, 0.99]))
-
-    hooks = [m.act_quantizer.register_forward_pre_hook(record)
-             for m in model.modules() if isinstance(m, QConv2d) and m.act_quantizer is not None]
-    model(x)
-    for h in hooks:
-        h.remove()
-    for q, (lo, hi) in ranges.items():
-        hi = hi.clamp_min(lo + 1e-2)
-        if isinstance(q, LSQPlusQuantizer):
-            q.s.fill_((hi - lo) / (2**q.bits - 1))
-            q.beta.fill_(lo)
-        elif isinstance(q, LSQQuantizer):
-            q.s.fill_(torch.maximum(hi, -lo) / (2 ** (q.bits - 1) - 1))
-        elif isinstance(q, PACTQuantizer):
-            q.alpha.fill_(hi.clamp_min(1e-2))
-        else:
-            q.alpha1.fill_(2.0 / hi.clamp_min(1e-2))
 
 
 def _convert(model, x):
