@@ -58,10 +58,12 @@ def test_benchmark_smoke(name, tmp_path):
 def test_q2k_bench_runs_every_benchmark_into_one_record(tmp_path):
     r = _q2k("bench", "--smoke", "--out", str(tmp_path))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    (record,) = tmp_path.glob("*.json")
+    benches = {p.stem.removeprefix("bench_") for p in (ROOT / "benchmarks").glob("bench_*.py")}
+    # The whole-run record <gpu>-<commit>.json beside each benchmark's <gpu>-<commit>-<name>.json.
+    (record,) = [p for p in tmp_path.glob("*.json") if not any(p.stem.endswith(f"-{n}") for n in benches)]
     names = set(json.loads(record.read_text())["benchmarks"])
-    assert names == {p.stem.removeprefix("bench_") for p in (ROOT / "benchmarks").glob("bench_*.py")}
-    assert {p.suffix for p in tmp_path.iterdir()} == {".json", ".md", ".png"}
+    assert names == benches
+    assert {p.suffix for p in tmp_path.iterdir()} == {".json", ".md", ".png", ".jsonl"}
 
 
 def test_recorded_gpu_run_summarised_into_the_readme(tmp_path, monkeypatch):
