@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
-venv="$(mktemp -d)/venv"
+venv="${Q2K_CI_TMP:-$(mktemp -d)}/venv-ultralytics"
 python3 -m venv "$venv"
 # shellcheck disable=SC1091
 . "$venv/bin/activate"
@@ -17,5 +17,7 @@ python -m pip install -q -e ".[ultralytics,test]"
 installed=$(date +%s)
 echo "ultralytics env installed in $(( installed - start )) s"
 
-python -m pytest -q tests/test_ultralytics.py
+python -c "import torchvision, ultralytics; print(f'ultralytics {ultralytics.__version__}, torchvision {torchvision.__version__}')"
+export TORCH_EXTENSIONS_DIR="${Q2K_CI_TMP:-$(mktemp -d)}/ext-ultralytics"
+python -m pytest -q -p no:cacheprovider tests/test_ultralytics.py tests/test_ultralytics_int.py
 echo "ultralytics tests took $(( $(date +%s) - installed )) s"
