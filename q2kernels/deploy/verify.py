@@ -187,7 +187,9 @@ def _reference_quantize(m: QuantizePack, x, out=None, c_offset=0, total_channels
     return _write(out, packed, m.channels, c_offset)
 
 
-class _Reference(fx.Interpreter):
+class _Recorder(fx.Interpreter):
+    """Runs a converted model, recording each integer conv's input codes under its source layer."""
+
     def __init__(self, net, record):
         super().__init__(net)
         self.record = record
@@ -196,22 +198,21 @@ class _Reference(fx.Interpreter):
         m = self.fetch_attr(target)
         if isinstance(m, IntConv2d):
             self.record.setdefault(m.source, unpack_codes(args[0], m.in_channels, m.x_signed))
+        return self.run_module(m, target, args, kwargs)
+
+    def run_module(self, m, target, args, kwargs):
+        return super().call_module(target, args, kwargs)
+
+
+class _Reference(_Recorder):
+    """The same, with the integer modules run by the plain-PyTorch reference mode."""
+
+    def run_module(self, m, target, args, kwargs):
+        if isinstance(m, IntConv2d):
             return _reference_conv(m, *args, **kwargs)
         if isinstance(m, QuantizePack):
             return _reference_quantize(m, *args, **kwargs)
-        return super().call_module(target, args, kwargs)
-
-
-class _Recorder(fx.Interpreter):
-    def __init__(self, net, record):
-        super().__init__(net)
-        self.record = record
-
-    def call_module(self, target, args, kwargs):
-        m = self.fetch_attr(target)
-        if isinstance(m, IntConv2d):
-            self.record.setdefault(m.source, unpack_codes(args[0], m.in_channels, m.x_signed))
-        return super().call_module(target, args, kwargs)
+        return super().run_module(m, target, args, kwargs)
 
 
 def reference_forward(int_model: nn.Module, *inputs):
