@@ -88,6 +88,10 @@ def test_forced_cuda_build_needs_a_cuda_torch(monkeypatch):
         _ext.cuda_enabled()
 
 
+# Every op of q2kernels._C (csrc/ops.cpp, csrc/grouped_conv_cpu.cpp), written out.
+OPS = {"pack", "unpack", "quantize_pack", "quantize_pack_out", "conv2d_acc", "conv2d", "conv2d_out", "conv2d_grouped",
+       "conv2d_grouped_out"}
+
 _REGISTRATIONS = "import json; from q2kernels import _ext; _ext.load(); " \
                  "print(json.dumps({op: sorted(keys) for op, keys in _ext.registered_kernels().items()}))"
 
@@ -110,8 +114,7 @@ def test_forced_cuda_build_loads_with_every_kernel_registered():
                           timeout=600)
     assert load.returncode == 0, f"loading the CUDA build failed (rc {load.returncode}):\n{load.stderr[-6000:]}"
     registered = json.loads(load.stdout.strip().splitlines()[-1])
-    ops = {"pack", "unpack", "quantize_pack", "quantize_pack_out", "conv2d_acc", "conv2d", "conv2d_out"}
-    assert {op.split("::")[1] for op in registered} == ops
+    assert {op.split("::")[1] for op in registered} == OPS
     missing = {op: sorted({"CPU", "CUDA"} - set(keys)) for op, keys in registered.items() if {"CPU", "CUDA"} - set(keys)}
     assert not missing, f"kernels not registered: {missing}"
     # q2k doctor says the same.
@@ -120,8 +123,8 @@ def test_forced_cuda_build_loads_with_every_kernel_registered():
     assert doctor.returncode == 0, doctor.stderr[-3000:]
     assert f"CUDA_HOME: {_ext.cuda_home()}" in doctor.stdout
     assert "with the CUDA kernels" in doctor.stdout
-    assert "CPU kernels of the 7 q2kernels_int ops: all registered" in doctor.stdout
-    assert "CUDA kernels of the 7 q2kernels_int ops: all registered" in doctor.stdout
+    assert f"CPU kernels of the {len(OPS)} q2kernels_int ops: all registered" in doctor.stdout
+    assert f"CUDA kernels of the {len(OPS)} q2kernels_int ops: all registered" in doctor.stdout
 
 
 def test_doctor_reports_cuda_home_and_registered_kernels():
@@ -131,5 +134,5 @@ def test_doctor_reports_cuda_home_and_registered_kernels():
     assert doctor.returncode == 0, doctor.stderr[-3000:]
     assert f"CUDA_HOME: {_ext.cuda_home() or 'none found'}" in doctor.stdout
     assert "builds and loads (without the CUDA kernels)" in doctor.stdout
-    assert "CPU kernels of the 7 q2kernels_int ops: all registered" in doctor.stdout
-    assert "CUDA kernels of the 7 q2kernels_int ops: missing for conv2d, conv2d_acc" in doctor.stdout
+    assert f"CPU kernels of the {len(OPS)} q2kernels_int ops: all registered" in doctor.stdout
+    assert f"CUDA kernels of the {len(OPS)} q2kernels_int ops: missing for conv2d, conv2d_acc" in doctor.stdout
