@@ -45,6 +45,7 @@ def _peak_tops():
 
 
 def _has_int_kernel(device: str) -> bool:
+    ic.load()
     key = "CUDA" if device == "cuda" else "CPU"
     return torch._C._dispatch_has_kernel_for_dispatch_key("q2kernels_int::conv2d", key)
 
