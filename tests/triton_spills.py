@@ -42,11 +42,10 @@ CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuob
 # Specialisations known to spill, as (kernel, substring of the key): listed so that they are seen
 # (printed as "SPILLS (known)"), not hidden; any other spill fails the check.
 KNOWN_SPILLS: list[tuple[str, str]] = [
-    # The fusion backward at the real YOLO11s ragged nodes (branches 512+256 and 256+512; 8 B for
-    # fp32 channels_last 512+256 with Triton 3.9): being rewritten on the `fusion` branch, whose fix
-    # removes these entries.
-    ("_gated_fusion_bwd_kernel", "BC0=512 BC1=256"),
-    ("_gated_fusion_bwd_kernel", "BC0=256 BC1=512"),
+    # The K-generic fusion forward at YOLO11s node 18 (branches 128+256), fp16 NCHW: a 24 B stack frame
+    # at 128 registers under Triton 3.9 (the ragged backward no longer spills; benchmarks/NOTES.md,
+    # gated fusion). Unmeasured on a GPU; the first fix to try is a smaller BLOCK_P for fp16 NCHW.
+    ("_gated_fusion_fwd_kernel", "BCS=(128, 256)"),
     # First seen by this check, not yet fixed (stack frame in bytes; which ones spill depends on the
     # Triton version: CI compiles with 3.9 in the main job and 3.6, the GPU image's, in its own):
     ("_ltq_bwd_kernel", "BITS=2 BLOCK=4096"),  # 2-bit N2UQ, bf16: 8 B (3.9)
