@@ -97,6 +97,13 @@ def _store_tile(X, v, mask, b, hw, c_off, S, BLOCK_C: tl.constexpr, INT64: tl.co
 
 
 @triton.jit
+def _zeros(n: tl.constexpr):
+    """fp32 zeros of length n. A helper, not tl.zeros([BCS[k]]) inline: Triton 3.6 (the GPU image's)
+    does not take an element of a constexpr tuple as a shape, but does take it as a constexpr argument."""
+    return tl.zeros([n], tl.float32)
+
+
+@triton.jit
 def _channel_vec(P, c_off, Ck, BLOCK_C: tl.constexpr):
     """[1, BLOCK_C] of the per-channel vector P at channels c_off .. c_off+Ck (0 beyond)."""
     c = tl.arange(0, BLOCK_C)
@@ -249,8 +256,8 @@ def _gated_fusion_bwd_kernel(
     dgam = ()
     dbet = ()
     for k in tl.static_range(K if CONCAT else 1):
-        dgam = dgam + (tl.zeros([BCS[k]], tl.float32),)
-        dbet = dbet + (tl.zeros([BCS[k]], tl.float32),)
+        dgam = dgam + (_zeros(BCS[k]),)
+        dbet = dbet + (_zeros(BCS[k]),)
 
     for blk in range(pid, N_BLOCKS, tl.num_programs(0)):
         b, hw, pmask = _pixel_block(blk, N_HW_BLOCKS, HW, BLOCK_P, INT64)
