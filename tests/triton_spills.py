@@ -52,6 +52,11 @@ KNOWN_SPILLS: list[tuple[str, str]] = [
     ("_ltq_fwd_kernel", "BITS=8 BLOCK=4096"),  # 8-bit N2UQ, fp32: 8 B at 32 registers (3.6)
     ("_q_ada_bwd_kernel", "BLOCK_M=128 INT64=True"),  # int64 offsets: 8 B (3.6)
     ("_q_ada_fwd_kernel", "HAS_DELTA=True KL=False BLOCK_R=1 BLOCK_M=2048"),  # bf16 row chunks: 16 B (3.6)
+    # Q-ADA's Q2 form (FORM=1) under Triton 3.6 only: 8-24 B stack at 128 registers in the 16-row tiles
+    # (BLOCK_R=16 BLOCK_M=128) forward and backward, 8 B in the bf16 row-chunked KL forward; none with
+    # 3.9. Its extra log1p terms raise the live registers; first fix to try: BLOCK_R=8 for FORM=1.
+    ("_q_ada_fwd_kernel", "FORM=1"),
+    ("_q_ada_bwd_kernel", "FORM=1 HAS_SQ=True HAS_TQ=True KL=False BLOCK_R=16 BLOCK_M=128"),
 ]
 
 _launches: dict[tuple, tuple] = {}
