@@ -209,6 +209,8 @@ def _module_edits():
         (conv_huge, ["module 'head' (Conv2d)", "needs a tensor weight of shape (2, 1099511627776, 1, 1)"]),
         (int_weight_shape, ["module 'a' (IntConv2d)", "weight: expected uint8 (8, 3, 3, 16)"]),
         (int_heads, ["module 'a' (IntConv2d)", "heads: expected dicts"]),
+        (lambda r: r["modules"]["a"]["config"].update(groups=0), ["module 'a' (IntConv2d)", "groups: expected"]),
+        (lambda r: r["modules"]["a"]["config"].update(groups=3), ["module 'a' (IntConv2d)", "got 3"]),
         (quantizer_kind, ["module 'grouped' (QConv2d) act_quantizer", "registered kind"]),
         (quantizer_bits, ["module 'grouped' (QConv2d)", "holds a PACTQuantizer(bits=4)",
                           "the module is a PACTQuantizer(bits=3)"]),
@@ -234,16 +236,23 @@ def test_a_module_name_may_not_shadow_module_attributes(saved, tmp_path):
     _expect(_write(tmp_path, rec), "attribute 'forward' already exists")
 
 
-def test_a_file_written_before_quantizer_settings_were_state_loads(saved, tmp_path):
-    """Quantizer states without _extra_state (format 1 files from before): the record's type and
-    config are the settings; the model computes the same bits."""
+def test_a_quantizer_state_holds_its_tensors_and_nothing_else(saved, tmp_path):
+    """The record's type and config are a quantizer's settings; its state is tensors only."""
     path, x, expected, _ = saved
     rec = _record(saved)
-    for slot in ("weight_quantizer", "act_quantizer"):
-        del rec["modules"]["grouped"][slot]["state"]["_extra_state"]
+    assert all(isinstance(v, torch.Tensor) for slot in ("weight_quantizer", "act_quantizer")
+               for v in rec["modules"]["grouped"][slot]["state"].values())
     assert torch.equal(load_int_model(_write(tmp_path, rec))(x), expected)
     rec["modules"]["grouped"]["act_quantizer"]["state"]["stray"] = torch.zeros(1)
     _expect(_write(tmp_path, rec, "stray.pt"), "module 'grouped' (QConv2d)", "act_quantizer.stray")
+    del rec["modules"]["grouped"]["act_quantizer"]["state"]["stray"]
+    rec["modules"]["grouped"]["act_quantizer"]["state"]["_extra_state"] = {"kind": "LSQQuantizer", "bits": 4}
+    _expect(_write(tmp_path, rec, "plain.pt"), "_extra_state is a dict, not a tensor")
+    del rec["modules"]["grouped"]["act_quantizer"]["state"]["_extra_state"]
+    rec["modules"]["grouped"]["act_quantizer"]["state"]._metadata = {"": ["not", "a", "dict"]}
+    _expect(_write(tmp_path, rec, "metadata.pt"), "module 'grouped' (QConv2d)", "metadata is not a dict")
+    rec["modules"]["grouped"]["act_quantizer"]["state"]._metadata = {"": {"q2kernels.quantizer": torch.ones(1)}}
+    _expect(_write(tmp_path, rec, "tensor.pt"), "module 'grouped' (QConv2d)", "a value of type Tensor")
 
 
 def test_a_loaded_model_checks_its_inputs(saved):

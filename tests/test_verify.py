@@ -25,7 +25,7 @@ IMAGE = 32
 
 
 class _Net(nn.Module):
-    """A tiny YOLOv5 whose first output also passes a depthwise 3x3 conv (as YOLO11's heads do)."""
+    """A tiny YOLOv5 whose first output also passes a 1x1 and a depthwise 3x3 conv (as YOLO11's heads do)."""
 
     def __init__(self, yolo, dw, pw):
         super().__init__()
@@ -39,9 +39,11 @@ class _Net(nn.Module):
 def _qat(recipe, bits, seed=0):
     """Quantizers initialised, BatchNorm statistics re-estimated, activation ranges from data."""
     torch.manual_seed(seed)
-    dw = ConvBNAct(16, 16, 3)
-    dw.conv = nn.Conv2d(16, 16, 3, padding=1, groups=16, bias=False)
-    model = _Net(YOLOv5(width=0.125, depth=0.33, outputs=16), dw, ConvBNAct(16, 8, 1))
+    # 64 channels: a depthwise weight packs 1 channel per group, in fewer bytes than 64 would take.
+    dw = ConvBNAct(64, 64, 3)
+    dw.conv = nn.Conv2d(64, 64, 3, padding=1, groups=64, bias=False)
+    model = _Net(YOLOv5(width=0.125, depth=0.33, outputs=16), nn.Sequential(ConvBNAct(16, 64, 1), dw),
+                 ConvBNAct(64, 8, 1))
     quantize_model(model, recipe, w_bits=bits, a_bits=bits)
     g = torch.Generator().manual_seed(seed)
     batch = lambda: torch.randn(2, 3, IMAGE, IMAGE, generator=g)  # noqa: E731
@@ -60,7 +62,7 @@ def _convert(model, x):
 def test_integer_model_equals_reference_and_flips_are_rounding(recipe, bits):
     model, x = _qat(recipe, bits)
     int_model = _convert(model, x)
-    assert any(m.groups == 16 for m in int_model.net.modules() if isinstance(m, IntConv2d))
+    assert any(m.groups == 64 for m in int_model.net.modules() if isinstance(m, IntConv2d))
     result = verify_int_model(model, int_model, x)
     assert len(result.layers) == sum(isinstance(m, IntConv2d) for m in int_model.net.modules())
     assert result.exact and result.ok, result.failures()

@@ -51,9 +51,9 @@ FUNCTIONS[_get_qualified_name(builtins.getattr)] = tensor_attribute
 
 # call_method targets: methods of torch.Tensor (the receiver is checked to be a tensor).
 METHODS = frozenset({
-    "view", "reshape", "flatten", "permute", "transpose", "contiguous", "unsqueeze", "squeeze", "expand",
-    "chunk", "split", "size", "sigmoid", "softmax", "float", "double", "half", "add", "sub", "mul", "div", "sum",
-    "mean"})
+    "view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "permute", "transpose", "contiguous",
+    "unsqueeze", "squeeze", "expand", "chunk", "split", "size", "sigmoid", "softmax", "float", "double", "half",
+    "add", "sub", "mul", "div", "sum", "mean"})
 
 OPS = ("placeholder", "get_attr", "call_function", "call_method", "call_module", "output")
 MAX_DEPTH = 32  # nesting of an argument value

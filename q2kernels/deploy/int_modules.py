@@ -114,11 +114,14 @@ def _check_int_conv(m: IntConv2d, weight, epilogues, thresholds, tap_sums) -> No
                 and 0 <= h["nthr"] <= thresholds.shape[-1],
                 f"heads: expected dicts with keys {sorted(_HEAD_KEYS)}, kind codes|float, 0 <= nthr <= "
                 f"{thresholds.shape[-1]}, got {h!r}")
+    _expect(m.groups > 0 and m.in_channels % m.groups == 0 and m.out_channels % m.groups == 0,
+            f"groups: expected a positive divisor of in_channels ({m.in_channels}) and out_channels "
+            f"({m.out_channels}), got {m.groups}")
     kh, kw = m.kernel_size
     nh = len(m.heads)
-    _expect(isinstance(weight, torch.Tensor) and weight.dtype == torch.uint8
-            and tuple(weight.shape) == (m.out_channels, kh, kw, ic.packed_bytes(m.in_channels)),
-            f"weight: expected uint8 {(m.out_channels, kh, kw, ic.packed_bytes(m.in_channels))}, got "
+    packed = (m.out_channels, kh, kw, ic.packed_bytes(m.in_channels // m.groups))
+    _expect(isinstance(weight, torch.Tensor) and weight.dtype == torch.uint8 and tuple(weight.shape) == packed,
+            f"weight: expected uint8 {packed}, got "
             f"{getattr(weight, 'dtype', type(weight).__name__)} {tuple(getattr(weight, 'shape', ()))}")
     _expect(isinstance(epilogues, torch.Tensor) and tuple(epilogues.shape) == (nh, ic.EPILOGUE_ROWS, m.out_channels),
             f"epilogues: expected shape {(nh, ic.EPILOGUE_ROWS, m.out_channels)}, got "

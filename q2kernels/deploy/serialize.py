@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import pickle
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable
 
@@ -177,14 +178,11 @@ def _check_config(cfg, where):
     _check_plain(cfg, f"{where} config")
 
 
-def _check_tensors(d, where, allow_none=False, allow_plain=False):
+def _check_tensors(d, where, allow_none=False):
     if not isinstance(d, dict) or not all(isinstance(k, str) and k for k in d):
         raise MalformedGraph(f"{where}: expected a dict of named tensors")
     for k, v in d.items():
         if isinstance(v, torch.Tensor) or (allow_none and v is None):
-            continue
-        if allow_plain and k.rpartition(".")[2] == "_extra_state":
-            _check_plain(v, f"{where} {k}")
             continue
         raise MalformedGraph(f"{where}: {k} is a {type(v).__name__}, not a tensor")
 
@@ -217,7 +215,7 @@ def _check_module_record(name, r):
             raise MalformedGraph(f"{where} {slot}: expected a quantizer record of a registered kind "
                                  f"({', '.join(QUANTIZER_KINDS)})")
         _check_config(q["config"], f"{where} {slot}")
-        _check_tensors(q["state"], f"{where} {slot}", allow_plain=True)
+        _check_tensors(q["state"], f"{where} {slot}")
 
 
 def check_record(rec) -> None:
@@ -264,12 +262,25 @@ def _construct(r: dict) -> nn.Module:
 
 
 def _state(r: dict) -> dict:
-    """Every tensor the file gives the module, by its state_dict key."""
-    state = dict(r.get("state", r.get("tensors", {})))
+    """Every tensor the file gives the module, by its state_dict key; the metadata a quantizer's state
+    was saved with goes along (load_state_dict then checks the settings against the record's config)."""
+    state = OrderedDict(r.get("state", r.get("tensors", {})))
+    state._metadata = {}
     for slot in _QUANTIZER_SLOTS:
         if r.get(slot) is not None:
             state.update({f"{slot}.{k}": v for k, v in r[slot]["state"].items()})
+            state._metadata[slot] = _saved_metadata(r[slot]["state"])
     return state
+
+
+def _saved_metadata(state) -> dict:
+    """The metadata a quantizer's state_dict was saved with: a dict of plain data, or {} if it has none."""
+    metadata = getattr(state, "_metadata", None)
+    local = {} if metadata is None else metadata.get("", {}) if isinstance(metadata, dict) else None
+    if not isinstance(local, dict):
+        raise MalformedGraph("a quantizer state's metadata is not a dict")
+    _check_plain(local, "a quantizer state's metadata")
+    return local
 
 
 def _build_module(name: str, r: dict) -> nn.Module:
@@ -285,8 +296,7 @@ def _build_module(name: str, r: dict) -> nn.Module:
                                      f"has {got}")
         m = _construct(r)
         if MODULE_KINDS[r["type"]].tensors == "state":
-            # Every tensor is there (the probe checked); a quantizer state written before quantizer
-            # settings were part of it has no _extra_state, and the record's type and config stand in.
+            # Every tensor is there (the probe checked); the record's type and config are the settings.
             unexpected = m.load_state_dict(state, strict=False).unexpected_keys
             if unexpected:
                 raise MalformedGraph(f"the file has tensors the module does not: {unexpected}")

@@ -25,6 +25,8 @@ from .. import reference as ref
 from .._validate import check_bits
 from .protocol import IntActivation, IntWeight, NoIntegerForm, Recipe, register_quantizer, register_recipe
 
+_SETTINGS = "q2kernels.quantizer"  # its key in a module's state_dict metadata
+
 
 class Quantizer(nn.Module):
     """Base class of every quantizer kind. Subclasses implement `quantize(x)` and, where deployment
@@ -75,16 +77,22 @@ class Quantizer(nn.Module):
     def int_weight(self, w: torch.Tensor, wq: torch.Tensor) -> IntWeight:
         raise NoIntegerForm(f"({self.kind}) has no integer form as a weight quantizer")
 
-    # The kind and state_keys travel in the state_dict (as its "_extra_state").
-    def get_extra_state(self) -> dict:
+    # The kind and state_keys travel in the state_dict's metadata (state_dict._metadata, which torch.save
+    # keeps and weights_only loads), not as a value: trainers (Ultralytics' EMA and checkpoint transfer)
+    # take every value of a state_dict for a tensor.
+    def settings(self) -> dict:
+        """What a state_dict must have been saved with to load into this quantizer."""
         return {"kind": self.kind, **{k: getattr(self, k) for k in self.state_keys}}
 
-    def set_extra_state(self, state) -> None:
-        """Nothing to set: the settings come from the constructor; _load_from_state_dict compares them."""
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        metadata = getattr(destination, "_metadata", None)
+        if metadata is not None:
+            metadata.setdefault(prefix[:-1], {})[_SETTINGS] = self.settings()
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        saved, mine = state_dict.get(prefix + "_extra_state"), self.get_extra_state()
+        saved, mine = local_metadata.get(_SETTINGS), self.settings()
         if saved is not None and saved != mine:
             error_msgs.append(f"quantizer {prefix[:-1] or '(root)'!r}: the state_dict holds {_describe(saved)}, "
                               f"the module is {_describe(mine)}")
