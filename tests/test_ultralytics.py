@@ -22,6 +22,7 @@ pytest.importorskip("ultralytics", reason="Ultralytics is not installed (pip ins
 from ultralytics.cfg import get_cfg  # noqa: E402
 from ultralytics.nn.modules import Concat  # noqa: E402
 from ultralytics.nn.tasks import DetectionModel, load_checkpoint  # noqa: E402
+from ultralytics.utils.torch_utils import unwrap_model as unwrap  # noqa: E402
 
 from q2kernels.deploy import calibrate_fusion, freeze_fusion, remove_layernorm  # noqa: E402
 from q2kernels.integrations.ultralytics import (  # noqa: E402
@@ -335,6 +336,52 @@ def test_trainer_trains_validates_and_reloads(tmp_path):
     assert type(rebuilt) is Q2DetectionModel
     for (k, a), (k2, b) in zip(model.state_dict().items(), rebuilt.state_dict().items()):
         assert k == k2 and (torch.equal(a, b) or (torch.isnan(a).all() and torch.isnan(b).all())), k
+
+
+def _no_decay_ids(optimizer):
+    return {id(p) for g in optimizer.param_groups if g["weight_decay"] == 0 for p in g["params"]}
+
+
+def test_teacher_survives_the_checkpoint_and_scales_are_not_decayed(tmp_path):
+    """Trained from float weights, a Q2 checkpoint names them; a run continuing from the checkpoint
+    rebuilds the same float teacher and keeps Q-ADA. Quantizer and fusion parameters are not decayed."""
+    data = write_synthetic_dataset(tmp_path / "ds", train=2, val=2, imgsz=IMGSZ)
+    torch.manual_seed(0)
+    float_model = DetectionModel("yolov5n.yaml", nc=2, verbose=False)
+    weights = tmp_path / "float.pt"
+    torch.save({"model": float_model}, weights)
+    run = dict(data=str(data), epochs=1, imgsz=IMGSZ, batch=2, workers=0, device="cpu", amp=False, plots=False,
+               project=str(tmp_path), exist_ok=True, mosaic=0.0, warmup_epochs=0, nbs=2, seed=0, val=False)
+    first = Q2DetectionTrainer(overrides=dict(model=str(weights), name="first", **run))
+    first.train()
+    assert first.model.q2["teacher"] == str(weights)
+    teacher = first.teacher.state_dict()
+    assert all(torch.equal(teacher[k], v) for k, v in float_model.state_dict().items())
+
+    model = unwrap(first.model)
+    no_decay = _no_decay_ids(first.optimizer)
+    scales = [p for m in model.modules() if isinstance(m, (Quantizer, GatedFusion)) for p in m.parameters()]
+    assert len(scales) > 50 and all(id(p) in no_decay for p in scales)
+    conv_weights = [m.weight for m in model.modules() if isinstance(m, QConv2d)]
+    assert conv_weights and not any(id(w) in no_decay for w in conv_weights)
+    assert sorted(id(p) for g in first.optimizer.param_groups for p in g["params"]) == \
+        sorted(id(p) for p in model.parameters())  # each once (Ultralytics' groups hold frozen ones too)
+
+    second = Q2DetectionTrainer(overrides=dict(model=str(tmp_path / "first" / "weights" / "last.pt"),
+                                               name="second", **run))
+    second.train()
+    assert second.model.q2["teacher"] == str(weights)
+    assert all(torch.equal(second.teacher.state_dict()[k], v) for k, v in teacher.items())
+    assert torch.isfinite(second.tloss["qada_loss"]) and second.tloss["qada_loss"] > 0
+
+    # From a YAML alone the teacher was a random float start: nothing to rebuild, Q-ADA goes off.
+    scratch = Q2DetectionTrainer(overrides=dict(model="yolov5n.yaml", name="scratch", **run))
+    scratch.train()
+    assert scratch.model.q2["teacher"] is None
+    third = Q2DetectionTrainer(overrides=dict(model=str(tmp_path / "scratch" / "weights" / "last.pt"),
+                                              name="third", **run))
+    third.train()
+    assert third.teacher is None and third.q2.distill_weight == 0
 
 
 def test_example_smoke(tmp_path):

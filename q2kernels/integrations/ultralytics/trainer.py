@@ -2,9 +2,15 @@
 
 Ultralytics keeps its data, loss, optimiser, EMA, checkpoints and validation; the trainer adds:
 - get_model(): the DetectionModel built (and pretrained weights loaded) as usual, then prepare()d.
-  A q2kernels checkpoint given as weights (fine-tuning it further) is rebuilt from its `model.q2`
-  record, not from the trainer's options, and loaded whole; it has no float teacher, so Q-ADA is
-  off (with a warning).
+  A q2kernels checkpoint given as weights (resuming, or fine-tuning it further) is rebuilt from its
+  `model.q2` record, not from the trainer's options, and loaded whole. Like Ultralytics' own
+  distillation, a checkpoint does not carry its teacher: the record names the float weights file the
+  teacher was built from (`model.q2["teacher"]`), and the teacher is rebuilt from it. A model trained
+  from a YAML alone had a randomly initialised teacher that nothing can rebuild: Q-ADA is then off
+  (with a warning).
+- The optimiser: quantizer and fusion parameters (step sizes, offsets, thresholds, gate logits,
+  LayerNorm affines) join the group without weight decay, as BatchNorm's do: they are scales and
+  gates, not weights, and decay would pull each step size towards zero (every value clipped).
 - Q-ADA: for each training epoch the model's criterion becomes the detection loss plus the Q-ADA
   term (reported as `qada_loss`), the frozen float teacher run on each batch. Its hooks live only
   while an epoch trains: Ultralytics deep-copies the model for its EMA and pickles that copy into
@@ -18,14 +24,16 @@ Ultralytics keeps its data, loss, optimiser, EMA, checkpoints and validation; th
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 
 import torch
 from ultralytics.cfg import DEFAULT_CFG
 from ultralytics.models.yolo.detect import DetectionTrainer
 from ultralytics.utils import LOGGER
+from ultralytics.nn.tasks import load_checkpoint
 from ultralytics.utils.torch_utils import unwrap_model
 
-from ...nn import QADALoss, Quantizer
+from ...nn import GatedFusion, QADALoss, Quantizer
 from .model import Q2DetectionModel
 from .prepare import prepare
 
@@ -115,10 +123,39 @@ class Q2DetectionTrainer(DetectionTrainer):
             prepare(model, record["recipe"], record["w_bits"], record["a_bits"], record["head_bits"],
                     record["keep_float"], record["fusion"], distill=False)
             model.load_state_dict(weights.float().state_dict())
+            model.q2["teacher"] = record.get("teacher")
+            if self.q2.distill_weight > 0 and model.q2["teacher"] is not None:
+                self.teacher = self._float_model(cfg, model.q2["teacher"])
             return model
         model = super().get_model(cfg, weights, verbose)
         self.teacher = prepare(model, **self.q2.prepare_kwargs()).teacher
+        model.q2["teacher"] = self._weights_file() if weights is not None else None
         return model
+
+    def _weights_file(self) -> str | None:
+        """The float weights file get_model's weights came from (setup_model loads `pretrained` when
+        it is a path, else the model given as a .pt)."""
+        for source in (self.args.pretrained, self.args.model):
+            if isinstance(source, (str, Path)) and str(source).lower().endswith(".pt"):
+                return str(source)
+        return None
+
+    def _float_model(self, cfg, weights_file: str) -> torch.nn.Module:
+        """The teacher as it was at the start: the model built from cfg with the float weights loaded."""
+        float_weights, _ = load_checkpoint(weights_file)
+        return super().get_model(cfg, float_weights, verbose=False).eval().requires_grad_(False)
+
+    def build_optimizer(self, model, *args, **kwargs):
+        optimizer = super().build_optimizer(model, *args, **kwargs)
+        exempt = {id(p) for m in unwrap_model(model).modules() if isinstance(m, (Quantizer, GatedFusion))
+                  for p in m.parameters()}
+        no_decay = next(g for g in optimizer.param_groups if g["weight_decay"] == 0 and not g.get("use_muon"))
+        for group in optimizer.param_groups:
+            if group["weight_decay"] != 0:
+                moved = [p for p in group["params"] if id(p) in exempt]
+                group["params"] = [p for p in group["params"] if id(p) not in exempt]
+                no_decay["params"].extend(moved)
+        return optimizer
 
     def label_loss_items(self, loss_items=None, prefix="train"):
         # Validation runs the EMA's plain detection criterion: it has no Q-ADA term to report.
@@ -133,8 +170,9 @@ class Q2DetectionTrainer(DetectionTrainer):
         if self._distilled is not None or self.q2.distill_weight == 0:
             return
         if self.teacher is None:
-            LOGGER.warning("Q2: training without Q-ADA: the model was prepared outside this trainer's get_model "
-                           "(a q2kernels checkpoint, or a module handed in), so there is no float teacher")
+            LOGGER.warning("Q2: training without Q-ADA: there is no float teacher (a q2kernels checkpoint of a "
+                           "model trained from a YAML alone, whose random float start nothing can rebuild, or a "
+                           "module prepared outside this trainer's get_model)")
             self.q2 = replace(self.q2, distill_weight=0.0)
             return
         model = unwrap_model(self.model)
