@@ -77,6 +77,19 @@ def _enable_interpreter_without_gpu() -> None:
         os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+def _ultralytics_demo(args) -> int:
+    if args.steps is not None:
+        print("q2k demo --ultralytics: --steps does not apply (it trains by epochs)", file=sys.stderr)
+        return 2
+    try:
+        from q2kernels.integrations.ultralytics import demo
+    except ImportError as e:
+        print(f"q2k demo --ultralytics: {e}", file=sys.stderr)
+        return 2
+    demo.run(out=args.out, **(demo.SMOKE if args.smoke else {}))
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="q2k", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -85,7 +98,11 @@ def main(argv=None) -> int:
     demo = sub.add_parser("demo", help="the end-to-end demo (the README's first command)")
     demo.add_argument("--smoke", action="store_true", help="a run of under a minute, for CI")
     demo.add_argument("--steps", type=int, default=None, help="QAT steps per run")
-    demo.add_argument("--out", default="q2k_demo_out", help="directory for the plots")
+    demo.add_argument("--out", default=None, help="directory for the plots (default q2k_demo_out), or with "
+                      "--ultralytics for the dataset, runs and integer model (default: a temp dir)")
+    demo.add_argument("--ultralytics", action="store_true",
+                      help="the Ultralytics YOLO demo instead (YOLO11n from YAML: trainer, LayerNorm removal, "
+                           "integer model, mAP; needs pip install q2kernels[ultralytics])")
     sub.add_parser("bench", help="run the benchmark suite: benchmarks/run_all.py [--smoke] [--out DIR]")
     args, rest = parser.parse_known_args(argv)
     if rest and args.command != "bench":
@@ -95,9 +112,11 @@ def main(argv=None) -> int:
         return doctor()
     if args.command == "build":
         return build()
+    if args.command == "demo" and args.ultralytics:
+        return _ultralytics_demo(args)
     if args.command == "demo":
         from q2kernels import demo as demo_mod
-        return demo_mod.main(smoke=args.smoke, steps=args.steps, out=args.out)
+        return demo_mod.main(smoke=args.smoke, steps=args.steps, out=args.out or "q2k_demo_out")
     from pathlib import Path
     import runpy
     script = Path(__file__).resolve().parent.parent / "benchmarks" / "run_all.py"

@@ -1,6 +1,7 @@
 """The README's first command (`q2k demo --smoke`), `q2k doctor`, and every benchmark's CPU smoke
 mode: each must run to the end and report what it promises."""
 import importlib
+import importlib.util
 import json
 import subprocess
 import sys
@@ -45,6 +46,17 @@ def test_demo_smoke_runs_end_to_end(tmp_path):
     assert "fused kernels vs reference" in out and ": agree" in out
     assert (tmp_path / "loss_curves.png").stat().st_size > 0
     assert (tmp_path / "gradient_balance_n2uq-W4A4+Q2.png").stat().st_size > 0
+
+
+def test_ultralytics_demo_without_ultralytics_says_what_to_install():
+    """`q2k demo --ultralytics` in an environment without the extra (the main one); where Ultralytics
+    is installed, tests/test_ultralytics.py runs the same demo (python/ultralytics_qat.py --smoke)."""
+    if importlib.util.find_spec("ultralytics") is not None:
+        pytest.skip("Ultralytics is installed here: test_ultralytics.py runs this demo")
+    r = _q2k("demo", "--ultralytics", "--smoke")
+    assert r.returncode == 2 and "pip install q2kernels[ultralytics]" in r.stderr, r.stdout + r.stderr
+    r = _q2k("demo", "--ultralytics", "--steps", "3")
+    assert r.returncode == 2 and "--steps does not apply" in r.stderr, r.stdout + r.stderr
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in (ROOT / "benchmarks").glob("bench_*.py")))

@@ -278,6 +278,20 @@ def test_refused_layers_stay_float_and_the_rest_is_exact():
     _check_against_oracle(model, int_model, x, integer_layers=6)
 
 
+def test_a_memory_format_asked_of_the_model_changes_nothing():
+    """Ultralytics' validator moves a model to channels_last on CPUs: the packed weights keep their
+    layout, and a channels_last input gives the same answer."""
+    model = _mixed_model()
+    x = torch.randn(2, 3, IMAGE, IMAGE)
+    with pytest.warns(UserWarning):
+        int_model = convert_to_int(model, x)
+    expected = int_model(x)
+    moved = copy.deepcopy(int_model).to(memory_format=torch.channels_last)
+    assert all(m.weight.is_contiguous() for m in moved.modules() if isinstance(m, IntConv2d))
+    assert torch.equal(moved(x), expected)
+    assert torch.equal(moved(x.to(memory_format=torch.channels_last)), expected)
+
+
 def test_strict_raises_naming_the_layer():
     with pytest.raises(ValueError, match="layer 'per_channel' kept in float: its activation quantizer"):
         convert_to_int(_mixed_model(), torch.randn(1, 3, IMAGE, IMAGE), strict=True)

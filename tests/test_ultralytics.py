@@ -24,7 +24,7 @@ from ultralytics.nn.modules import Concat  # noqa: E402
 from ultralytics.nn.tasks import DetectionModel, load_checkpoint  # noqa: E402
 from ultralytics.utils.torch_utils import unwrap_model as unwrap  # noqa: E402
 
-from q2kernels.deploy import calibrate_fusion, freeze_fusion, remove_layernorm  # noqa: E402
+from q2kernels.deploy import calibrate_fusion, freeze_fusion, load_int_model, remove_layernorm  # noqa: E402
 from q2kernels.integrations.ultralytics import (  # noqa: E402
     Q2DetectionModel, Q2DetectionTrainer, Q2Options, prediction_convs, prepare, write_synthetic_dataset)
 from q2kernels.nn import DoReFaWeightQuantizer, GatedFusion, LSQQuantizer, QConv2d, Quantizer  # noqa: E402
@@ -388,5 +388,7 @@ def test_example_smoke(tmp_path):
     r = subprocess.run([sys.executable, "ultralytics_qat.py", "--smoke", "--out", str(tmp_path)], cwd=EXAMPLES,
                        capture_output=True, text=True, timeout=1800)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "Q-GBFusion + Q-ADA" in r.stdout and "LayerNorm removed" in r.stdout and "mAP50" in r.stdout
-    assert (tmp_path / "ln_free_state_dict.pt").exists()
+    out = r.stdout
+    assert "Q-GBFusion + Q-ADA" in out and "LayerNorm removed" in out and "fake-quant model: mAP50" in out
+    assert "exact: True" in out and "integer W4A4 model" in out
+    assert load_int_model(tmp_path / "int_model.pt") is not None

@@ -18,6 +18,7 @@ from ultralytics.nn.tasks import DetectionModel  # noqa: E402
 
 from q2kernels.deploy import (IntConv2d, convert_to_int, load_int_model, save_int_model,  # noqa: E402
                               verify_int_model)
+from q2kernels.integrations.ultralytics import IntDetector  # noqa: E402
 from q2kernels.nn import QConv2d, quantize_model  # noqa: E402
 from deployable import settle  # noqa: E402
 
@@ -49,6 +50,26 @@ CASES = [(cfg, recipe, bits) for cfg in ("yolov5s", "yolo11s") for recipe in ("l
          for bits in (4, 3)]
 
 
+def _check_int_detector(model, int_model, maps, x):
+    """IntDetector decodes the integer maps as Detect decodes its own: the oracle is the fake-quant
+    model's forward with each level's box and class head outputs replaced by the integer model's."""
+    detect = model.model[-1]
+    box = 4 * detect.reg_max
+    hooks = [head[i].register_forward_hook(lambda m, a, o, i=i, part=part: maps[i][:, part])
+             for head, part in ((detect.cv2, slice(0, box)), (detect.cv3, slice(box, None)))
+             for i in range(detect.nl)]
+    try:
+        with torch.no_grad():
+            expected = model.eval()(x)[0]
+    finally:
+        for h in hooks:
+            h.remove()
+    with torch.no_grad():
+        decoded = IntDetector(int_model, model)(x)
+    assert decoded.shape == (x.shape[0], box // detect.reg_max + detect.nc, expected.shape[-1])
+    assert torch.equal(decoded, expected)
+
+
 @pytest.mark.parametrize("cfg,recipe,bits", CASES)
 def test_detection_model_integer_equals_reference(float_models, cfg, recipe, bits, tmp_path):
     model, x = _qat_model(float_models[cfg], recipe, bits)
@@ -74,6 +95,7 @@ def test_detection_model_integer_equals_reference(float_models, cfg, recipe, bit
 
     out = int_model(x)
     assert len(out) == 3 and all(o.dtype == torch.float32 for o in out)
+    _check_int_detector(model, int_model, out, x)
 
     path = tmp_path / "int.pt"
     save_int_model(int_model, path)

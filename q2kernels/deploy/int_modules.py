@@ -58,6 +58,13 @@ class IntConv2d(nn.Module):
         self.register_buffer("thresholds", thresholds)
         self.register_buffer("tap_sums", tap_sums)
 
+    def _apply(self, fn, recurse=True):
+        # The packed weight's layout is the op's contract: a memory format asked of the whole model
+        # (Ultralytics' validator sets channels_last on CPUs) moves it, and it is laid back out here.
+        super()._apply(fn, recurse)
+        self.weight = self.weight.contiguous()
+        return self
+
     def config(self) -> dict:
         return {k: getattr(self, k) for k in ("in_channels", "out_channels", "kernel_size", "stride", "padding",
                                               "dilation", "x_signed", "w_signed", "w_mul", "w_add", "act",

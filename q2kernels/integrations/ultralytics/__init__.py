@@ -10,6 +10,8 @@
 with detector defaults, GatedFusion at every neck Concat, and the float teacher and the points at
 which Q-ADA distils. `Q2DetectionTrainer` runs it inside Ultralytics' own trainer (data, loss,
 optimiser, EMA, checkpoints, validation) and adds the Q-ADA term to the detection loss.
+`IntDetector(convert_to_int(model, images), model)` is the integer model as Ultralytics' validator
+takes a model (its mAP measured like the float one's).
 """
 try:
     import ultralytics  # noqa: F401
@@ -17,9 +19,10 @@ except ImportError as e:
     raise ImportError("q2kernels.integrations.ultralytics needs Ultralytics: pip install q2kernels[ultralytics]") from e
 
 from .data import write_synthetic_dataset
+from .int_detector import IntDetector
 from .model import Q2DetectionModel
 from .prepare import Prepared, prediction_convs, prepare
 from .trainer import Q2DetectionTrainer, Q2Options
 
-__all__ = ["Prepared", "Q2DetectionModel", "Q2DetectionTrainer", "Q2Options", "prediction_convs", "prepare",
+__all__ = ["IntDetector", "Prepared", "Q2DetectionModel", "Q2DetectionTrainer", "Q2Options", "prediction_convs", "prepare",
            "write_synthetic_dataset"]

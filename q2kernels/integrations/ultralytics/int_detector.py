@@ -1,0 +1,45 @@
+"""IntDetector: an integer model of a DetectionModel in the form Ultralytics' validators and
+predictors take a model.
+
+convert_to_int traces a DetectionModel up to Detect's raw per-level maps (deploy.trace.raw_maps):
+everything up to there runs as integer convs. What Detect does after its convs is a decode that
+depends on the input size (its anchors) and is float by nature: the DFL softmax over box bins,
+anchor offsets times strides, a sigmoid on the class logits. IntDetector runs the integer model,
+then that decode, with the trained model's own Detect (Detect._inference; only its decode runs,
+not its convs), and carries the attributes Ultralytics reads from a model (stride, names, yaml).
+Ultralytics' DetectionValidator(model=IntDetector(...)) then measures the integer model's mAP.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+
+class IntDetector(nn.Module):
+    """int_model (convert_to_int of `model`) followed by `model`'s Detect decode (module docstring)."""
+
+    def __init__(self, int_model: nn.Module, model: nn.Module):
+        super().__init__()
+        detect = model.model[-1]
+        if not all(hasattr(detect, a) for a in ("reg_max", "nc", "nl", "_inference")):
+            raise TypeError(f"model: expected an Ultralytics DetectionModel whose last layer is Detect, got "
+                            f"{type(detect).__name__}")
+        self.int_model = int_model
+        self.detect = copy.deepcopy(detect).eval()
+        self.stride, self.names, self.yaml = model.stride, model.names, model.yaml
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        maps = self.int_model(x)
+        d = self.detect
+        if len(maps) != d.nl:
+            raise ValueError(f"int_model: expected {d.nl} Detect maps (deploy.trace.raw_maps), got {len(maps)}")
+        n, box = x.shape[0], 4 * d.reg_max
+        # Detect.forward_head's layout: (N, 4*reg_max, anchors) box bins and (N, nc, anchors) logits,
+        # the levels' anchors one after another.
+        preds = {"boxes": torch.cat([m[:, :box].reshape(n, box, -1) for m in maps], -1),
+                 "scores": torch.cat([m[:, box:].reshape(n, d.nc, -1) for m in maps], -1),
+                 "feats": list(maps)}
+        y = d._inference(preds)
+        return d.postprocess(y.permute(0, 2, 1)) if getattr(d, "end2end", False) else y
