@@ -1,5 +1,13 @@
-"""Comparison helpers that encode docs/math.md §0."""
+"""Helpers shared by the op tests: comparisons that encode docs/math.md §0, the float dtypes every
+kernel takes, and the straight-through rounding the float64 autograd oracles are written with."""
 import torch
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def round_ste(v):
+    """round(v) forward, identity backward: the straight-through estimator as QAT code writes it."""
+    return v + (torch.round(v) - v).detach()
 
 
 def run_both(fn, inputs, grad_out=None):

@@ -1,5 +1,6 @@
-"""LSQ / LSQ+ / PACT / DoReFa: the reference against float64 autograd, the fused Triton kernels
-(run by the interpreter on CPU) against the reference, edge cases, registration and bad input."""
+"""LSQ / LSQ+ / PACT (ops/fake_quant.py; DoReFa, ops/dorefa.py, in test_dorefa.py): the reference against
+float64 autograd, the fused Triton kernels (run by the interpreter on CPU) against the reference, edge
+cases, registration and bad input."""
 
 import math
 
@@ -12,13 +13,7 @@ from q2kernels import reference as ref
 from q2kernels.ops import _layout
 from q2kernels.ops import fake_quant as fq_op
 
-from helpers import assert_sum_close, run_both
-
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-
-
-def _round_ste(v):
-    return v + (torch.round(v) - v).detach()
+from helpers import DTYPES, assert_sum_close, round_ste, run_both
 
 
 def _lsq_surrogate(x, s, qn, qp, axis, gscale, beta=None):
@@ -32,7 +27,7 @@ def _lsq_surrogate(x, s, qn, qp, axis, gscale, beta=None):
     if beta is not None:
         b = beta.reshape(shape if axis is not None else ())
         b = (b * gscale) + (b - b * gscale).detach()
-    return _round_ste(((x - b) / s_).clamp(qn, qp)) * s_ + b
+    return round_ste(((x - b) / s_).clamp(qn, qp)) * s_ + b
 
 
 @pytest.mark.parametrize("mode", ["signed", "unsigned", "symmetric"])
@@ -69,7 +64,7 @@ def test_pact_reference_matches_float64_autograd():
     n = 15
     # PACT as written in the paper's code: y = 0.5(|x| - |x - alpha| + alpha), then quantised (STE).
     c = 0.5 * (xl.abs() - (xl - alpha).abs() + alpha)
-    y64 = _round_ste(c * n / alpha) * alpha / n
+    y64 = round_ste(c * n / alpha) * alpha / n
     g = torch.randn_like(x)
     dx64, _ = torch.autograd.grad(y64, (xl, alpha), g)
     x32, a32 = x.float().requires_grad_(), alpha.detach().float().requires_grad_()
@@ -79,26 +74,6 @@ def test_pact_reference_matches_float64_autograd():
     torch.testing.assert_close(dx.double(), dx64, rtol=0, atol=1e-6)
     # docs/math.md §3: dalpha = sum g*[x >= alpha] (the clip's gradient; the STE rounding term is dropped).
     torch.testing.assert_close(da.double(), (g * (x >= 2.5)).sum().reshape(1), rtol=1e-5, atol=1e-5)
-
-
-def test_dorefa_reference_matches_float64_autograd():
-    w = torch.randn(6, 4, 3, 3, dtype=torch.float64)
-    w[0, 0, 0, 0] = 3.0  # a unique max
-    w[1, 0, 0, 0] = -3.0  # ... and a tie at -max: the amax gradient is shared
-    n = 15
-    wl = w.clone().requires_grad_()
-    t = torch.tanh(wl)
-    u = t / (2 * t.abs().amax()) + 0.5
-    y64 = 2 * _round_ste(u * n) / n - 1
-    g = torch.randn_like(w)
-    (dw64,) = torch.autograd.grad(y64, (wl,), g)
-    w32 = w.float().requires_grad_()
-    y = ref.dorefa_weight_fake_quant(w32, 4)
-    (dw,) = torch.autograd.grad(y, (w32,), g.float())
-    # fp32 and fp64 may round a value within ~1e-7 of a tie differently; compare away from ties.
-    away = ((u * n).detach() % 1 - 0.5).abs() > 1e-5
-    torch.testing.assert_close(y.double()[away], y64.detach()[away], rtol=0, atol=1e-5)
-    torch.testing.assert_close(dw.double(), dw64, rtol=1e-4, atol=1e-5)
 
 
 def _literal_grad_scale(x, axis, qp):
@@ -299,25 +274,6 @@ def test_lsq_auto_grad_scale_is_one_over_sqrt_n_qp(axis, backend):
     torch.testing.assert_close(grads[0], grads[1] / math.sqrt(N * 7), rtol=1e-4, atol=1e-7)
 
 
-def _levels(y, s):
-    return torch.round(y.float() / s)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_dorefa_kernel(dtype):
-    w = (torch.randn(16, 8, 3, 3) * 0.5).to(dtype)
-    w.view(-1)[5] = 2.0
-    w.view(-1)[77] = -2.0  # a tie at the max |tanh|
-    g = torch.randn(w.shape).to(dtype)
-    (y0, (dw0,)), (y1, (dw1,)) = run_both(lambda w: qF.dorefa_weight_quantize(w, 4), [w.requires_grad_()], g)
-    n = 15
-    u0 = (y0.float() + 1) * n / 2
-    # tanh is computed from exp in the kernel: decisions agree except within ulps of a tie.
-    far_from_tie = ((torch.tanh(w.float()) / (2 * torch.tanh(w.float()).abs().amax()) + 0.5) * n % 1 - 0.5).abs() > 1e-4
-    assert torch.equal(u0[far_from_tie].round(), ((y1.float() + 1) * n / 2)[far_from_tie].round())
-    torch.testing.assert_close(dw1.float(), dw0.float(), rtol=1e-4, atol=1e-5)
-
-
 def test_exact_ties_and_clamp_bounds(triton_backend):
     s = torch.tensor([0.25])  # a power of two: x = (k + 1/2) * s is an exact tie of x/s
     halves = torch.arange(-10, 10).float() + 0.5
@@ -381,9 +337,6 @@ def test_int64_offsets_path(monkeypatch, triton_backend):
     g = torch.randn_like(x)
     oracle = dict(kind="lsq", qn=-8, qp=7, axis=1, gscale=_literal_grad_scale(x, 1, 7))
     _check_against_reference(lambda x, s: qF.lsq_quantize(x, s, 4, "signed", 1), x, [s.requires_grad_()], g, oracle)
-    w = torch.randn(4, 3, 3, 3)
-    (y0, _), (y1, _) = run_both(lambda w: qF.dorefa_weight_quantize(w, 4), [w], None)
-    assert (y0 != y1).float().mean() < 0.01
 
 
 def test_deterministic_bits(triton_backend):
@@ -411,11 +364,6 @@ def test_opcheck_fake_quant(kind, beta, axis):
     torch.library.opcheck(torch.ops.q2kernels.fake_quant.default, (x, s, b, kind, qn, qp, axis, 0.1))
 
 
-def test_opcheck_dorefa():
-    w = torch.randn(4, 3, 3, 3, requires_grad=True)
-    torch.library.opcheck(torch.ops.q2kernels.dorefa_weight.default, (w, 15.0))
-
-
 @pytest.mark.parametrize("bad,match", [
     (lambda x, s: qF.lsq_quantize(x, s, 1), "bits"),
     (lambda x, s: qF.lsq_quantize(x, s, 9), "bits"),
@@ -429,7 +377,6 @@ def test_opcheck_dorefa():
     (lambda x, s: qF.lsq_quantize(x, s.double(), 4), "s: expected a float32"),
     (lambda x, s: qF.lsq_plus_quantize(x, s, None, 4), "beta"),
     (lambda x, s: qF.pact_quantize(x, torch.ones(2), 4), "alpha: expected 1 element"),
-    (lambda x, s: qF.dorefa_weight_quantize(x, 0), "bits"),
     (lambda x, s: qF.lsq_quantize(x, s, 4, grad_scale="yes"), "grad_scale"),
 ])
 def test_bad_input_errors(bad, match):

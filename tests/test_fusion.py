@@ -18,9 +18,7 @@ from q2kernels.nn import FusionConv, GatedFusion
 from q2kernels.ops import fusion as fusion_op
 
 from gate_controller_oracle import controller_by_hand
-from helpers import _like_layout, assert_sum_close
-
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+from helpers import DTYPES, _like_layout, assert_sum_close
 
 
 # ------------------------------------------------------------------------------------------------

@@ -15,9 +15,8 @@ from q2kernels.ops import _layout
 from q2kernels.ops import n2uq as n2uq_op
 from q2kernels.reference import n2uq as ref
 
-from helpers import assert_sum_close, run_both
+from helpers import DTYPES, assert_sum_close, run_both
 
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 A_FLOOR = ref.A_FLOOR
 
 

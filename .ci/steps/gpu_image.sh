@@ -23,4 +23,4 @@ assert torch.__version__.startswith("2.11.0") and torch.version.cuda and triton.
 PY
 python -m pytest -q -p no:cacheprovider \
     tests/test_cuda_build.py tests/test_interpreter_compat.py tests/test_reference_compile.py tests/test_triton_compile.py \
-    tests/test_fake_quant.py tests/test_n2uq.py tests/test_ada.py tests/test_fusion.py
+    tests/test_fake_quant.py tests/test_dorefa.py tests/test_n2uq.py tests/test_ada.py tests/test_fusion.py

@@ -170,6 +170,171 @@ def _dk_times(v2, k_s, sd_s, eps, FORM: tl.constexpr):
 
 
 @triton.jit
+def _row_moments(t_ptr, s_ptr, b, c, C, M, t_sb, t_sc, t_sm, s_sb, s_sc, s_sm, t1, s1,
+                 BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, ONE_CHUNK: tl.constexpr, INT64: tl.constexpr):
+    """Pass 1: (mu_T, M2_T, mu_S, M2_S) of the rows, M2 = sum (X - mu)^2. Each chunk's (mean, M2) is
+    merged into the running pair by Chan's formula (exact centring, where a shifted sum of squares
+    would cancel). t1, s1: the tiles of a one-chunk row."""
+    mu_t = tl.zeros([BLOCK_R], tl.float32)
+    mu_s = tl.zeros([BLOCK_R], tl.float32)
+    m2_t = tl.zeros([BLOCK_R], tl.float32)
+    m2_s = tl.zeros([BLOCK_R], tl.float32)
+    for m0 in range(0, M, BLOCK_M):
+        if ONE_CHUNK:
+            t, s = t1, s1
+        else:
+            t = _load(t_ptr, b, c, m0, C, M, t_sb, t_sc, t_sm, BLOCK_M, INT64)
+            s = _load(s_ptr, b, c, m0, C, M, s_sb, s_sc, s_sm, BLOCK_M, INT64)
+        mask = ((m0 + tl.arange(0, BLOCK_M)) < M)[None, :]
+        n_b = tl.minimum(M - m0, BLOCK_M).to(tl.float32)
+        w_new = n_b / (m0 + n_b)
+        w_cross = m0 * w_new
+        cmu_t = tl.sum(t, axis=1) / n_b
+        cmu_s = tl.sum(s, axis=1) / n_b
+        dev_t = tl.where(mask, t - cmu_t[:, None], 0.0)
+        dev_s = tl.where(mask, s - cmu_s[:, None], 0.0)
+        jump_t = cmu_t - mu_t
+        jump_s = cmu_s - mu_s
+        mu_t += jump_t * w_new
+        mu_s += jump_s * w_new
+        m2_t += tl.sum(dev_t * dev_t, axis=1) + jump_t * jump_t * w_cross
+        m2_s += tl.sum(dev_s * dev_s, axis=1) + jump_s * jump_s * w_cross
+    return mu_t, m2_t, mu_s, m2_s
+
+
+@triton.jit
+def _distortion_rinv(delta_ptr, c, delta_sc, rmask, sd_t, sd_s, eps, FORM: tl.constexpr, HAS_DELTA: tl.constexpr):
+    """(rinv_T, rinv_S) = 1 / (Delta + eps) of each side's distortion term: Delta_c, or the row's own sd
+    without it; eps is kappa for Q2, 1e-6 (DISTORTION_EPS) for SimAM."""
+    if FORM == Q2:
+        r_eps = eps
+    else:
+        r_eps = _EPS
+    if HAS_DELTA:
+        den_s = tl.load(delta_ptr + c * delta_sc, mask=rmask, other=1.0).to(tl.float32)
+        den_t = den_s
+    else:
+        den_s = sd_s
+        den_t = sd_t
+    rinv_s = 1.0 / (den_s + r_eps)
+    rinv_t = 1.0 / (den_t + r_eps)
+    return rinv_t, rinv_s
+
+
+@triton.jit
+def _chunk_attention(t_ptr, s_ptr, q_ptr, tq_ptr, b, c, m0, C, M, t_sb, t_sc, t_sm, s_sb, s_sc, s_sm,
+                     q_sb, q_sc, q_sm, tq_sb, tq_sc, tq_sm, mu_t, k_t, mu_s, k_s, rinv_t, rinv_s, gamma,
+                     s1, a_t1, a_s1, dadw1, FORM: tl.constexpr, HAS_SQ: tl.constexpr, HAS_TQ: tl.constexpr,
+                     BLOCK_M: tl.constexpr, ONE_CHUNK: tl.constexpr, INT64: tl.constexpr):
+    """(S, A^T, A^S, dA^S/dw) of the chunk at pixel m0: loaded and computed, or, for a one-chunk row,
+    those computed once before passes 2 and 3 (s1, a_t1, a_s1, dadw1)."""
+    if ONE_CHUNK:
+        s, a_t, a_s, dadw = s1, a_t1, a_s1, dadw1
+    else:
+        t, s, q, tq = _load_all(t_ptr, s_ptr, q_ptr, tq_ptr, b, c, m0, C, M, t_sb, t_sc, t_sm, s_sb, s_sc, s_sm,
+                                q_sb, q_sc, q_sm, tq_sb, tq_sc, tq_sm, HAS_SQ, HAS_TQ, BLOCK_M, INT64)
+        a_t, a_s, dadw = _attention_pair(t, s, q, tq, mu_t, k_t, mu_s, k_s, rinv_t, rinv_s, gamma,
+                                         FORM, HAS_SQ, HAS_TQ)
+    return s, a_t, a_s, dadw
+
+
+@triton.jit
+def _attention_sums(t_ptr, s_ptr, q_ptr, tq_ptr, b, c, C, M, t_sb, t_sc, t_sm, s_sb, s_sc, s_sm,
+                    q_sb, q_sc, q_sm, tq_sb, tq_sc, tq_sm, mu_t, k_t, mu_s, k_s, rinv_t, rinv_s, gamma,
+                    s1, a_t1, a_s1, dadw1, FORM: tl.constexpr, HAS_SQ: tl.constexpr, HAS_TQ: tl.constexpr,
+                    BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, ONE_CHUNK: tl.constexpr, INT64: tl.constexpr):
+    """Pass 2: the normalisers (1 / sum A^T, 1 / sum A^S) of the rows, summed per lane in tiles and
+    reduced once after the loop."""
+    sum_t = tl.zeros([BLOCK_R, BLOCK_M], tl.float32)
+    sum_s = tl.zeros([BLOCK_R, BLOCK_M], tl.float32)
+    for m0 in range(0, M, BLOCK_M):
+        _, a_t, a_s, _ = _chunk_attention(t_ptr, s_ptr, q_ptr, tq_ptr, b, c, m0, C, M, t_sb, t_sc, t_sm,
+                                          s_sb, s_sc, s_sm, q_sb, q_sc, q_sm, tq_sb, tq_sc, tq_sm,
+                                          mu_t, k_t, mu_s, k_s, rinv_t, rinv_s, gamma, s1, a_t1, a_s1, dadw1,
+                                          FORM, HAS_SQ, HAS_TQ, BLOCK_M, ONE_CHUNK, INT64)
+        mask = ((m0 + tl.arange(0, BLOCK_M)) < M)[None, :]
+        sum_t += tl.where(mask, a_t, 0.0)
+        sum_s += tl.where(mask, a_s, 0.0)
+    return 1.0 / tl.sum(sum_t, axis=1), 1.0 / tl.sum(sum_s, axis=1)
+
+
+@triton.jit
+def _divergence_terms(p_t, p_s, KL: tl.constexpr):
+    """(the divergence's term, h) of each pixel. KL: P^T log(P^T/P^S), and h = (P^S - P^T)/P^S. JS:
+    1/2 P^T log(P^T/Mx), and h = G = 1/2 log(P^S/Mx), whose sum weighted by P^S (hbar) is the
+    divergence's other half. One reciprocal serves both logs of a pixel."""
+    if KL:
+        inv_p_s = 1.0 / p_s
+        term = p_t * tl.log(p_t * inv_p_s)
+        h = (p_s - p_t) * inv_p_s
+    else:
+        two_over_sum = 2.0 / (p_t + p_s)  # 1 / Mx
+        h = 0.5 * tl.log(p_s * two_over_sum)
+        term = 0.5 * p_t * tl.log(p_t * two_over_sum)
+    return term, h
+
+
+@triton.jit
+def _divergence_sums(t_ptr, s_ptr, q_ptr, tq_ptr, b, c, C, M, t_sb, t_sc, t_sm, s_sb, s_sc, s_sm,
+                     q_sb, q_sc, q_sm, tq_sb, tq_sc, tq_sm, mu_t, k_t, mu_s, k_s, rinv_t, rinv_s, gamma,
+                     inv_sum_t, inv_sum_s, s1, a_t1, a_s1, dadw1, FORM: tl.constexpr, HAS_SQ: tl.constexpr,
+                     HAS_TQ: tl.constexpr, KL: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
+                     ONE_CHUNK: tl.constexpr, INT64: tl.constexpr):
+    """Pass 3: the divergence's terms but hbar (summed per lane), and hbar, V1 = sum v d and
+    V2 = sum v d^2 of each row, with dA/dw as in _attention, h = G - hbar and v = dA/dw h / sum A^S.
+    For JS, hbar = sum G P^S is only known at the end of the pass, so sum w G d and sum w d are kept
+    apart and combined after it (hbar is second order in P^S - P^T where G is first order: no
+    cancellation); for KL, h = (P^S - P^T)/P^S directly and hbar is 0."""
+    div = tl.zeros([BLOCK_R, BLOCK_M], tl.float32)
+    hb = tl.zeros([BLOCK_R, BLOCK_M], tl.float32)
+    wgd = tl.zeros([BLOCK_R, BLOCK_M], tl.float32)
+    wgd2 = tl.zeros([BLOCK_R, BLOCK_M], tl.float32)
+    wd = tl.zeros([BLOCK_R, BLOCK_M], tl.float32)
+    wd2 = tl.zeros([BLOCK_R, BLOCK_M], tl.float32)
+    for m0 in range(0, M, BLOCK_M):
+        s, a_t, a_s, dadw = _chunk_attention(t_ptr, s_ptr, q_ptr, tq_ptr, b, c, m0, C, M, t_sb, t_sc, t_sm,
+                                             s_sb, s_sc, s_sm, q_sb, q_sc, q_sm, tq_sb, tq_sc, tq_sm,
+                                             mu_t, k_t, mu_s, k_s, rinv_t, rinv_s, gamma, s1, a_t1, a_s1, dadw1,
+                                             FORM, HAS_SQ, HAS_TQ, BLOCK_M, ONE_CHUNK, INT64)
+        mask = ((m0 + tl.arange(0, BLOCK_M)) < M)[None, :]
+        p_t = a_t * inv_sum_t[:, None]
+        p_s = a_s * inv_sum_s[:, None]
+        term, h = _divergence_terms(p_t, p_s, KL)
+        div += tl.where(mask, term, 0.0)
+        if not KL:
+            hb += tl.where(mask, p_s * h, 0.0)
+        d = s - mu_s[:, None]
+        w = tl.where(mask, dadw, 0.0)
+        wgd += w * h * d
+        wgd2 += w * h * d * d
+        if not KL:
+            wd += w * d
+            wd2 += w * d * d
+    hbar = tl.sum(hb, axis=1)
+    v1 = (tl.sum(wgd, axis=1) - hbar * tl.sum(wd, axis=1)) * inv_sum_s
+    v2 = (tl.sum(wgd2, axis=1) - hbar * tl.sum(wd2, axis=1)) * inv_sum_s
+    return div, hbar, v1, v2
+
+
+@triton.jit
+def _store_row_stats(stats, R, rmask, M, mu_t, k_t, mu_s, k_s, sd_s, rinv_t, rinv_s, inv_sum_t, inv_sum_s,
+                     hbar, v1, v2, eps, inv_nm1, FORM: tl.constexpr):
+    """The NSTAT per-row statistics the backward recomputes dS from, row i of each at stats + i*R; with
+    the gradient's row constants C1 and C2 of dS_j = g (2 k v_j d_j + C1 + C2 d_j)."""
+    tl.store(stats + MU_T * R, mu_t, mask=rmask)
+    tl.store(stats + K_T * R, k_t, mask=rmask)
+    tl.store(stats + MU_S * R, mu_s, mask=rmask)
+    tl.store(stats + K_S * R, k_s, mask=rmask)
+    tl.store(stats + RINV_T * R, rinv_t, mask=rmask)
+    tl.store(stats + RINV_S * R, rinv_s, mask=rmask)
+    tl.store(stats + INV_SUM_T * R, inv_sum_t, mask=rmask)
+    tl.store(stats + INV_SUM_S * R, inv_sum_s, mask=rmask)
+    tl.store(stats + HBAR * R, hbar, mask=rmask)
+    tl.store(stats + C1 * R, -2.0 * k_s * v1 / M, mask=rmask)
+    tl.store(stats + C2 * R, 2.0 * _dk_times(v2, k_s, sd_s, eps, FORM) * inv_nm1, mask=rmask)
+
+
+@triton.jit
 def _q_ada_fwd_kernel(t_ptr,      # [B, C, H, W] teacher, any dtype, strides (t_sb, t_sc, t_sm)
                       s_ptr,      # [B, C, H, W] student, strides (s_sb, s_sc, s_sm)
                       q_ptr,      # [B, C, H, W] Sq, strides (q_sb, q_sc, q_sm); read if HAS_SQ
@@ -186,132 +351,42 @@ def _q_ada_fwd_kernel(t_ptr,      # [B, C, H, W] teacher, any dtype, strides (t_
                       HAS_DELTA: tl.constexpr, KL: tl.constexpr,
                       BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, ONE_CHUNK: tl.constexpr,
                       INT64: tl.constexpr):
+    """docs/math.md §6 on BLOCK_R rows of image b: the rows' moments, their scores' scales, the
+    normalisers, the divergence and the gradient's row sums; the per-row statistics, and the program's
+    loss partial."""
     pid = tl.program_id(0)
     b = pid // N_CB
     c = (pid % N_CB) * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = c < C
     # Row sums mask pixels past M only: a row past C (c >= C) loads zeros, stays finite through
     # every pass, and is never stored.
-    if ONE_CHUNK:
+    if ONE_CHUNK:  # the row is loaded once, for all three passes
         t1, s1, q1, tq1 = _load_all(t_ptr, s_ptr, q_ptr, tq_ptr, b, c, 0, C, M, t_sb, t_sc, t_sm, s_sb, s_sc, s_sm,
                                     q_sb, q_sc, q_sm, tq_sb, tq_sc, tq_sm, HAS_SQ, HAS_TQ, BLOCK_M, INT64)
+    else:  # each pass loads its chunks: stand-ins, never read
+        t1, s1, q1, tq1 = 0.0, 0.0, 0.0, 0.0
 
-    # Pass 1: mean and M2 of T and S, each chunk's (mean, M2) merged into the running pair by
-    # Chan's formula (exact centring, where a shifted sum of squares would cancel).
-    mu_t = tl.zeros([BLOCK_R], tl.float32)
-    mu_s = tl.zeros([BLOCK_R], tl.float32)
-    m2_t = tl.zeros([BLOCK_R], tl.float32)
-    m2_s = tl.zeros([BLOCK_R], tl.float32)
-    for m0 in range(0, M, BLOCK_M):
-        if ONE_CHUNK:
-            t, s = t1, s1
-        else:
-            t, s, _, _ = _load_all(t_ptr, s_ptr, q_ptr, tq_ptr, b, c, m0, C, M, t_sb, t_sc, t_sm, s_sb, s_sc, s_sm,
-                                   q_sb, q_sc, q_sm, tq_sb, tq_sc, tq_sm, False, False, BLOCK_M, INT64)
-        mask = ((m0 + tl.arange(0, BLOCK_M)) < M)[None, :]
-        n_b = tl.minimum(M - m0, BLOCK_M).to(tl.float32)
-        w_new = n_b / (m0 + n_b)
-        w_cross = m0 * w_new
-        cmu_t = tl.sum(t, axis=1) / n_b
-        cmu_s = tl.sum(s, axis=1) / n_b
-        dev_t = tl.where(mask, t - cmu_t[:, None], 0.0)
-        dev_s = tl.where(mask, s - cmu_s[:, None], 0.0)
-        jump_t = cmu_t - mu_t
-        jump_s = cmu_s - mu_s
-        mu_t += jump_t * w_new
-        mu_s += jump_s * w_new
-        m2_t += tl.sum(dev_t * dev_t, axis=1) + jump_t * jump_t * w_cross
-        m2_s += tl.sum(dev_s * dev_s, axis=1) + jump_s * jump_s * w_cross
+    mu_t, m2_t, mu_s, m2_s = _row_moments(t_ptr, s_ptr, b, c, C, M, t_sb, t_sc, t_sm, s_sb, s_sc, s_sm, t1, s1,
+                                          BLOCK_R, BLOCK_M, ONE_CHUNK, INT64)
     k_t, k_s, sd_t, sd_s = _row_scales(m2_t, m2_s, inv_nm1, eps, FORM)
-    # 1 / (Delta + eps) of each side's distortion term: Delta, or the row's own sd without it.
-    if FORM == Q2:
-        r_eps = eps
-    else:
-        r_eps = _EPS
-    if HAS_DELTA:
-        den_s = tl.load(delta_ptr + c * delta_sc, mask=rmask, other=1.0).to(tl.float32)
-        den_t = den_s
-    else:
-        den_s = sd_s
-        den_t = sd_t
-    rinv_s = 1.0 / (den_s + r_eps)
-    rinv_t = 1.0 / (den_t + r_eps)
+    rinv_t, rinv_s = _distortion_rinv(delta_ptr, c, delta_sc, rmask, sd_t, sd_s, eps, FORM, HAS_DELTA)
     if ONE_CHUNK:  # the attention of a one-chunk row is computed once, for passes 2 and 3
         a_t1, a_s1, dadw1 = _attention_pair(t1, s1, q1, tq1, mu_t, k_t, mu_s, k_s, rinv_t, rinv_s, gamma,
                                             FORM, HAS_SQ, HAS_TQ)
+    else:
+        a_t1, a_s1, dadw1 = 0.0, 0.0, 0.0
 
-    # Passes 2 and 3 accumulate per lane, in tiles, and reduce once after the loop.
-    # Pass 2: the normalisers sum A.
-    sum_t = tl.zeros([BLOCK_R, BLOCK_M], tl.float32)
-    sum_s = tl.zeros([BLOCK_R, BLOCK_M], tl.float32)
-    for m0 in range(0, M, BLOCK_M):
-        if ONE_CHUNK:
-            a_t, a_s = a_t1, a_s1
-        else:
-            t, s, q, tq = _load_all(t_ptr, s_ptr, q_ptr, tq_ptr, b, c, m0, C, M, t_sb, t_sc, t_sm, s_sb, s_sc, s_sm,
-                                    q_sb, q_sc, q_sm, tq_sb, tq_sc, tq_sm, HAS_SQ, HAS_TQ, BLOCK_M, INT64)
-            a_t, a_s, _ = _attention_pair(t, s, q, tq, mu_t, k_t, mu_s, k_s, rinv_t, rinv_s, gamma,
-                                          FORM, HAS_SQ, HAS_TQ)
-        mask = ((m0 + tl.arange(0, BLOCK_M)) < M)[None, :]
-        sum_t += tl.where(mask, a_t, 0.0)
-        sum_s += tl.where(mask, a_s, 0.0)
-    inv_sum_t = 1.0 / tl.sum(sum_t, axis=1)
-    inv_sum_s = 1.0 / tl.sum(sum_s, axis=1)
-
-    # Pass 3: the divergence and the gradient's row sums. With dA/dw as in _attention and
-    # h = G - hbar: v = dA/dw h / sum A^S. For JS, G = 1/2 log(P^S/Mx) and hbar = sum G P^S is only
-    # known at the end of the pass, so sum w G d and sum w d are kept apart and combined after it
-    # (hbar is second order in P^S - P^T where G is first order: no cancellation). For KL,
-    # h = (P^S - P^T)/P^S directly and hbar is 0. One reciprocal serves both logs of a pixel.
-    div = tl.zeros([BLOCK_R, BLOCK_M], tl.float32)
-    hb = tl.zeros([BLOCK_R, BLOCK_M], tl.float32)
-    wgd = tl.zeros([BLOCK_R, BLOCK_M], tl.float32)
-    wgd2 = tl.zeros([BLOCK_R, BLOCK_M], tl.float32)
-    wd = tl.zeros([BLOCK_R, BLOCK_M], tl.float32)
-    wd2 = tl.zeros([BLOCK_R, BLOCK_M], tl.float32)
-    for m0 in range(0, M, BLOCK_M):
-        if ONE_CHUNK:
-            s, a_t, a_s, dadw = s1, a_t1, a_s1, dadw1
-        else:
-            t, s, q, tq = _load_all(t_ptr, s_ptr, q_ptr, tq_ptr, b, c, m0, C, M, t_sb, t_sc, t_sm, s_sb, s_sc, s_sm,
-                                    q_sb, q_sc, q_sm, tq_sb, tq_sc, tq_sm, HAS_SQ, HAS_TQ, BLOCK_M, INT64)
-            a_t, a_s, dadw = _attention_pair(t, s, q, tq, mu_t, k_t, mu_s, k_s, rinv_t, rinv_s, gamma,
-                                             FORM, HAS_SQ, HAS_TQ)
-        mask = ((m0 + tl.arange(0, BLOCK_M)) < M)[None, :]
-        p_t = a_t * inv_sum_t[:, None]
-        p_s = a_s * inv_sum_s[:, None]
-        if KL:
-            inv_p_s = 1.0 / p_s
-            div += tl.where(mask, p_t * tl.log(p_t * inv_p_s), 0.0)
-            h = (p_s - p_t) * inv_p_s
-        else:
-            two_over_sum = 2.0 / (p_t + p_s)  # 1 / Mx
-            h = 0.5 * tl.log(p_s * two_over_sum)
-            div += tl.where(mask, 0.5 * p_t * tl.log(p_t * two_over_sum), 0.0)
-            hb += tl.where(mask, p_s * h, 0.0)
-        d = s - mu_s[:, None]
-        w = tl.where(mask, dadw, 0.0)
-        wgd += w * h * d
-        wgd2 += w * h * d * d
-        if not KL:
-            wd += w * d
-            wd2 += w * d * d
-    hbar = tl.sum(hb, axis=1)
-    v1 = (tl.sum(wgd, axis=1) - hbar * tl.sum(wd, axis=1)) * inv_sum_s
-    v2 = (tl.sum(wgd2, axis=1) - hbar * tl.sum(wd2, axis=1)) * inv_sum_s
-    row = b * C + c
-    stats = stats_ptr + row
-    tl.store(stats + MU_T * R, mu_t, mask=rmask)
-    tl.store(stats + K_T * R, k_t, mask=rmask)
-    tl.store(stats + MU_S * R, mu_s, mask=rmask)
-    tl.store(stats + K_S * R, k_s, mask=rmask)
-    tl.store(stats + RINV_T * R, rinv_t, mask=rmask)
-    tl.store(stats + RINV_S * R, rinv_s, mask=rmask)
-    tl.store(stats + INV_SUM_T * R, inv_sum_t, mask=rmask)
-    tl.store(stats + INV_SUM_S * R, inv_sum_s, mask=rmask)
-    tl.store(stats + HBAR * R, hbar, mask=rmask)
-    tl.store(stats + C1 * R, -2.0 * k_s * v1 / M, mask=rmask)
-    tl.store(stats + C2 * R, 2.0 * _dk_times(v2, k_s, sd_s, eps, FORM) * inv_nm1, mask=rmask)
+    inv_sum_t, inv_sum_s = _attention_sums(t_ptr, s_ptr, q_ptr, tq_ptr, b, c, C, M, t_sb, t_sc, t_sm,
+                                           s_sb, s_sc, s_sm, q_sb, q_sc, q_sm, tq_sb, tq_sc, tq_sm,
+                                           mu_t, k_t, mu_s, k_s, rinv_t, rinv_s, gamma, s1, a_t1, a_s1, dadw1,
+                                           FORM, HAS_SQ, HAS_TQ, BLOCK_R, BLOCK_M, ONE_CHUNK, INT64)
+    div, hbar, v1, v2 = _divergence_sums(t_ptr, s_ptr, q_ptr, tq_ptr, b, c, C, M, t_sb, t_sc, t_sm,
+                                         s_sb, s_sc, s_sm, q_sb, q_sc, q_sm, tq_sb, tq_sc, tq_sm,
+                                         mu_t, k_t, mu_s, k_s, rinv_t, rinv_s, gamma, inv_sum_t, inv_sum_s,
+                                         s1, a_t1, a_s1, dadw1,
+                                         FORM, HAS_SQ, HAS_TQ, KL, BLOCK_R, BLOCK_M, ONE_CHUNK, INT64)
+    _store_row_stats(stats_ptr + (b * C + c), R, rmask, M, mu_t, k_t, mu_s, k_s, sd_s, rinv_t, rinv_s,
+                     inv_sum_t, inv_sum_s, hbar, v1, v2, eps, inv_nm1, FORM)
     tl.store(part_ptr + pid, tl.sum(tl.where(rmask, tl.sum(div, axis=1) + hbar, 0.0), axis=0))
 
 
