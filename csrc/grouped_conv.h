@@ -17,6 +17,8 @@
 #include "epilogue.h"
 #include "format.h"
 
+struct CUstream_st;  // cudaStream_t is CUstream_st*; declared at global scope, as params.h does
+
 namespace q2k {
 
 struct GroupedConvParams {
@@ -90,7 +92,7 @@ Q2K_HD void grouped_store_pair(const GroupedConvParams& p, int64_t pix, int64_t 
 
 namespace cuda {
 // csrc/cuda/grouped_conv.cu: every (pixel, pair) of p on `stream`; returns the CUDA launch status.
-int launch_grouped_conv(const GroupedConvParams& p, struct CUstream_st* stream);
+int launch_grouped_conv(const GroupedConvParams& p, CUstream_st* stream);
 }  // namespace cuda
 
 }  // namespace q2k
