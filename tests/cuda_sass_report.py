@@ -68,7 +68,7 @@ def print_table(report: dict[str, dict]) -> None:
     print(f"{'arch':6} {'variant':12} {'REG':>4} {'ST/SP':>7} {'SASS':>5} " + " ".join(f"{c:>7}" for c in CLASSES))
     rows = []
     for key, info in report.items():
-        src, arch, name = key.split(" ", 2)
+        _, arch, name = key.split(" ", 2)
         label = _variant_label(name)
         if label is None or (label.startswith("s8") and arch != "sm_90"):
             continue
