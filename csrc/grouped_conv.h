@@ -4,8 +4,9 @@
 // each output channel reads C_in/groups input channels (often 1), so there is no reduction depth to
 // feed a tensor core. One plain loop per output element is the whole kernel: the CPU op
 // (grouped_conv_cpu.cpp) runs it over every element with at::parallel_for and the CUDA kernel
-// (cuda/grouped_conv.cu) runs it with one thread per pair of output channels of a pixel, so the CPU
-// tests check the very source the GPU runs. The epilogue is epilogue.h's, bit for bit.
+// (cuda/grouped_conv_kernel.cuh) runs it with one thread per pair of output channels of a pixel, so
+// the CPU tests check the very source the GPU runs (and the CUDA emulator of the tests, the kernel and
+// its grid). The epilogue is epilogue.h's, bit for bit.
 //
 // Layouts (format.h): x packed (N, H, W, packed_bytes(C_in)); weight packed
 // (C_out, KH, KW, packed_bytes(C_in/groups)); output channel o reads input channels
@@ -16,6 +17,8 @@
 
 #include "epilogue.h"
 #include "format.h"
+
+struct CUstream_st;  // cudaStream_t is CUstream_st*; declared at global scope, as params.h does
 
 namespace q2k {
 
@@ -90,7 +93,7 @@ Q2K_HD void grouped_store_pair(const GroupedConvParams& p, int64_t pix, int64_t 
 
 namespace cuda {
 // csrc/cuda/grouped_conv.cu: every (pixel, pair) of p on `stream`; returns the CUDA launch status.
-int launch_grouped_conv(const GroupedConvParams& p, struct CUstream_st* stream);
+int launch_grouped_conv(const GroupedConvParams& p, CUstream_st* stream);
 }  // namespace cuda
 
 }  // namespace q2k

@@ -1,6 +1,7 @@
 // The torch side of the grouped integer conv (grouped_conv.h), shared by the CPU op
-// (grouped_conv_cpu.cpp) and the CUDA op (cuda/grouped_ops.cpp): argument checks and the kernel
-// parameters, so a bad argument gives the same error on every device.
+// (grouped_conv_cpu.cpp), the CUDA op (cuda/grouped_ops.cpp) and the CUDA emulator of the tests:
+// argument checks and the kernel parameters (grouped_conv_ops.cpp), so a bad argument gives the same
+// error on every device.
 #pragma once
 
 #include <ATen/core/Tensor.h>

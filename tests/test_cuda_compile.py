@@ -111,29 +111,35 @@ def _conv_kernels(kernels: dict) -> dict[tuple[int, int, int], str]:
     return found
 
 
-@pytest.fixture(scope="session")
-def builds(tmp_path_factory):
-    """(source name, arch) -> dict(log, ptxas, sass) for every .cu file and arch, compiled once."""
+def compile_cu(src: Path, arch: str, out: Path, nvcc: str, cuobjdump: str) -> dict:
+    """src compiled to a cubin for sm_<arch> in out with the real build's flags: dict(ptxas, sass) as
+    _parse_ptxas and _parse_sass read them, or dict(error) with the command and nvcc's log."""
+    flags = [f for f in _ext.CUDA_FLAGS if not f.startswith("-gencode")]
+    cubin = out / f"{src.stem}.sm_{arch}.cubin"
+    cmd = [nvcc, "-cubin", f"-gencode=arch=compute_{arch},code=sm_{arch}", *flags, "-Xptxas", "-v",
+           f"-I{_ext.CSRC}", f"-I{CUDA_DIR}", str(src), "-o", str(cubin)]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    log = r.stdout + r.stderr
+    if r.returncode != 0:
+        return {"error": f"{' '.join(cmd)}\n{log}"}
+    sass = subprocess.run([cuobjdump, "-sass", str(cubin)], capture_output=True, text=True, check=True).stdout
+    return {"ptxas": _parse_ptxas(log), "sass": _parse_sass(sass)}
+
+
+def compile_all(out: Path, workers: int | None = None) -> dict[tuple[str, str], dict]:
+    """(source name, arch) -> compile_cu's result for every .cu file and arch, in parallel."""
     assert SOURCES, f"no .cu sources in {CUDA_DIR}"
     nvcc, cuobjdump = _nvcc(), _cuobjdump()
-    out = tmp_path_factory.mktemp("cubins")
-    flags = [f for f in _ext.CUDA_FLAGS if not f.startswith("-gencode")]
-
-    def build(src: Path, arch: str):
-        cubin = out / f"{src.stem}.sm_{arch}.cubin"
-        cmd = [nvcc, "-cubin", f"-gencode=arch=compute_{arch},code=sm_{arch}", *flags, "-Xptxas", "-v",
-               f"-I{_ext.CSRC}", f"-I{CUDA_DIR}", str(src), "-o", str(cubin)]
-        r = subprocess.run(cmd, capture_output=True, text=True)
-        log = r.stdout + r.stderr
-        if r.returncode != 0:
-            return {"error": f"{' '.join(cmd)}\n{log}"}
-        sass = subprocess.run([cuobjdump, "-sass", str(cubin)], capture_output=True, text=True, check=True).stdout
-        return {"ptxas": _parse_ptxas(log), "sass": _parse_sass(sass)}
-
     jobs = [(src, arch) for src in SOURCES for arch in ARCHS]
-    with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
-        results = pool.map(lambda job: build(*job), jobs)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 2) as pool:
+        results = pool.map(lambda job: compile_cu(*job, out, nvcc, cuobjdump), jobs)
         return {(src.name, arch): res for (src, arch), res in zip(jobs, results)}
+
+
+@pytest.fixture(scope="session")
+def builds(tmp_path_factory):
+    """compile_all's result, compiled once per session."""
+    return compile_all(tmp_path_factory.mktemp("cubins"))
 
 
 @pytest.mark.parametrize("arch", ARCHS)

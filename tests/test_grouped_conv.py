@@ -1,4 +1,5 @@
-"""The grouped / depthwise integer conv (q2kernels.ops.grouped_conv, csrc/grouped_conv.h) on the CPU.
+"""The grouped / depthwise integer conv (q2kernels.ops.grouped_conv, csrc/grouped_conv.h) on the CPU,
+and its CUDA kernel (csrc/cuda/grouped_conv_kernel.cuh) run by the CPU emulator of tests/cuda_emu.
 
 Oracles: a grouped conv is `groups` independent dense convs, so every group's output must equal,
 bit for bit, the dense integer conv (ops.int_conv.conv2d, tested against float64 in test_int_conv)
@@ -57,6 +58,15 @@ def _grouped(c, **kw):
                              w_signed=c["w_signed"], w_mul=c["w_mul"], w_add=c["w_add"], tap_sums=c["tap_sums"],
                              stride=c["stride"], padding=c["padding"], dilation=c["dilation"], act=c["act"],
                              thresholds=c["thresholds"], **kw)
+
+
+def _emulated(c, **kw):
+    """_grouped through the CUDA kernel's source on the CPU emulator (its ops have the same schemas)."""
+    from test_int_conv_cuda import _emulator
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ic, "_ops", _emulator())
+        return _grouped(c, **kw)
 
 
 def _dense_per_group(c, out_dtype):
@@ -163,6 +173,39 @@ def test_packed_maxpool_at_real_sizes(shape, signed):
     codes = torch.randint(-8 if signed else 0, 8 if signed else 16, shape, generator=g)
     pooled = packed_maxpool2d(ic.pack(codes, 4, signed), shape[1], signed, 5, 1, 2, 1, False)
     assert torch.equal(ic.unpack(pooled, shape[1], signed).double(), _maxpool_oracle(codes, 5, 1, 2))
+
+
+# The emulator's geometries: GEOMS and two more depthwise layers wider than 32 channels (a packed row of
+# several 16-byte chunks; 48 and 20 channel pairs per pixel, so a 256-thread CTA ends mid-pixel).
+EMU_GEOMS = GEOMS + [(96, 96, 96, (3, 3), 2, 1, 1), (40, 40, 40, (5, 5), 1, 2, 1)]
+
+
+@pytest.mark.parametrize("geom", EMU_GEOMS, ids=lambda g: f"{g[0]}-{g[1]}-g{g[2]}")
+@pytest.mark.parametrize("recipe", sorted(RECIPES))
+def test_cuda_emulator_equals_dense_per_group(geom, recipe):
+    """The CUDA kernel and its grid, emulated: packed codes, floats, and packed codes written at a channel
+    offset into a shared buffer (the neighbours' nibbles, an odd count's last high nibble included, kept)."""
+    c = _case(geom, recipe)
+    cout = c["k"].shape[0]
+    codes = _dense_per_group(c, torch.uint8)
+    assert torch.equal(ic.unpack(_emulated(c), cout, False), codes)
+    assert torch.equal(_emulated(c, out_dtype=torch.float32), _dense_per_group(c, torch.float32))
+    n, _, ho, wo = codes.shape
+    offset, width = 6, ic.padded_channels(6 + cout + 1)
+    out = torch.full((n, ho, wo, width // 2), 0x5C, dtype=torch.uint8)
+    want = ic.unpack(out, width, False)
+    want[:, offset:offset + cout] = codes
+    _emulated(c, out=out, c_offset=offset)
+    assert torch.equal(out, ic.pack(want, 4, False))
+
+
+@pytest.mark.parametrize("geom", EMU_GEOMS, ids=lambda g: f"{g[0]}-{g[1]}-g{g[2]}")
+def test_cuda_emulator_integer_sums_equal_float64_grouped_conv(geom):
+    c = _case(geom, "odd_zero_point")
+    c.update(epilogue=ic.epilogue_params(c["k"].shape[0], 1.0), tap_sums=None, act="identity")
+    want = F.conv2d(c["q"].double(), c["levels"].double(), stride=c["stride"], padding=c["padding"],
+                    dilation=c["dilation"], groups=c["groups"])
+    assert torch.equal(_emulated(c, out_dtype=torch.float32).double(), want)
 
 
 @pytest.mark.cuda

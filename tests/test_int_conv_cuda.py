@@ -36,7 +36,8 @@ def _emulator():
     """Builds (once, cached on disk by torch) and loads the emulated ops torch.ops.q2k_cuda_emu.*."""
     cpp_extension.load(
         name="q2k_cuda_emu",
-        sources=[str(EMU_DIR / "emu_ops.cpp"), str(CSRC / "cuda" / "int_ops.cpp"), str(CSRC / "checks.cpp")],
+        sources=[str(EMU_DIR / "emu_ops.cpp"), str(CSRC / "cuda" / "int_ops.cpp"), str(CSRC / "checks.cpp"),
+                 str(CSRC / "grouped_conv_ops.cpp")],
         extra_cflags=["-O2", "-ffp-contract=off", "-DQ2K_CUDA_EMULATION"],
         extra_include_paths=[str(CSRC), str(CSRC / "cuda"), str(EMU_DIR)],
         is_python_module=False,

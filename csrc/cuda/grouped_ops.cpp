@@ -1,5 +1,5 @@
-// Registers the grouped integer conv (../grouped_conv_cpu.cpp's checks, cuda/grouped_conv.cu's
-// kernel) for torch.ops.q2kernels_int.conv2d_grouped(_out) on CUDA tensors.
+// Registers the grouped integer conv (../grouped_conv_ops.cpp's checks, grouped_conv.cu's
+// launcher) for torch.ops.q2kernels_int.conv2d_grouped(_out) on CUDA tensors.
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/util/Exception.h>

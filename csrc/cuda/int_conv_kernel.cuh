@@ -219,177 +219,273 @@ Q2K_DEV void epilogue_pair(const ConvParams& p, const ChannelPair& cp, int64_t m
   }
 }
 
+// Where a thread sits in its CTA. Warp (wm, wn) of the kWarpsM x kWarpsN warp grid owns the 64 x 32
+// warp tile at rows wm*64, columns wn*32 of the CTA tile; lane = 4g + t indexes its MMA fragments.
+struct ThreadCoords {
+  int tid, lane, warp;  // threadIdx.x, tid % 32, tid / 32
+  int g, t;    // the fragments' row group (0..7) and thread in the group (0..3)
+  int wm, wn;  // the warp's row and column in the warp grid
+};
+
 template <class T>
-Q2K_DEV void conv_tile(const ConvParams& p) {
-  constexpr bool kS4 = T::kPath == MmaPath::kS4;
-  uint8_t* smem = shared_memory();
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int g = lane >> 2, t = lane & 3;
-  const int wm = warp % T::kWarpsM, wn = warp / T::kWarpsM;
+Q2K_DEV ThreadCoords thread_coords() {
+  ThreadCoords th;
+  th.tid = threadIdx.x;
+  th.lane = th.tid & 31;
+  th.warp = th.tid >> 5;
+  th.g = th.lane >> 2;
+  th.t = th.lane & 3;
+  th.wm = th.warp % T::kWarpsM;
+  th.wn = th.warp / T::kWarpsM;
+  return th;
+}
 
-  const int64_t M = static_cast<int64_t>(p.n) * p.out_h * p.out_w;
+// The CTA's tile of the GEMM and the extent of its K loop, the same for every thread of the CTA.
+// The grid is M-tiles x N-tiles, the N tiles of one M tile adjacent in blockIdx.x (they share A).
+struct CtaTile {
+  int64_t M;             // GEMM rows: output pixels N*H_out*W_out
+  int64_t m_base;        // first row of this CTA's tile (kBM rows)
+  int n_base;            // first output channel of this CTA's tile (kBN columns)
+  int chunks_per_pixel;  // 16-byte chunks of one input pixel: C_pad/32
+  int k_chunks;          // K in chunks: KH*KW*chunks_per_pixel
+  int k_tiles;           // k-tiles of kChunks chunks, the last one zero-filled past k_chunks
+  int64_t w_row_bytes;   // bytes of one output channel's weight row (a column of B): 16*k_chunks
+};
+
+template <class T>
+Q2K_DEV CtaTile cta_tile(const ConvParams& p) {  // p: the problem; the CTA is blockIdx.x
+  CtaTile cta;
+  cta.M = static_cast<int64_t>(p.n) * p.out_h * p.out_w;
   const int n_tiles = (p.cout + T::kBN - 1) / T::kBN;
-  const int64_t m_base = static_cast<int64_t>(blockIdx.x / n_tiles) * T::kBM;
-  const int n_base = static_cast<int>(blockIdx.x % n_tiles) * T::kBN;
-  const int chunks_per_pixel = p.cb / 16;
-  const int k_chunks = p.kh * p.kw * chunks_per_pixel;
-  const int k_tiles = (k_chunks + T::kChunks - 1) / T::kChunks;
-  const int64_t w_row_bytes = static_cast<int64_t>(k_chunks) * 16;
+  cta.m_base = static_cast<int64_t>(blockIdx.x / n_tiles) * T::kBM;
+  cta.n_base = static_cast<int>(blockIdx.x % n_tiles) * T::kBN;
+  cta.chunks_per_pixel = p.cb / 16;
+  cta.k_chunks = p.kh * p.kw * cta.chunks_per_pixel;
+  cta.k_tiles = (cta.k_chunks + T::kChunks - 1) / T::kChunks;
+  cta.w_row_bytes = static_cast<int64_t>(cta.k_chunks) * 16;
+  return cta;
+}
 
-  // The rows this thread copies, the same in every stage: chunk column ld_col of rows
-  // ld_row + j*kLoadRowStep. For each A row: the image's first pixel and the input position of
-  // tap (0, 0); rows past M get a_ih far below 0, so every tap of theirs reads zeros.
-  const int ld_col = tid % T::kChunks, ld_row = tid / T::kChunks;
-  int a_pix[T::kARows], a_ih[T::kARows], a_iw[T::kARows];
+// How the codes' signedness enters the K loop and the fix-up (see the top of the file).
+struct CodeSigns {
+  uint32_t x_sext, w_sext;    // 0x08080808 where the codes are signed (low_nibbles' sext), else 0
+  uint32_t x_shift, w_shift;  // 0x88888888 where the codes are unsigned: the -8 of the s4 MMA, as a XOR
+  bool need_sq;               // sum Sq: for the kS4 fix-up of unsigned weights, or the epilogue's w_add
+  bool need_wsum;             // sum Wsum: for the kS4 fix-up of unsigned activations
+};
+
+template <class T>
+Q2K_DEV CodeSigns code_signs(const ConvParams& p) {  // p: the problem (x_signed, w_signed, w_add)
+  constexpr bool kS4 = T::kPath == MmaPath::kS4;
+  CodeSigns s;
+  s.x_sext = p.x_signed ? 0x08080808u : 0u;
+  s.w_sext = p.w_signed ? 0x08080808u : 0u;
+  s.x_shift = p.x_signed ? 0u : 0x88888888u;
+  s.w_shift = p.w_signed ? 0u : 0x88888888u;
+  s.need_sq = (kS4 && !p.w_signed) || p.w_add != 0;
+  s.need_wsum = kS4 && !p.x_signed;
+  return s;
+}
+
+// Where the A rows one thread copies read their taps (rows ld_row + j*kLoadRowStep of the CTA
+// tile, j < kARows): computed once, so the addresses of a k-tile are a few adds. ld_row and ld_col
+// stay scalars of conv_tile: kept in this struct, they changed the SASS (tests/cuda_sass_report.py).
+template <class T>
+struct ARows {
+  int pix[T::kARows];  // k1x1: the row's input pixel (-1 past M); else the first pixel of its image
+  int ih[T::kARows];   // not k1x1: input row of tap (0, 0), far below 0 past M (every tap reads zeros)
+  int iw[T::kARows];   // not k1x1: input column of tap (0, 0)
+};
+
+template <class T>
+Q2K_DEV ARows<T> a_rows(const ConvParams& p,  // the problem
+                        const CtaTile& cta,   // this CTA's tile
+                        int ld_row) {         // this thread's first row
+  ARows<T> rows;
 #pragma unroll
   for (int j = 0; j < T::kARows; ++j) {
-    const int64_t m = m_base + ld_row + j * T::kLoadRowStep;
-    const bool in = m < M;
+    const int64_t m = cta.m_base + ld_row + j * T::kLoadRowStep;
+    const bool in = m < cta.M;
     if constexpr (T::k1x1) {
-      a_pix[j] = in ? static_cast<int>(m) : -1;
+      rows.pix[j] = in ? static_cast<int>(m) : -1;
     } else {
       const int64_t hw = static_cast<int64_t>(p.out_h) * p.out_w;
       const int img = static_cast<int>(m / hw);
       const int pix = static_cast<int>(m - img * hw);
       const int oh = pix / p.out_w, ow = pix - oh * p.out_w;
-      a_pix[j] = img * p.in_h * p.in_w;
-      a_ih[j] = in ? oh * p.sh - p.ph : -(1 << 30);
-      a_iw[j] = ow * p.sw - p.pw;
+      rows.pix[j] = img * p.in_h * p.in_w;
+      rows.ih[j] = in ? oh * p.sh - p.ph : -(1 << 30);
+      rows.iw[j] = ow * p.sw - p.pw;
     }
   }
+  return rows;
+}
 
-  auto load_stage = [&](int stage, int kt) {
-    uint8_t* sA = smem + stage * T::kStageBytes;
-    uint8_t* sB = sA + T::kBM * T::kRowBytes;
-    const int kc = kt * T::kChunks + ld_col;
-    const bool k_in = kc < k_chunks;
-    if constexpr (T::k1x1) {
+// Main loop, loads: issues this thread's cp.async copies of k-tile kt into one pipeline stage. An
+// A row's chunk is 16 bytes of the input pixel under the chunk's tap (zeros outside the image, past
+// M or past K); a B row's chunk is 16 bytes of an output channel's weight row (zeros past C_out or
+// past K). The copies land at a later cp_async_wait; main_loop orders them against the MMAs.
+template <class T>
+Q2K_DEV void load_ktile(const ConvParams& p,        // the problem
+                        const CtaTile& cta,          // this CTA's tile and K extent
+                        int ld_col, int ld_row,      // this thread's chunk column and first row
+                        const ARows<T>& rows,        // where its A rows read (a_rows)
+                        uint8_t* stage,              // the stage: A (kBM x kRowBytes), then B (kBN x kRowBytes)
+                        int kt) {                    // the k-tile: chunks kt*kChunks .. kt*kChunks + kChunks-1
+  uint8_t* sA = stage;
+  uint8_t* sB = sA + T::kBM * T::kRowBytes;
+  const int kc = kt * T::kChunks + ld_col;
+  const bool k_in = kc < cta.k_chunks;
+  if constexpr (T::k1x1) {
 #pragma unroll
-      for (int j = 0; j < T::kARows; ++j) {
-        const bool ok = k_in && a_pix[j] >= 0;
-        const uint8_t* src = p.x + static_cast<int64_t>(a_pix[j]) * p.cb + kc * 16;
-        cp_async_16(sA + tile_offset<T>(ld_row + j * T::kLoadRowStep, ld_col), ok ? src : p.x, ok);
+    for (int j = 0; j < T::kARows; ++j) {
+      const bool ok = k_in && rows.pix[j] >= 0;
+      const uint8_t* src = p.x + static_cast<int64_t>(rows.pix[j]) * p.cb + kc * 16;
+      cp_async_16(sA + tile_offset<T>(ld_row + j * T::kLoadRowStep, ld_col), ok ? src : p.x, ok);
+    }
+  } else {
+    const int tap = kc / cta.chunks_per_pixel;
+    const int group = kc - tap * cta.chunks_per_pixel;
+    const int r = tap / p.kw;
+    const int dy = r * p.dh, dx = (tap - r * p.kw) * p.dw;
+#pragma unroll
+    for (int j = 0; j < T::kARows; ++j) {
+      const int ih = rows.ih[j] + dy, iw = rows.iw[j] + dx;
+      const bool ok = k_in && static_cast<unsigned>(ih) < static_cast<unsigned>(p.in_h) &&
+                      static_cast<unsigned>(iw) < static_cast<unsigned>(p.in_w);
+      const int64_t pixel = static_cast<int64_t>(rows.pix[j]) + static_cast<int64_t>(ih) * p.in_w + iw;
+      const uint8_t* src = p.x + pixel * p.cb + group * 16;
+      cp_async_16(sA + tile_offset<T>(ld_row + j * T::kLoadRowStep, ld_col), ok ? src : p.x, ok);
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < T::kBRows; ++j) {
+    const int n = cta.n_base + ld_row + j * T::kLoadRowStep;
+    const bool ok = k_in && n < p.cout;
+    const uint8_t* src = p.w + n * cta.w_row_bytes + kc * 16;
+    cp_async_16(sB + tile_offset<T>(ld_row + j * T::kLoadRowStep, ld_col), ok ? src : p.w, ok);
+  }
+}
+
+// Main loop, MMAs: the warp's 64 x 32 tile of one landed k-tile, 2 k-steps of 64 codes. Per k-step:
+// ldmatrix of 4 A fragments (m16) and 4 B fragments (n8); the partial Sq / Wsum of this lane's codes
+// (dp4a over nibbles) where the fix-up or the epilogue needs them; then 16 MMAs, kS4 on the codes
+// shifted by -8 where unsigned, kS8 as 32 MMAs on the nibbles unpacked to bytes.
+template <class T>
+Q2K_DEV void mma_ktile(const uint8_t* stage,              // the stage holding the k-tile (load_ktile's layout)
+                       const ThreadCoords& th,            // this thread's warp and lane
+                       const CodeSigns& s,                // sign handling of the codes
+                       int (&acc)[T::kMT][T::kNT][4],     // accumulators: m16 tile i, n8 tile j, c0..c3
+                       int (&sq)[T::kMT][2],              // partial Sq of rows g, g+8 of each m16 tile
+                       int (&ws)[T::kNT]) {               // partial Wsum of column g of each n8 tile
+  constexpr bool kS4 = T::kPath == MmaPath::kS4;
+  const int lane = th.lane;
+  const uint8_t* sA = stage + th.wm * (T::kMT * 16) * T::kRowBytes;
+  const uint8_t* sB = stage + (T::kBM + th.wn * (T::kNT * 8)) * T::kRowBytes;
+#pragma unroll
+  for (int ks = 0; ks < T::kChunks / 2; ++ks) {
+    uint32_t a[T::kMT][4], b[T::kNT][2];
+#pragma unroll
+    for (int i = 0; i < T::kMT; ++i)
+      ldmatrix_x4(a[i], sA + tile_offset<T>(i * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, 2 * ks + (lane >> 4)));
+#pragma unroll
+    for (int j = 0; j < T::kNT; j += 2) {
+      uint32_t r[4];
+      ldmatrix_x4(r, sB + tile_offset<T>(j * 8 + (lane & 7) + (lane >> 4) * 8, 2 * ks + ((lane >> 3) & 1)));
+      b[j][0] = r[0];
+      b[j][1] = r[1];
+      b[j + 1][0] = r[2];
+      b[j + 1][1] = r[3];
+    }
+    if (s.need_sq) {
+#pragma unroll
+      for (int i = 0; i < T::kMT; ++i) {
+        sq[i][0] = nibble_sum(a[i][2], s.x_sext, nibble_sum(a[i][0], s.x_sext, sq[i][0]));
+        sq[i][1] = nibble_sum(a[i][3], s.x_sext, nibble_sum(a[i][1], s.x_sext, sq[i][1]));
+      }
+    }
+    if constexpr (kS4) {
+      if (s.need_wsum) {
+#pragma unroll
+        for (int j = 0; j < T::kNT; ++j) ws[j] = nibble_sum(b[j][1], s.w_sext, nibble_sum(b[j][0], s.w_sext, ws[j]));
+      }
+#pragma unroll
+      for (int j = 0; j < T::kNT; ++j) {
+        b[j][0] ^= s.w_shift;
+        b[j][1] ^= s.w_shift;
+      }
+#pragma unroll
+      for (int i = 0; i < T::kMT; ++i) {
+#pragma unroll
+        for (int q = 0; q < 4; ++q) a[i][q] ^= s.x_shift;
+#pragma unroll
+        for (int j = 0; j < T::kNT; ++j) mma_s4(acc[i][j], a[i], b[j]);
       }
     } else {
-      const int tap = kc / chunks_per_pixel;
-      const int group = kc - tap * chunks_per_pixel;
-      const int r = tap / p.kw;
-      const int dy = r * p.dh, dx = (tap - r * p.kw) * p.dw;
+      uint32_t bl[T::kNT][2], bh[T::kNT][2];
 #pragma unroll
-      for (int j = 0; j < T::kARows; ++j) {
-        const int ih = a_ih[j] + dy, iw = a_iw[j] + dx;
-        const bool ok = k_in && static_cast<unsigned>(ih) < static_cast<unsigned>(p.in_h) &&
-                        static_cast<unsigned>(iw) < static_cast<unsigned>(p.in_w);
-        const int64_t pixel = static_cast<int64_t>(a_pix[j]) + static_cast<int64_t>(ih) * p.in_w + iw;
-        const uint8_t* src = p.x + pixel * p.cb + group * 16;
-        cp_async_16(sA + tile_offset<T>(ld_row + j * T::kLoadRowStep, ld_col), ok ? src : p.x, ok);
+      for (int j = 0; j < T::kNT; ++j) {
+        bl[j][0] = low_nibbles(b[j][0], s.w_sext);
+        bl[j][1] = high_nibbles(b[j][0], s.w_sext);
+        bh[j][0] = low_nibbles(b[j][1], s.w_sext);
+        bh[j][1] = high_nibbles(b[j][1], s.w_sext);
       }
-    }
 #pragma unroll
-    for (int j = 0; j < T::kBRows; ++j) {
-      const int n = n_base + ld_row + j * T::kLoadRowStep;
-      const bool ok = k_in && n < p.cout;
-      const uint8_t* src = p.w + n * w_row_bytes + kc * 16;
-      cp_async_16(sB + tile_offset<T>(ld_row + j * T::kLoadRowStep, ld_col), ok ? src : p.w, ok);
-    }
-  };
-
-  // Unsigned codes enter the s4 MMA shifted by -8 (kS4 only; see the top of the file).
-  const uint32_t x_sext = p.x_signed ? 0x08080808u : 0u, w_sext = p.w_signed ? 0x08080808u : 0u;
-  const uint32_t x_shift = p.x_signed ? 0u : 0x88888888u, w_shift = p.w_signed ? 0u : 0x88888888u;
-  const bool need_sq = (kS4 && !p.w_signed) || p.w_add != 0;
-  const bool need_wsum = kS4 && !p.x_signed;
-
-  int acc[T::kMT][T::kNT][4] = {};
-  int sq[T::kMT][2] = {};  // partial Sq of rows g and g+8 of each m16 tile (this lane's k)
-  int ws[T::kNT] = {};     // partial Wsum of column g of each n8 tile
-
-  auto compute_stage = [&](int stage) {
-    const uint8_t* sA = smem + stage * T::kStageBytes + wm * (T::kMT * 16) * T::kRowBytes;
-    const uint8_t* sB = smem + stage * T::kStageBytes + (T::kBM + wn * (T::kNT * 8)) * T::kRowBytes;
-#pragma unroll
-    for (int ks = 0; ks < T::kChunks / 2; ++ks) {
-      uint32_t a[T::kMT][4], b[T::kNT][2];
-#pragma unroll
-      for (int i = 0; i < T::kMT; ++i)
-        ldmatrix_x4(a[i], sA + tile_offset<T>(i * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, 2 * ks + (lane >> 4)));
-#pragma unroll
-      for (int j = 0; j < T::kNT; j += 2) {
-        uint32_t r[4];
-        ldmatrix_x4(r, sB + tile_offset<T>(j * 8 + (lane & 7) + (lane >> 4) * 8, 2 * ks + ((lane >> 3) & 1)));
-        b[j][0] = r[0];
-        b[j][1] = r[1];
-        b[j + 1][0] = r[2];
-        b[j + 1][1] = r[3];
-      }
-      if (need_sq) {
-#pragma unroll
-        for (int i = 0; i < T::kMT; ++i) {
-          sq[i][0] = nibble_sum(a[i][2], x_sext, nibble_sum(a[i][0], x_sext, sq[i][0]));
-          sq[i][1] = nibble_sum(a[i][3], x_sext, nibble_sum(a[i][1], x_sext, sq[i][1]));
-        }
-      }
-      if constexpr (kS4) {
-        if (need_wsum) {
-#pragma unroll
-          for (int j = 0; j < T::kNT; ++j) ws[j] = nibble_sum(b[j][1], w_sext, nibble_sum(b[j][0], w_sext, ws[j]));
-        }
+      for (int i = 0; i < T::kMT; ++i) {
+        const uint32_t al[4] = {low_nibbles(a[i][0], s.x_sext), low_nibbles(a[i][1], s.x_sext),
+                                high_nibbles(a[i][0], s.x_sext), high_nibbles(a[i][1], s.x_sext)};
+        const uint32_t ah[4] = {low_nibbles(a[i][2], s.x_sext), low_nibbles(a[i][3], s.x_sext),
+                                high_nibbles(a[i][2], s.x_sext), high_nibbles(a[i][3], s.x_sext)};
 #pragma unroll
         for (int j = 0; j < T::kNT; ++j) {
-          b[j][0] ^= w_shift;
-          b[j][1] ^= w_shift;
-        }
-#pragma unroll
-        for (int i = 0; i < T::kMT; ++i) {
-#pragma unroll
-          for (int q = 0; q < 4; ++q) a[i][q] ^= x_shift;
-#pragma unroll
-          for (int j = 0; j < T::kNT; ++j) mma_s4(acc[i][j], a[i], b[j]);
-        }
-      } else {
-        uint32_t bl[T::kNT][2], bh[T::kNT][2];
-#pragma unroll
-        for (int j = 0; j < T::kNT; ++j) {
-          bl[j][0] = low_nibbles(b[j][0], w_sext);
-          bl[j][1] = high_nibbles(b[j][0], w_sext);
-          bh[j][0] = low_nibbles(b[j][1], w_sext);
-          bh[j][1] = high_nibbles(b[j][1], w_sext);
-        }
-#pragma unroll
-        for (int i = 0; i < T::kMT; ++i) {
-          const uint32_t al[4] = {low_nibbles(a[i][0], x_sext), low_nibbles(a[i][1], x_sext),
-                                  high_nibbles(a[i][0], x_sext), high_nibbles(a[i][1], x_sext)};
-          const uint32_t ah[4] = {low_nibbles(a[i][2], x_sext), low_nibbles(a[i][3], x_sext),
-                                  high_nibbles(a[i][2], x_sext), high_nibbles(a[i][3], x_sext)};
-#pragma unroll
-          for (int j = 0; j < T::kNT; ++j) {
-            mma_s8(acc[i][j], al, bl[j]);
-            mma_s8(acc[i][j], ah, bh[j]);
-          }
+          mma_s8(acc[i][j], al, bl[j]);
+          mma_s8(acc[i][j], ah, bh[j]);
         }
       }
     }
-  };
+  }
+}
 
-  // The pipeline (see the top of the file). Every iteration commits one group, empty past the
-  // last k-tile, so wait<kStages-2> always means "k-tile kt has landed".
+// Stage 1, the main loop: the K loop of the CTA tile through the kStages-deep cp.async pipeline
+// (see the top of the file). Every iteration commits one group, empty past the last k-tile, so
+// wait<kStages-2> always means "k-tile kt has landed"; the barrier after it also proves that every
+// warp is done with the stage the next loads overwrite (k-tile kt-1's). Ends with every copy landed
+// and every warp past its last ldmatrix, so the epilogue may reuse the shared memory.
+template <class T>
+Q2K_DEV void main_loop(const ConvParams& p,               // the problem
+                       const CtaTile& cta,                // this CTA's tile and K extent
+                       const ThreadCoords& th,            // this thread
+                       int ld_col, int ld_row,            // this thread's chunk column and first row to copy
+                       const ARows<T>& rows,              // where its A rows read (a_rows)
+                       const CodeSigns& s,                // sign handling of the codes
+                       uint8_t* smem,                     // the pipeline's kStages stages of kStageBytes
+                       int (&acc)[T::kMT][T::kNT][4],     // accumulators, zero on entry
+                       int (&sq)[T::kMT][2],              // partial Sq, zero on entry
+                       int (&ws)[T::kNT]) {               // partial Wsum, zero on entry
 #pragma unroll
-  for (int s = 0; s < T::kStages - 1; ++s) {
-    if (s < k_tiles) load_stage(s, s);
+  for (int kt = 0; kt < T::kStages - 1; ++kt) {
+    if (kt < cta.k_tiles) load_ktile<T>(p, cta, ld_col, ld_row, rows, smem + kt * T::kStageBytes, kt);
     cp_async_commit();
   }
-  for (int kt = 0; kt < k_tiles; ++kt) {
+  for (int kt = 0; kt < cta.k_tiles; ++kt) {
     cp_async_wait<T::kStages - 2>();
     block_sync();
     const int next = kt + T::kStages - 1;
-    if (next < k_tiles) load_stage(next % T::kStages, next);
+    if (next < cta.k_tiles) {
+      load_ktile<T>(p, cta, ld_col, ld_row, rows, smem + (next % T::kStages) * T::kStageBytes, next);
+    }
     cp_async_commit();
-    compute_stage(kt % T::kStages);
+    mma_ktile<T>(smem + (kt % T::kStages) * T::kStageBytes, th, s, acc, sq, ws);
   }
   cp_async_wait<0>();
   block_sync();
+}
 
-  // Sq of rows g, g+8 and Wsum of column g: sums over the 4 lanes (t) that split their k.
+// Stage 2, the row sums: Sq of rows g and g+8 of each m16 tile, summed over the 4 lanes (t) that
+// split their k, so every lane of a row group holds the whole sum (the fix-up and the epilogue read it).
+template <class T>
+Q2K_DEV void reduce_row_sums(bool need_sq,             // whether the main loop summed Sq
+                             int (&sq)[T::kMT][2]) {   // in: this lane's partial Sq; out: the row's Sq
   if (need_sq) {
 #pragma unroll
     for (int i = 0; i < T::kMT; ++i) {
@@ -400,46 +496,69 @@ Q2K_DEV void conv_tile(const ConvParams& p) {
       }
     }
   }
-  if constexpr (kS4) {
-    // Undo the -8 shifts of unsigned codes: acc += 8u_x*Wsum + 8u_w*Sq - 64u_x*u_w*K'.
-    int wcol[T::kNT][2] = {};
-    if (need_wsum) {
+}
+
+// Stage 3 (kS4 only), the unsigned fix-up: undoes the -8 shifts under which unsigned codes entered
+// the s4 MMA, acc += 8u_x*Wsum + 8u_w*Sq - 64u_x*u_w*K', exact in int32 (see the top of the file).
+// Wsum of column g is summed over its 4 lanes and then fetched for this lane's columns 2t, 2t+1.
+template <class T>
+Q2K_DEV void unsigned_fixup(const ConvParams& p,               // the problem (the codes' signedness)
+                            int k_tiles,                       // k-tiles run: K' = k_tiles*kChunks*32 codes
+                            int t,                             // this lane's thread in its group
+                            const CodeSigns& s,                // which sums the main loop took
+                            int (&acc)[T::kMT][T::kNT][4],     // accumulators, fixed in place
+                            const int (&sq)[T::kMT][2],        // Sq of rows g, g+8 (reduce_row_sums)
+                            int (&ws)[T::kNT]) {               // in: this lane's partial Wsum; out: column g's
+  int wcol[T::kNT][2] = {};
+  if (s.need_wsum) {
 #pragma unroll
-      for (int j = 0; j < T::kNT; ++j) {
-        ws[j] += static_cast<int>(shfl_xor(static_cast<uint32_t>(ws[j]), 1));
-        ws[j] += static_cast<int>(shfl_xor(static_cast<uint32_t>(ws[j]), 2));
-        // Lane 4*c holds column c's sum; this lane's accumulators are columns 2t and 2t+1.
-        wcol[j][0] = static_cast<int>(shfl_idx(static_cast<uint32_t>(ws[j]), 8 * t));
-        wcol[j][1] = static_cast<int>(shfl_idx(static_cast<uint32_t>(ws[j]), 8 * t + 4));
-      }
+    for (int j = 0; j < T::kNT; ++j) {
+      ws[j] += static_cast<int>(shfl_xor(static_cast<uint32_t>(ws[j]), 1));
+      ws[j] += static_cast<int>(shfl_xor(static_cast<uint32_t>(ws[j]), 2));
+      // Lane 4*c holds column c's sum; this lane's accumulators are columns 2t and 2t+1.
+      wcol[j][0] = static_cast<int>(shfl_idx(static_cast<uint32_t>(ws[j]), 8 * t));
+      wcol[j][1] = static_cast<int>(shfl_idx(static_cast<uint32_t>(ws[j]), 8 * t + 4));
     }
-    const int k_codes = k_tiles * T::kChunks * 32;
-    const int both = (!p.x_signed && !p.w_signed) ? 64 * k_codes : 0;
+  }
+  const int k_codes = k_tiles * T::kChunks * 32;
+  const int both = (!p.x_signed && !p.w_signed) ? 64 * k_codes : 0;
 #pragma unroll
-    for (int i = 0; i < T::kMT; ++i) {
+  for (int i = 0; i < T::kMT; ++i) {
 #pragma unroll
-      for (int j = 0; j < T::kNT; ++j) {
+    for (int j = 0; j < T::kNT; ++j) {
 #pragma unroll
-        for (int c = 0; c < 4; ++c) {
-          const int shift_x = need_wsum ? 8 * wcol[j][c & 1] : 0;
-          const int shift_w = p.w_signed ? 0 : 8 * sq[i][c >> 1];
-          acc[i][j][c] += shift_x + shift_w - both;
-        }
+      for (int c = 0; c < 4; ++c) {
+        const int shift_x = s.need_wsum ? 8 * wcol[j][c & 1] : 0;
+        const int shift_w = p.w_signed ? 0 : 8 * sq[i][c >> 1];
+        acc[i][j][c] += shift_x + shift_w - both;
       }
     }
   }
+}
 
-  // Epilogue, one m16 tile of the warp at a time: its accumulators, the Sq of its 16 rows and
-  // their valid tap rectangles go to the warp's shared-memory slice; then lane l takes channels
-  // 2(l%16), 2(l%16)+1 of the warp tile in rows l/16, l/16 + 2, ... (coalesced stores; the
-  // per-element code exists once, its channel parameters are loaded once).
+// Stage 4, the epilogue, one m16 tile of the warp at a time: its accumulators, the Sq of its 16 rows
+// and their valid tap rectangles go to the warp's shared-memory slice; then lane l takes channels
+// 2(l%16), 2(l%16)+1 of the warp tile in rows l/16, l/16 + 2, ... (coalesced stores; the per-element
+// code exists once, its channel parameters are loaded once). Floats and accumulators go straight to
+// the output; packed codes are staged in shared memory for store_packed. Reuses the pipeline's
+// shared memory: main_loop must have ended (its last barrier).
+template <class T>
+Q2K_DEV void epilogue(const ConvParams& p,                  // the problem
+                      const CtaTile& cta,                   // this CTA's tile
+                      const ThreadCoords& th,               // this thread
+                      uint8_t* smem,                        // the epilogue staging (Tile's kEpilogueBytes)
+                      const int (&acc)[T::kMT][T::kNT][4],  // accumulators, fixed up
+                      const int (&sq)[T::kMT][2]) {         // Sq of rows g, g+8 of each m16 tile
   static_assert(T::kNT * 8 == 32, "a lane's channel pair is the same in every row");
+  const int lane = th.lane, g = th.g, t = th.t;
   uint8_t* staged = smem;  // packed codes of the CTA tile, (kBM, kOutPitch) bytes
-  int32_t* slice = reinterpret_cast<int32_t*>(smem + T::kBM * T::kOutPitch) + warp * T::kSliceWords;
+  int32_t* slice = reinterpret_cast<int32_t*>(smem + T::kBM * T::kOutPitch) + th.warp * T::kSliceWords;
   float* thresholds = reinterpret_cast<float*>(smem + T::kBM * T::kOutPitch) + T::kWarpsM * T::kWarpsN * T::kSliceWords;
-  const int64_t row0 = m_base + wm * (T::kMT * 16);
+  const int64_t row0 = cta.m_base + th.wm * (T::kMT * 16);
+  // This lane's channel pair: its epilogue rows (zeros past C_out, none for raw accumulators) and J
+  // over all taps.
   ChannelPair cp;
-  cp.n = n_base + wn * (T::kNT * 8) + 2 * (lane % 16);
+  cp.n = cta.n_base + th.wn * (T::kNT * 8) + 2 * (lane % 16);
   cp.two = cp.n + 1 < p.cout;
   const bool has_channel = cp.n < p.cout;
   const bool rects = !T::k1x1 && p.tap_sums != nullptr;
@@ -457,7 +576,7 @@ Q2K_DEV void conv_tile(const ConvParams& p) {
                        : 0;
   }
   const bool use_thresholds = p.thresholds != nullptr && p.out_kind == OutKind::kPacked;
-  if (use_thresholds && tid < p.qp - p.qn) thresholds[tid] = p.thresholds[tid];
+  if (use_thresholds && th.tid < p.qp - p.qn) thresholds[th.tid] = p.thresholds[th.tid];
   block_sync();
 #pragma unroll
   for (int i = 0; i < T::kMT; ++i) {
@@ -489,28 +608,34 @@ Q2K_DEV void conv_tile(const ConvParams& p) {
 #pragma unroll 1
     for (int r = lane / 16; r < 16; r += 2) {
       const int64_t m = row0 + i * 16 + r;
-      if (m >= M) break;
+      if (m >= cta.M) break;
       const int32_t* src = slice + r * T::kSlicePitch + c;
       const uint32_t rect = rects ? reinterpret_cast<const uint32_t*>(slice)[16 * T::kSlicePitch + 16 + r] : full_rect;
       epilogue_pair(p, cp, m, src[0], src[1], slice[16 * T::kSlicePitch + r], rect, rect == full_rect,
                     use_thresholds ? thresholds : nullptr,
-                    staged + (m - m_base) * T::kOutPitch + (cp.n - n_base) / 2);
+                    staged + (m - cta.m_base) * T::kOutPitch + (cp.n - cta.n_base) / 2);
     }
   }
-  if (p.out_kind != OutKind::kPacked) return;
+}
 
-  // Staged codes -> the output rows, from byte (c_offset + n_base)/2 of each: 16-byte stores where
-  // aligned, bytes elsewhere; an odd channel count leaves the high nibble of its last byte alone.
+// Stage 5 (packed codes only), the store: the codes the epilogue staged -> the output rows, from
+// byte (c_offset + n_base)/2 of each: 16-byte stores where aligned, bytes elsewhere; an odd channel
+// count leaves the high nibble of its last byte alone (it belongs to the next writer's channel).
+template <class T>
+Q2K_DEV void store_packed(const ConvParams& p,     // the problem (out, out_pitch, c_offset)
+                          const CtaTile& cta,      // this CTA's tile
+                          int tid,                 // this thread
+                          const uint8_t* staged) { // the codes the epilogue staged, (kBM, kOutPitch) bytes
   block_sync();
-  const int channels = p.cout - n_base < T::kBN ? p.cout - n_base : T::kBN;
+  const int channels = p.cout - cta.n_base < T::kBN ? p.cout - cta.n_base : T::kBN;
   const int full = channels / 2, row_bytes = (channels + 1) / 2;
   constexpr int kRowChunks = T::kBN / 32;
   for (int idx = tid; idx < T::kBM * kRowChunks; idx += T::kThreads) {
     const int r = idx / kRowChunks, b0 = (idx % kRowChunks) * 16;
-    const int64_t m = m_base + r;
-    if (m >= M || b0 >= row_bytes) continue;
+    const int64_t m = cta.m_base + r;
+    if (m >= cta.M || b0 >= row_bytes) continue;
     const uint8_t* src = staged + r * T::kOutPitch + b0;
-    uint8_t* dst = static_cast<uint8_t*>(p.out) + m * p.out_pitch + (p.c_offset + n_base) / 2 + b0;
+    uint8_t* dst = static_cast<uint8_t*>(p.out) + m * p.out_pitch + (p.c_offset + cta.n_base) / 2 + b0;
     if (b0 + 16 <= full && (reinterpret_cast<uintptr_t>(dst) & 15) == 0) {
       *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
       continue;
@@ -520,6 +645,27 @@ Q2K_DEV void conv_tile(const ConvParams& p) {
       dst[b] = b0 + b < full ? src[b] : static_cast<uint8_t>((dst[b] & 0xF0) | (src[b] & 0x0F));
     }
   }
+}
+
+// One CTA tile of the conv, stage by stage: the K loop into int32 accumulators, the row sums, the
+// fix-up of unsigned codes (kS4), the epilogue, and the copy-out of packed codes.
+template <class T>
+Q2K_DEV void conv_tile(const ConvParams& p) {
+  uint8_t* smem = shared_memory();
+  const ThreadCoords th = thread_coords<T>();
+  const CtaTile cta = cta_tile<T>(p);
+  // This thread copies chunk column ld_col of rows ld_row + j*kLoadRowStep of A and B.
+  const int ld_col = th.tid % T::kChunks, ld_row = th.tid / T::kChunks;
+  const ARows<T> rows = a_rows<T>(p, cta, ld_row);
+  const CodeSigns s = code_signs<T>(p);
+  int acc[T::kMT][T::kNT][4] = {};
+  int sq[T::kMT][2] = {};
+  int ws[T::kNT] = {};
+  main_loop<T>(p, cta, th, ld_col, ld_row, rows, s, smem, acc, sq, ws);
+  reduce_row_sums<T>(s.need_sq, sq);
+  if constexpr (T::kPath == MmaPath::kS4) unsigned_fixup<T>(p, cta.k_tiles, th.t, s, acc, sq, ws);
+  epilogue<T>(p, cta, th, smem, acc, sq);
+  if (p.out_kind == OutKind::kPacked) store_packed<T>(p, cta, th.tid, smem);
 }
 
 template <class T>

@@ -1,5 +1,5 @@
 """The grouped / depthwise integer conv (groups > 1) of q2kernels._C: csrc/grouped_conv.h, one plain
-loop per output element that the CPU op and the CUDA kernel (csrc/cuda/grouped_conv.cu) both run.
+loop per output element that the CPU op and the CUDA kernel (csrc/cuda/grouped_conv_kernel.cuh) both run.
 
 Same packed format and epilogue as q2kernels.ops.int_conv.conv2d; the weights are packed along their
 C_in/groups input channels, (C_out, KH, KW, packed_bytes(C_in/groups)), and output channel o reads

@@ -1,10 +1,14 @@
-// The CUDA integer ops run by the CPU emulator (emulator.h), for tests/test_int_conv_cuda.py: the
-// real torch glue (csrc/cuda/int_ops.cpp) and the real kernel source (csrc/cuda/*_kernel.cuh), with
-// launchers that run the grid CTA by CTA on the CPU. Registered as torch.ops.q2k_cuda_emu.* on CPU
-// tensors, with extra leading arguments: the MMA path (0 = int4, 1 = int8 on unpacked nibbles) of the
-// conv ops, and (every op) whether cp.async copies land lazily (at wait_group) or eagerly (at issue).
+// The CUDA integer ops run by the CPU emulator (emulator.h), for tests/test_int_conv_cuda.py and
+// tests/test_grouped_conv.py: the real torch glue (csrc/cuda/int_ops.cpp, csrc/grouped_conv_ops.cpp)
+// and the real kernel source (csrc/cuda/*_kernel.cuh), with launchers that run the grid CTA by CTA on
+// the CPU. Registered as torch.ops.q2k_cuda_emu.* on CPU tensors, with extra leading arguments: the
+// MMA path (0 = int4, 1 = int8 on unpacked nibbles) of the dense conv ops, and (every op but the
+// grouped conv, which copies nothing to shared memory) whether cp.async copies land lazily (at
+// wait_group) or eagerly (at issue).
 #include <torch/library.h>
 
+#include "grouped_conv_kernel.cuh"
+#include "grouped_conv_ops.h"
 #include "int_conv_kernel.cuh"
 #include "int_ops.h"
 #include "packing_kernels.cuh"
@@ -49,6 +53,16 @@ int launch_unpack(const UnpackParams& p, CUstream_st*) {
   const int64_t total = p.pixels * p.channels;
   if (total == 0) return 0;
   q2k_emu::launch((total + 255) / 256, 256, 0, q2k_emu::g_lazy_copies, {}, [&p] { unpack_kernel(p); });
+  return 0;
+}
+
+// The grid of grouped_conv.cu's launcher. The kernel issues no cp.async: no global ranges for it to
+// read, and the copy timing does not matter.
+int launch_grouped_conv(const GroupedConvParams& p, CUstream_st*) {
+  const GroupedGrid grid = grouped_grid(p);
+  if (grid.total == 0) return 0;
+  q2k_emu::launch(grid.blocks, kGroupedThreads, 0, /*lazy_copies=*/true, {},
+                  [&p, &grid] { grouped_conv_kernel(p, grid.pairs, grid.total); });
   return 0;
 }
 
@@ -105,6 +119,32 @@ at::Tensor emu_unpack(bool lazy, const at::Tensor& packed, int64_t channels, boo
   return unpack(exec(0, lazy), packed, channels, is_signed);
 }
 
+at::Tensor emu_conv2d_grouped(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& epilogue,
+                              const c10::optional<at::Tensor>& tap_sums, const c10::optional<at::Tensor>& thresholds,
+                              int64_t in_channels, int64_t groups, bool x_signed, bool w_signed, int64_t w_mul,
+                              int64_t w_add, c10::IntArrayRef stride, c10::IntArrayRef padding,
+                              c10::IntArrayRef dilation, int64_t act, int64_t qn, int64_t qp,
+                              c10::ScalarType out_dtype) {
+  GroupedConvParams p;
+  at::Tensor out = grouped_conv_setup(p, x, weight, epilogue, tap_sums, thresholds, in_channels, groups, x_signed,
+                                      w_signed, w_mul, w_add, stride, padding, dilation, act, qn, qp, out_dtype,
+                                      c10::nullopt, 0);
+  launch_grouped_conv(p, nullptr);
+  return out;
+}
+
+void emu_conv2d_grouped_out(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& epilogue,
+                            const c10::optional<at::Tensor>& tap_sums, const c10::optional<at::Tensor>& thresholds,
+                            int64_t in_channels, int64_t groups, bool x_signed, bool w_signed, int64_t w_mul,
+                            int64_t w_add, c10::IntArrayRef stride, c10::IntArrayRef padding,
+                            c10::IntArrayRef dilation, int64_t act, int64_t qn, int64_t qp, int64_t c_offset,
+                            const at::Tensor& out) {
+  GroupedConvParams p;
+  grouped_conv_setup(p, x, weight, epilogue, tap_sums, thresholds, in_channels, groups, x_signed, w_signed, w_mul,
+                     w_add, stride, padding, dilation, act, qn, qp, out.scalar_type(), out, c_offset);
+  launch_grouped_conv(p, nullptr);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(q2k_cuda_emu, m) {
@@ -122,6 +162,15 @@ TORCH_LIBRARY(q2k_cuda_emu, m) {
       "Tensor? thresholds, int in_channels, bool x_signed, bool w_signed, int w_mul, int w_add, int[2] stride, "
       "int[2] padding, int[2] dilation, int act, int qn, int qp, int c_offset, Tensor(a!) out) -> ()");
   m.def("quantize_pack(bool lazy, Tensor x, Tensor qparams, Tensor? thresholds, int qn, int qp) -> Tensor");
+  // The schemas of q2kernels_int's grouped conv (csrc/grouped_conv_cpu.cpp), unchanged.
+  m.def(
+      "conv2d_grouped(Tensor x, Tensor weight, Tensor epilogue, Tensor? tap_sums, Tensor? thresholds, "
+      "int in_channels, int groups, bool x_signed, bool w_signed, int w_mul, int w_add, int[2] stride, "
+      "int[2] padding, int[2] dilation, int act, int qn, int qp, ScalarType out_dtype) -> Tensor");
+  m.def(
+      "conv2d_grouped_out(Tensor x, Tensor weight, Tensor epilogue, Tensor? tap_sums, Tensor? thresholds, "
+      "int in_channels, int groups, bool x_signed, bool w_signed, int w_mul, int w_add, int[2] stride, "
+      "int[2] padding, int[2] dilation, int act, int qn, int qp, int c_offset, Tensor(a!) out) -> ()");
   m.def(
       "quantize_pack_out(bool lazy, Tensor x, Tensor qparams, Tensor? thresholds, int qn, int qp, int c_offset, "
       "Tensor(a!) out) -> ()");
@@ -135,6 +184,8 @@ TORCH_LIBRARY_IMPL(q2k_cuda_emu, CPU, m) {
   m.impl("conv2d_out", &emu_conv2d_out);
   m.impl("quantize_pack", &emu_quantize_pack);
   m.impl("quantize_pack_out", &emu_quantize_pack_out);
+  m.impl("conv2d_grouped", &emu_conv2d_grouped);
+  m.impl("conv2d_grouped_out", &emu_conv2d_grouped_out);
 }
 
 }  // namespace cuda
