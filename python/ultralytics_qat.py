@@ -14,7 +14,10 @@ The steps (q2kernels/integrations/ultralytics/demo.py, also `q2k demo --ultralyt
 """
 import argparse
 
-from q2kernels.integrations.ultralytics import demo
+from q2kernels.integrations import ultralytics_offline
+
+ultralytics_offline()  # before Ultralytics is imported: it reads these settings then
+from q2kernels.integrations.ultralytics import demo  # noqa: E402
 
 
 def main():

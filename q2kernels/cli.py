@@ -81,6 +81,9 @@ def _ultralytics_demo(args) -> int:
     if args.steps is not None:
         print("q2k demo --ultralytics: --steps does not apply (it trains by epochs)", file=sys.stderr)
         return 2
+    from q2kernels.integrations import ultralytics_offline
+
+    ultralytics_offline()
     try:
         from q2kernels.integrations.ultralytics import demo
     except ImportError as e:

@@ -2,20 +2,17 @@
 losses per recipe, fuse(), and Ultralytics' own trainer with validation and checkpoint reload on a
 tiny synthetic dataset. Needs Ultralytics (the [ultralytics] extra; see README: its own env)."""
 import copy
-import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-# Ultralytics must never reach the network or write outside a temp dir: set before its import.
-os.environ.setdefault("YOLO_OFFLINE", "1")
-os.environ.setdefault("YOLO_AUTOINSTALL", "0")
-os.environ.setdefault("YOLO_CONFIG_DIR", os.path.join(tempfile.gettempdir(), "q2k_yolo_config"))
+from q2kernels.integrations import ultralytics_offline
+
+ultralytics_offline()  # Ultralytics must never reach the network or write outside a temp dir
 
 pytest.importorskip("ultralytics", reason="Ultralytics is not installed (pip install q2kernels[ultralytics])")
 

@@ -13,6 +13,9 @@ import warnings
 import pytest
 import torch
 
+from q2kernels.integrations import ultralytics_offline
+
+ultralytics_offline()  # before Ultralytics is imported
 pytest.importorskip("ultralytics", reason="ultralytics is not installed (the optional [ultralytics] extra)")
 from ultralytics.nn.tasks import DetectionModel  # noqa: E402
 

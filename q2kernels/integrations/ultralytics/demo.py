@@ -1,6 +1,7 @@
 """The Ultralytics demo (`q2k demo --ultralytics`, python/ultralytics_qat.py): Q2 on a YOLO detector,
-from its YAML to an integer model evaluated by Ultralytics' validator. Offline: no pretrained
-weights, no dataset download.
+from its YAML to an integer model evaluated by Ultralytics' validator. No pretrained weights, no
+dataset download; its entry points call q2kernels.integrations.ultralytics_offline() before
+Ultralytics is imported.
 
 1. A tiny synthetic detection dataset in Ultralytics' format (images, labels, data.yaml).
 2. Q2 QAT inside Ultralytics' trainer (Q2DetectionTrainer): W/A quantization with detector
@@ -20,23 +21,16 @@ import os
 import tempfile
 from pathlib import Path
 
-# Offline: no hub, no settings sync, no font or asset download; config under the temp dir. Set
-# before Ultralytics is imported (by this package's __init__).
-os.environ.setdefault("YOLO_OFFLINE", "1")
-os.environ.setdefault("YOLO_AUTOINSTALL", "0")
-os.environ.setdefault("YOLO_CONFIG_DIR", os.path.join(tempfile.gettempdir(), "q2k_yolo_config"))
+import torch
+from ultralytics import YOLO
+from ultralytics.models.yolo.detect import DetectionValidator
+from ultralytics.nn.tasks import load_checkpoint
 
-import torch  # noqa: E402
-from ultralytics import YOLO  # noqa: E402
-from ultralytics.models.yolo.detect import DetectionValidator  # noqa: E402
-from ultralytics.nn.tasks import load_checkpoint  # noqa: E402
-
-from ...deploy import (calibrate_fusion, convert_to_int, finetune_without_layernorm, save_int_model,  # noqa: E402
-                       verify_int_model)
-from ...nn import GatedFusion  # noqa: E402
-from .data import write_synthetic_dataset  # noqa: E402
-from .int_detector import IntDetector  # noqa: E402
-from .trainer import Q2DetectionTrainer  # noqa: E402
+from ...deploy import calibrate_fusion, convert_to_int, finetune_without_layernorm, save_int_model, verify_int_model
+from ...nn import GatedFusion
+from .data import write_synthetic_dataset
+from .int_detector import IntDetector
+from .trainer import Q2DetectionTrainer
 
 SMOKE = dict(epochs=1, imgsz=64, images=4, finetune_steps=2)
 
