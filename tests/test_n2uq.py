@@ -263,6 +263,33 @@ def test_all_below_the_first_edge_and_all_above_the_last(backend):
     torch.testing.assert_close(dalpha2, (g.sum() * (n * interval)).reshape(1), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("start, a_edit", [(math.nan, None), (-math.inf, (5, math.inf)), (0.1, (3, math.inf)),
+                                           (math.inf, None), (-math.inf, None), (0.1, (7, math.nan))])
+def test_levels_at_non_finite_parameters(backend, start, a_edit):
+    """Each level is the strict count #{i : alpha1*x > t_i}, also where the thresholds stop being
+    finite: a NaN start (every t NaN), -inf + inf (NaN from that threshold on), an infinite interval,
+    a NaN interval (clamped to the floor). The oracle counts threshold by threshold, t_i as the
+    sequential fp32 sum docs/math.md §4 writes."""
+    bits = 4
+    n, interval = 2**bits - 1, ref.ltq_interval(bits)
+    _, a, alpha1, alpha2 = _params(bits)
+    if a_edit is not None:
+        a[a_edit[0]] = a_edit[1]
+    params = (torch.tensor([start]), a, alpha1, alpha2)
+    x = torch.cat([torch.linspace(-3, 3, 61), torch.tensor([math.nan, math.inf, -math.inf, 0.0])])
+    u = x * alpha1
+    a_pos = [torch.tensor(A_FLOOR) if not (v > A_FLOOR) else v for v in a]
+    t = params[0][0] + a_pos[0] / 2
+    count = torch.zeros_like(u)
+    for i in range(n):
+        if i > 0:
+            t = t + (a_pos[i - 1] / 2 + a_pos[i] / 2)
+        count += (u > t).float()
+    y, _ = _run_act(x, params, bits, torch.ones_like(x), backend)
+    assert torch.equal(y, (count * interval) * alpha2)
+
+
 # ---------------------------------------------------------------- the fused kernels
 
 

@@ -1,9 +1,9 @@
 """Eager reference of N2UQ (docs/math.md §4): the learnable-threshold activation quantizer (LTQ)
 and the N2UQ weight quantizer.
 
-Written for clarity, in the authors' style (one pass over the tensor per level): each quantizer is a
-torch.autograd.Function whose backward is the closed form of docs/math.md, in plain fp32 PyTorch. This
-is the CPU backend and the oracle of the fused kernels; it never imports from q2kernels.ops.
+Written for clarity: each quantizer is a torch.autograd.Function whose backward is the closed form
+of docs/math.md, in plain fp32 PyTorch. This is the CPU backend and the oracle of the fused kernels;
+it never imports from q2kernels.ops.
 
 Exactness. The thresholds and segment edges are two sequential fp32 running sums over the clamped
 intervals a+, in the order docs/math.md writes them (`ltq_tables`); the kernels compute the same sums in
@@ -16,6 +16,7 @@ from __future__ import annotations
 import struct
 
 import torch
+import torch.nn.functional as F
 
 from ..constants import A_FLOOR
 from ._output import output_as
@@ -49,69 +50,95 @@ def ltq_tables(start: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torc
     d_0 = s0, d_i = d_{i-1} + a+_i;  t_1 = s0 + a+_1/2, t_i = t_{i-1} + (a+_{i-1}/2 + a+_i/2).
     """
     a_pos = torch.where(a.float().reshape(-1) > A_FLOOR, a.float().reshape(-1), A_FLOOR)
+    half = a_pos / 2
     s0 = start.float().reshape(())
-    thresholds = [s0 + a_pos[0] / 2]
+    # The steps between thresholds are rounded elementwise, exactly as one at a time; only the two
+    # running sums are sequential (one 0-d add per entry).
+    thresholds = [s0 + half[0]]
+    for step in (half[:-1] + half[1:]).unbind():
+        thresholds.append(thresholds[-1] + step)
     edges = [s0]
-    for i in range(1, a_pos.numel()):
-        thresholds.append(thresholds[-1] + (a_pos[i - 1] / 2 + a_pos[i] / 2))
-    for i in range(a_pos.numel()):
-        edges.append(edges[-1] + a_pos[i])
+    for width in a_pos.unbind():
+        edges.append(edges[-1] + width)
     return a_pos, torch.stack(thresholds), torch.stack(edges)
 
 
 def _count_above(u: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """#{i : u > table[i]} per element (strict), one pass per entry as the authors' loop does."""
-    k = torch.zeros(u.shape, dtype=torch.int64, device=u.device)
-    for t in table:
-        k += u > t
-    return k
+    """#{i : u > table[i]} per element (strict) for a non-NaN u, len(table) + 1 for a NaN u; int64 (the
+    index type of a lookup), in one binary search per element.
+
+    The table is a running sum of positive steps (ltq_tables), so it never decreases, except that
+    an inf - inf turns it NaN from that entry on. A NaN entry is above no u, and neither is +inf: as
+    +inf it keeps the table sorted without changing a count. One more +inf entry at the end changes
+    no count either, but torch.bucketize (right=False: #{entries < u}) sorts a NaN u after every
+    entry, so a NaN u alone gets len(table) + 1: the callers' lookup tables give that index the
+    answer of u > t being false for every t. bucketize reads its input in row-major order, copying
+    any other layout: u (an elementwise result, so dense) is searched through a view in its own
+    memory order instead."""
+    ordered = torch.cat([torch.where(table.isnan(), torch.inf, table), table.new_full((1,), torch.inf)])
+    order = sorted(range(u.dim()), key=u.stride, reverse=True)
+    inverse = sorted(range(u.dim()), key=order.__getitem__)
+    return torch.bucketize(u.permute(order), ordered).permute(inverse)
+
+
+def _level_units(bits: int, device) -> torch.Tensor:
+    """k*I for k = 0..n (fp32), indexed by _count_above over the thresholds: n + 2 entries, the last
+    (a NaN u) the level of k = 0."""
+    n = ltq_levels(bits)
+    k = torch.cat([torch.arange(n + 1, dtype=torch.float32, device=device), torch.zeros(1, device=device)])
+    return k * ltq_interval(bits)
 
 
 class _LTQ(torch.autograd.Function):
+    """Each element is one binary search for its level and its segment, then lookups in small tables
+    of per-level and per-segment values: the same fp32 operations as the formulas, computed once per
+    table entry instead of once per element."""
+
     @staticmethod
     def forward(ctx, x, start, a, alpha1, alpha2, bits):
-        interval = ltq_interval(bits)
-        _, thresholds, _ = ltq_tables(start, a)
+        a_pos, thresholds, edges = ltq_tables(start, a)
         u = x.float() * alpha1.float().reshape(())
-        k = _count_above(u, thresholds)
-        y = (k.float() * interval) * alpha2.float().reshape(())
-        ctx.save_for_backward(x, start, a, alpha1, alpha2)
+        levels = _level_units(bits, u.device) * alpha2.float().reshape(())  # (k*I)*alpha2
+        y = levels[_count_above(u, thresholds)]
+        ctx.save_for_backward(x, a, alpha1, alpha2, a_pos, thresholds, edges)
+        ctx.start_shape = start.shape
         ctx.bits = bits
         return output_as(y, x)
 
     @staticmethod
     def backward(ctx, g):
-        x, start, a, alpha1, alpha2 = ctx.saved_tensors
+        x, a, alpha1, alpha2, a_pos, thresholds, edges = ctx.saved_tensors
         n, interval = ltq_levels(ctx.bits), ltq_interval(ctx.bits)
-        a_pos, thresholds, edges = ltq_tables(start, a)
         xf, gf = x.float(), g.float()
         a1, a2 = alpha1.float().reshape(()), alpha2.float().reshape(())
         u = xf * a1
-        k = _count_above(u, thresholds)
-        # Segment i (1-based) is d_{i-1} < u <= d_i; e = #{edges below u} is i inside, 0 below
-        # d_0 and n+1 above d_n.
+        dalpha2 = (gf * _level_units(ctx.bits, u.device)[_count_above(u, thresholds)]).sum()
+        # Segment i (1-based) is d_{i-1} < u <= d_i. e = #{edges below u} is i inside, 0 below d_0,
+        # n+1 above d_n and n+2 for a NaN u: the per-segment tables hold n+3 entries, indexed by e,
+        # with 0 (or a harmless 1 as divisor) outside.
         e = _count_above(u, edges)
-        inside = (e >= 1) & (e <= n)
-        seg = torch.where(inside, e - 1, 0)
+        pad = (1, 2)
+        inside = F.pad(torch.ones(n, dtype=torch.bool, device=u.device), pad)[e]
         # I / a+_i, one correctly rounded division per segment (a 0-d tensor numerator: a Python
         # scalar there would turn the division into a reciprocal and a multiply).
-        slope = a_pos.new_full((), interval) / a_pos
-        zero = torch.zeros_like(u)
-        w = torch.where(inside, (gf * a2) * slope[seg], zero)  # G*I/a+_i inside, 0 outside
+        slope = F.pad(a_pos.new_full((), interval) / a_pos, pad)[e]
+        w = torch.where(inside, (gf * a2) * slope, 0.0)  # G*I/a+_i inside, 0 outside
         dx = w * a1
-        dalpha1 = torch.where(inside, w * xf, zero).sum()
-        dalpha2 = (gf * (k.float() * interval)).sum()
+        dalpha1 = torch.where(inside, w * xf, 0.0).sum()
         # Per segment: P_i = sum G*I/a+_i and Q_i = sum G*I*(u - d_{i-1})/a+_i^2 over its elements.
-        q = torch.where(inside, w * (u - edges[seg]) / a_pos[seg], zero)
-        # Every element is added (w and q are 0 outside, at seg 0: x + 0 is exact): a boolean index
-        # would have a data-dependent size and break a torch.compile graph.
-        P = torch.zeros(n, dtype=torch.float32, device=u.device).index_add_(0, seg.reshape(-1), w.reshape(-1))
-        Q = torch.zeros_like(P).index_add_(0, seg.reshape(-1), q.reshape(-1))
+        lower = F.pad(edges[:-1], pad)[e]
+        width = F.pad(a_pos, pad, value=1.0)[e]
+        q = torch.where(inside, w * (u - lower) / width, 0.0)
+        # Every element is added, into its segment's slot or an outside one (w and q are 0 outside):
+        # a boolean index would have a data-dependent size and break a torch.compile graph.
+        idx = e.reshape(-1)
+        P = torch.zeros(n + 3, dtype=torch.float32, device=u.device).index_add_(0, idx, w.reshape(-1))[1:n + 1]
+        Q = torch.zeros(n + 3, dtype=torch.float32, device=u.device).index_add_(0, idx, q.reshape(-1))[1:n + 1]
         # da_j = -sum_{i>j} P_i - Q_j: the exclusive suffix sum, built without a subtraction.
         suffix = torch.cat([P.flip(0).cumsum(0).flip(0)[1:], P.new_zeros(1)])
         da = torch.where(a.float().reshape(-1) > A_FLOOR, -(suffix + Q), torch.zeros_like(P))
         dstart = -P.sum()
-        return (dx.to(x.dtype), dstart.reshape(start.shape), da.reshape(a.shape),
+        return (dx.to(x.dtype), dstart.reshape(ctx.start_shape), da.reshape(a.shape),
                 dalpha1.reshape(alpha1.shape), dalpha2.reshape(alpha2.shape), None)
 
 
