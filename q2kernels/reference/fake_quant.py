@@ -50,17 +50,20 @@ def _reduce_like(t: torch.Tensor, p: torch.Tensor, axis: int | None) -> torch.Te
     return t.sum(dim=dims).reshape(p.shape)
 
 
+def _centered(x: torch.Tensor, beta: torch.Tensor | None, axis: int | None) -> torch.Tensor:
+    """x - beta in fp32, or x itself for LSQ (no offset: subtracting 0 would be a pass that changes
+    nothing, as the kernels skip it too)."""
+    return x.float() if beta is None else x.float() - _per_channel_view(beta.float(), x, axis)
+
+
 class _LSQ(torch.autograd.Function):
     """LSQ (beta is None) and LSQ+ (learnable offset beta), per tensor or per channel."""
 
     @staticmethod
     def forward(ctx, x, s, beta, qn, qp, axis, grad_scale):
-        xf = x.float()
         s_ = _per_channel_view(s.float(), x, axis).clamp_min(SCALE_FLOOR)
-        inv_s = 1.0 / s_
-        b = 0.0 if beta is None else _per_channel_view(beta.float(), x, axis)
-        q = torch.round(((xf - b) * inv_s).clamp(qn, qp))
-        y = q * s_ + b
+        q = torch.round((_centered(x, beta, axis) * (1.0 / s_)).clamp(qn, qp))
+        y = q * s_ if beta is None else q * s_ + _per_channel_view(beta.float(), x, axis)
         ctx.save_for_backward(x, s, beta)
         ctx.qn, ctx.qp, ctx.axis, ctx.grad_scale = qn, qp, axis, grad_scale
         return output_as(y, x)
@@ -72,18 +75,16 @@ class _LSQ(torch.autograd.Function):
         gf = g.float()
         s_raw = _per_channel_view(s.float(), x, axis)
         s_ = s_raw.clamp_min(SCALE_FLOOR)
-        inv_s = 1.0 / s_
-        b = 0.0 if beta is None else _per_channel_view(beta.float(), x, axis)
-        v = (x.float() - b) * inv_s
+        v = _centered(x, beta, axis) * (1.0 / s_)
         inside = (v >= qn) & (v <= qp)
         q = torch.round(v.clamp(qn, qp))
-        dx = torch.where(inside, gf, torch.zeros_like(gf))
+        dx = torch.where(inside, gf, 0.0)
         ds_elem = gf * torch.where(inside, q - v, torch.where(v < qn, float(qn), float(qp)))
         # clamp_min passes the gradient only where s >= the floor, as autograd of max(s, 1e-8) does.
         ds = _reduce_like(ds_elem, s, axis) * ctx.grad_scale * (s.float() >= SCALE_FLOOR)
         dbeta = None
         if beta is not None:
-            dbeta = _reduce_like(torch.where(inside, torch.zeros_like(gf), gf), beta, axis) * ctx.grad_scale
+            dbeta = _reduce_like(torch.where(inside, 0.0, gf), beta, axis) * ctx.grad_scale
             dbeta = dbeta.to(beta.dtype)
         return dx.to(x.dtype), ds.to(s.dtype), dbeta, None, None, None, None
 
@@ -119,9 +120,9 @@ class _PACT(torch.autograd.Function):
         x, alpha = ctx.saved_tensors
         xf, gf, a_raw = x.float(), g.float(), alpha.float().reshape(())
         a = a_raw.clamp_min(SCALE_FLOOR)
-        dx = torch.where((xf >= 0) & (xf < a), gf, torch.zeros_like(gf))
+        dx = torch.where((xf >= 0) & (xf < a), gf, 0.0)
         # clamp_min passes the gradient only where alpha >= the floor (as LSQ's s).
-        dalpha = torch.where(xf >= a, gf, torch.zeros_like(gf)).sum() * (a_raw >= SCALE_FLOOR)
+        dalpha = torch.where(xf >= a, gf, 0.0).sum() * (a_raw >= SCALE_FLOOR)
         dalpha = dalpha.reshape(alpha.shape)
         return dx.to(x.dtype), dalpha.to(alpha.dtype), None
 
