@@ -14,15 +14,10 @@
 # which tests/test_int_conv_cuda.py builds without sanitizers, so they are left to the plain run.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-# Run by .ci/run: in an environment of its own, installed as the README's test command installs
-# (torch 2.13, CPU), so that this step can run in the other lane, beside the main step's tests.
+# In the main step's environment (torch 2.13, CPU) when run by .ci/run.
 if [ -n "${Q2K_CI_TMP:-}" ]; then
-  python3 -m venv "$Q2K_CI_TMP/venv-sanitize"
   # shellcheck disable=SC1091
-  . "$Q2K_CI_TMP/venv-sanitize/bin/activate"
-  python -m pip install -q --upgrade pip
-  python -m pip install -q torch==2.13.0
-  python -m pip install -q -e ".[test]"
+  . "$Q2K_CI_TMP/venv-main/bin/activate"
 fi
 
 export Q2K_SANITIZE=1
