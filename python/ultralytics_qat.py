@@ -1,16 +1,15 @@
-"""Q2 on an Ultralytics YOLO detector, from its YAML to an integer model, offline.
+"""Does Q2 pay off on a YOLO detector deployed as an integer model? Offline, on a generated task.
 
-The steps (q2kernels/integrations/ultralytics/demo.py, also `q2k demo --ultralytics`):
-1. a tiny synthetic detection dataset in Ultralytics' format;
-2. Q2 QAT inside Ultralytics' own trainer (Q2DetectionTrainer): quantization with detector
-   defaults, Q-GBFusion at every neck Concat, Q-ADA from the float teacher;
-3. the best checkpoint reloaded, fusion calibrated, LayerNorm removed with a short fine-tuning;
-4. Ultralytics' validator on the LayerNorm-free fake-quant model;
-5. the integer model: converted, verified layer by layer against the reference mode, saved, and
-   validated by Ultralytics' validator (IntDetector).
+The steps (q2kernels/integrations/ultralytics/demo.py, also `q2k demo --ultralytics`): a float
+YOLO11n trained once on a generated shapes task (reused by a re-run with the same --out); per
+quantizer recipe four QAT runs from it of equal length (plain, Q-ADA only, gated fusion only, Q2),
+the fusion runs' last epochs without LayerNorm; each run's checkpoint converted to an integer model,
+verified and validated with Ultralytics' validator; the table (results.json, results.md), the
+gradient-balance diagnostic (diagnostics.png) and a prediction drawn by the integer model.
 
-    python ultralytics_qat.py --smoke              # a few minutes on a CPU
-    python ultralytics_qat.py --model yolo11s.yaml --epochs 3 --imgsz 128
+    python ultralytics_qat.py --smoke                       # about a minute on a CPU
+    python ultralytics_qat.py                               # the full demo (benchmarks/NOTES.md: its time)
+    python ultralytics_qat.py --recipes lsq pact --bits 3
 """
 import argparse
 
@@ -22,20 +21,18 @@ from q2kernels.integrations.ultralytics import demo  # noqa: E402
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="yolo11n.yaml", help="an Ultralytics model YAML (built untrained)")
-    ap.add_argument("--recipe", default="lsq", choices=["lsq", "lsq_plus", "pact", "n2uq"])
-    ap.add_argument("--bits", type=int, default=4, help="weight and activation bits")
-    ap.add_argument("--epochs", type=int, default=3)
-    ap.add_argument("--imgsz", type=int, default=128)
-    ap.add_argument("--images", type=int, default=32, help="training images to synthesise")
-    ap.add_argument("--finetune-steps", type=int, default=8)
-    ap.add_argument("--out", default=None, help="folder for the dataset, the runs and the integer model "
-                                               "(default: a temp dir)")
-    ap.add_argument("--smoke", action="store_true", help="tiny run: 1 epoch, 64 px, 4 images")
+    ap.add_argument("--recipes", nargs="+", choices=["lsq", "lsq_plus", "pact", "n2uq"], default=None,
+                    help="quantizer recipes, one table each (default lsq)")
+    ap.add_argument("--variants", nargs="+", choices=list(demo.VARIANTS), default=None,
+                    help="which of the four runs per recipe (default all)")
+    ap.add_argument("--bits", type=int, default=None, help="weight and activation bits (default 4)")
+    ap.add_argument("--out", default="q2k_yolo_out", help="folder for the dataset, the float model, the runs and "
+                                                        "the results (a re-run reuses its float model)")
+    ap.add_argument("--smoke", action="store_true", help="tiny run: 64 px, 8 images, 1 float + 2 QAT epochs")
     args = ap.parse_args()
-    sizes = demo.SMOKE if args.smoke else dict(epochs=args.epochs, imgsz=args.imgsz, images=args.images,
-                                                finetune_steps=args.finetune_steps)
-    demo.run(model=args.model, recipe=args.recipe, bits=args.bits, out=args.out, **sizes)
+    overrides = {k: tuple(v) if isinstance(v, list) else v
+                 for k, v in dict(recipes=args.recipes, variants=args.variants, bits=args.bits).items() if v is not None}
+    demo.run(out=args.out, smoke=args.smoke, **overrides)
 
 
 if __name__ == "__main__":

@@ -89,7 +89,7 @@ def _ultralytics_demo(args) -> int:
     except ImportError as e:
         print(f"q2k demo --ultralytics: {e}", file=sys.stderr)
         return 2
-    demo.run(out=args.out, **(demo.SMOKE if args.smoke else {}))
+    demo.run(out=args.out or "q2k_yolo_out", smoke=args.smoke)
     return 0
 
 

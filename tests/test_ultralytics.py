@@ -2,6 +2,7 @@
 losses per recipe, fuse(), and Ultralytics' own trainer with validation and checkpoint reload on a
 tiny synthetic dataset. Needs Ultralytics (the [ultralytics] extra; see README: its own env)."""
 import copy
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -249,6 +250,12 @@ def test_options_and_trainer_arguments(tmp_path):
     for bad in (-0.1, float("nan"), float("inf"), "0.01", True):
         with pytest.raises(ValueError, match="distill_weight"):
             Q2Options(distill_weight=bad)
+    for name, bad in (("layernorm_free_epochs", -1), ("layernorm_free_epochs", 1.5), ("layernorm_free_epochs", True),
+                      ("calibration_batches", 0), ("calibration_batches", "8"), ("random_teacher", 1)):
+        with pytest.raises(ValueError, match=name):
+            Q2Options(**{name: bad})
+    with pytest.raises(ValueError, match="layernorm_free_epochs.*no fusion node"):
+        Q2Options(fusion=None, layernorm_free_epochs=1)
     data = write_synthetic_dataset(tmp_path / "ds", train=2, val=1, imgsz=IMGSZ)
     args = dict(model="yolov5n.yaml", data=str(data), project=str(tmp_path), name="r")
     with pytest.raises(TypeError, match="q2"):
@@ -260,6 +267,8 @@ def test_options_and_trainer_arguments(tmp_path):
     assert Q2DetectionTrainer(overrides=args).q2 == Q2Options()
     with pytest.raises(TypeError):
         Q2DetectionTrainer.with_options(bits=4)
+    with pytest.raises(ValueError, match="layernorm_free_epochs: 5 is more than the run's 3 epochs"):
+        Q2DetectionTrainer.with_options(layernorm_free_epochs=5)(overrides={**args, "epochs": 3})
     with pytest.raises(ValueError, match="quantize"):
         Q2DetectionTrainer(overrides={**args, "quantize": 8})
 
@@ -294,7 +303,7 @@ def test_trainer_trains_validates_and_reloads(tmp_path):
         overrides=dict(model="yolov5s.yaml", data=str(data), epochs=2, imgsz=IMGSZ, batch=2, workers=0,
                        device="cpu", amp=False, plots=False, project=str(tmp_path), name="run", exist_ok=True,
                        mosaic=0.0, warmup_epochs=0, nbs=2, seed=0),
-        q2=Q2Options(recipe="lsq", distill_weight=0.01))
+        q2=Q2Options(recipe="lsq", distill_weight=0.01, random_teacher=True))
     ema_gap, epoch_metrics = [], []
 
     def after_validation(tr):  # the EMA the validation just used, against the live model
@@ -371,8 +380,11 @@ def test_teacher_survives_the_checkpoint_and_scales_are_not_decayed(tmp_path):
     assert all(torch.equal(second.teacher.state_dict()[k], v) for k, v in teacher.items())
     assert torch.isfinite(second.tloss["qada_loss"]) and second.tloss["qada_loss"] > 0
 
-    # From a YAML alone the teacher was a random float start: nothing to rebuild, Q-ADA goes off.
-    scratch = Q2DetectionTrainer(overrides=dict(model="yolov5n.yaml", name="scratch", **run))
+    # From a YAML alone the teacher would be a random float start: refused unless asked for.
+    with pytest.raises(ValueError, match="distill_weight: Q-ADA distils from the float model .* random_teacher=True"):
+        Q2DetectionTrainer(overrides=dict(model="yolov5n.yaml", name="refused", **run)).train()
+    scratch = Q2DetectionTrainer(overrides=dict(model="yolov5n.yaml", name="scratch", **run),
+                                 q2=Q2Options(random_teacher=True))
     scratch.train()
     assert scratch.model.q2["teacher"] is None
     third = Q2DetectionTrainer(overrides=dict(model=str(tmp_path / "scratch" / "weights" / "last.pt"),
@@ -382,10 +394,29 @@ def test_teacher_survives_the_checkpoint_and_scales_are_not_decayed(tmp_path):
 
 
 def test_example_smoke(tmp_path):
+    """The Ultralytics demo's smoke mode end to end: float model, the four QAT runs, integer models,
+    the table (JSON + markdown), the diagnostic figure, a prediction drawn; a re-run reuses the float
+    model."""
     r = subprocess.run([sys.executable, "ultralytics_qat.py", "--smoke", "--out", str(tmp_path)], cwd=EXAMPLES,
                        capture_output=True, text=True, timeout=1800)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    out = r.stdout
-    assert "Q-GBFusion + Q-ADA" in out and "LayerNorm removed" in out and "fake-quant model: mAP50" in out
-    assert "exact: True" in out and "integer W4A4 model" in out
-    assert load_int_model(tmp_path / "int_model.pt") is not None
+    summary = json.loads((tmp_path / "results.json").read_text())
+    rows = {row["variant"]: row for row in summary["rows"]}
+    assert list(rows) == ["plain", "qada", "fusion", "q2"]
+    for variant, row in rows.items():
+        assert row["verify_exact"], row["failures"]
+        fusion = variant in ("fusion", "q2")
+        assert (row["layernorm_removed"] is not None) == fusion
+        assert (row["fake_quant_with_layernorm"] is not None) == fusion
+        assert len(row["history"]) == 2 and load_int_model(row["int_model"]) is not None
+    assert summary["wall_seconds"] > 0 and "Wall time" in (tmp_path / "results.md").read_text()
+    assert (tmp_path / "diagnostics.png").stat().st_size > 0 and any((tmp_path / "predict").iterdir())
+    # Every fusion node's branch gradients were recorded, with and without Q-GBFusion.
+    assert set(summary["gradient_imbalance"]["lsq/plain"]) == set(summary["gradient_imbalance"]["lsq/q2"])
+    assert len(summary["gradient_imbalance"]["lsq/q2"]) == 4
+    float_pt = tmp_path / "float" / "weights" / "best.pt"
+    mtime = float_pt.stat().st_mtime_ns
+    r = subprocess.run([sys.executable, "ultralytics_qat.py", "--smoke", "--out", str(tmp_path), "--recipes", "pact",
+                        "--variants", "q2"], cwd=EXAMPLES, capture_output=True, text=True, timeout=1800)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "float model: reusing" in r.stdout and float_pt.stat().st_mtime_ns == mtime

@@ -1,113 +1,303 @@
-"""The Ultralytics demo (`q2k demo --ultralytics`, python/ultralytics_qat.py): Q2 on a YOLO detector,
-from its YAML to an integer model evaluated by Ultralytics' validator. No pretrained weights, no
-dataset download; its entry points call q2kernels.integrations.ultralytics_offline() before
-Ultralytics is imported.
+"""The Ultralytics demo (`q2k demo --ultralytics`, python/ultralytics_qat.py): does Q2 pay off on a
+YOLO detector, deployed as an integer model? Offline, no download; its entry points call
+q2kernels.integrations.ultralytics_offline() before Ultralytics is imported.
 
-1. A tiny synthetic detection dataset in Ultralytics' format (images, labels, data.yaml).
-2. Q2 QAT inside Ultralytics' trainer (Q2DetectionTrainer): W/A quantization with detector
-   defaults, Q-GBFusion (GatedFusion, balanced) at every neck Concat, Q-ADA from the float teacher;
-   Ultralytics' data pipeline, loss, optimiser, EMA, validation and checkpoints.
-3. The best checkpoint reloaded; the fusion nodes calibrated and their LayerNorms removed, with a
-   short fine-tuning of the LayerNorm-free model (Adam, lr 2e-5, task loss only).
-4. Ultralytics' validator on the LayerNorm-free fake-quant model.
-5. convert_to_int on training images; verify_int_model on a validation batch (every layer's codes
-   against the reference mode, bit for bit, and the codes that differ from the fake-quant model's);
-   the integer model saved, and validated by Ultralytics' validator through IntDetector.
+1. A generated detection task (data.py: six shapes that differ in shape only, on textured cluttered
+   backgrounds, several scales, occlusion), written once into the output folder.
+2. A float YOLO11n trained on it from its YAML, once: a re-run with the same output folder reuses
+   `float/weights/best.pt`.
+3. Per quantizer recipe, four W/A-bit QAT runs from that float checkpoint in Q2DetectionTrainer,
+   each the same number of epochs:
+   - plain:  the quantized model alone;
+   - qada:   + Q-ADA distillation from the float checkpoint;
+   - fusion: + GatedFusion with Q-GBFusion at the neck's fusion nodes, no distillation;
+   - q2:     both (the Q2 recipe).
+   The fusion runs' last `layernorm_free_epochs` epochs train without LayerNorm (its calibrated affine
+   in place: Q2's removal and fine-tuning), so plain QAT trains exactly as many steps as Q2 plus its
+   fine-tuning.
+4. Each run's best checkpoint: Ultralytics' validator on the fake-quant model, then to_int
+   (convert_to_int + verify_int_model) and the validator on the integer model; the integer model is
+   saved. The table has, per run, mAP50 / mAP50-95 of the float model, the fake-quant model with
+   LayerNorm (the last epoch before removal), right after the removal, the final fake-quant model,
+   the integer model, the training time and verify's verdict.
+5. The papers' diagnostic: per fusion node, the ratio of the branches' gradient norms during QAT
+   without (plain) and with (q2) Q-GBFusion, next to each run's loss and mAP curves (diagnostics.png).
+6. results.json and results.md (the table), the integer models, and the wall time.
 """
 from __future__ import annotations
 
-import copy
-import os
-import tempfile
+import csv
+import json
+import math
+import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from ultralytics import YOLO
-from ultralytics.models.yolo.detect import DetectionValidator
 from ultralytics.nn.tasks import load_checkpoint
+from ultralytics.utils.torch_utils import unwrap_model
 
-from ...deploy import calibrate_fusion, convert_to_int, finetune_without_layernorm, save_int_model, verify_int_model
-from ...nn import GatedFusion
+from ...deploy import save_int_model
 from .data import write_synthetic_dataset
-from .int_detector import IntDetector
+from .deploy import load_q2_checkpoint, predict, to_int, validate
+from .diagnostics import BranchGradients, imbalance
 from .trainer import Q2DetectionTrainer
 
-SMOKE = dict(epochs=1, imgsz=64, images=4, finetune_steps=2)
+VARIANTS = {  # name: (gated fusion at the neck's fusion nodes, Q-ADA distillation)
+    "plain": (False, False),
+    "qada": (False, True),
+    "fusion": (True, False),
+    "q2": (True, True),
+}
 
 
-def _batches(trainer, count: int) -> list[dict]:
-    """`count` preprocessed training batches from the trainer's own data pipeline."""
-    out = []
-    while len(out) < count:
-        for batch in trainer.train_loader:
-            out.append(trainer.preprocess_batch(batch))
-            if len(out) == count:
-                break
+@dataclass(frozen=True)
+class Config:
+    model: str = "yolo11n.yaml"
+    recipes: tuple[str, ...] = ("lsq",)
+    variants: tuple[str, ...] = tuple(VARIANTS)
+    bits: int = 4
+    imgsz: int = 160
+    train_images: int = 320
+    val_images: int = 96
+    float_epochs: int = 30
+    qat_epochs: int = 6
+    layernorm_free_epochs: int = 2
+    distill_weight: float = 0.01
+    batch: int = 16
+    verify_images: int = 8
+
+
+SMOKE = Config(imgsz=64, train_images=8, val_images=4, float_epochs=1, qat_epochs=2, layernorm_free_epochs=1,
+               batch=4, verify_images=2)
+
+
+def _train_args(cfg: Config, out: Path, name: str, epochs: int) -> dict:
+    device = "0" if torch.cuda.is_available() else "cpu"
+    return dict(data=str(out / "dataset" / "data.yaml"), epochs=epochs, imgsz=cfg.imgsz, batch=cfg.batch, workers=2,
+                device=device, amp=False, plots=False, project=str(out), name=name, exist_ok=True, seed=0,
+                deterministic=True, verbose=False)
+
+
+def _float_model(cfg: Config, out: Path) -> Path:
+    """The float checkpoint, trained now unless the output folder already holds it."""
+    best = out / "float" / "weights" / "best.pt"
+    if best.exists():
+        print(f"float model: reusing {best}")
+        return best
+    YOLO(cfg.model).train(**_train_args(cfg, out, "float", cfg.float_epochs))
+    return best
+
+
+def _history(save_dir: Path) -> list[dict]:
+    """The run's per-epoch rows of results.csv (losses and validation metrics), as floats."""
+    path = save_dir / "results.csv"
+    if not path.exists():
+        return []
+    with open(path) as f:
+        return [{k.strip(): float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+class _RunRecorder:
+    """Callbacks on one QAT run: the branch gradient norms from the first training step (after the
+    EMA copy, which must not carry hooks), and the mAP of the EMA model right after the LayerNorm
+    removal, before any LayerNorm-free step (at the first batch of that epoch)."""
+
+    def __init__(self, cfg: Config, data: Path):
+        self.cfg, self.data = cfg, data
+        self.gradients: BranchGradients | None = None
+        self.norms: dict[str, torch.Tensor] = {}
+        self.removed_map: tuple[float, float] | None = None
+
+    def attach(self, yolo: YOLO):
+        yolo.add_callback("on_train_start", self._start)
+        yolo.add_callback("on_train_batch_start", self._batch_start)
+        yolo.add_callback("on_train_end", self._end)
+
+    def _start(self, trainer):
+        self.gradients = BranchGradients(unwrap_model(trainer.model))
+
+    def _batch_start(self, trainer):
+        if self.removed_map is None and unwrap_model(trainer.model).q2.get("layernorm") == "removed":
+            self.removed_map = validate(trainer.ema.ema, self.data, self.cfg.imgsz, self.cfg.batch)
+
+    def _end(self, trainer):
+        self.norms = self.gradients.norms()
+        self.gradients.remove()
+
+
+def _images(folder: Path, count: int, imgsz: int) -> torch.Tensor:
+    """The first `count` images of a split, letterboxed to imgsz and scaled to [0, 1] as Ultralytics
+    feeds them (the dataset's images are square at imgsz already)."""
+    from PIL import Image
+    import numpy as np
+
+    paths = sorted(folder.iterdir())[:count]
+    arrays = [np.asarray(Image.open(p).convert("RGB").resize((imgsz, imgsz))) for p in paths]
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255
+
+
+def _qat_run(cfg: Config, out: Path, float_pt: Path, recipe: str, variant: str, float_map):
+    """One QAT run (module docstring, 3-4): its table row, branch gradient norms and integer detector."""
+    fusion, distill = VARIANTS[variant]
+    name = f"{recipe}_w{cfg.bits}a{cfg.bits}_{variant}"
+    trainer = Q2DetectionTrainer.with_options(
+        recipe=recipe, w_bits=cfg.bits, a_bits=cfg.bits, fusion="balanced" if fusion else None,
+        distill_weight=cfg.distill_weight if distill else 0.0,
+        layernorm_free_epochs=cfg.layernorm_free_epochs if fusion else 0)
+    yolo = YOLO(str(float_pt))
+    recorder = _RunRecorder(cfg, out / "dataset" / "data.yaml")
+    recorder.attach(yolo)
+    start = time.perf_counter()
+    yolo.train(trainer=trainer, warmup_epochs=0, **_train_args(cfg, out, name, cfg.qat_epochs))
+    train_seconds = time.perf_counter() - start
+    save_dir = Path(yolo.trainer.save_dir)
+    history = _history(save_dir)
+
+    model = load_q2_checkpoint(save_dir / "weights" / "best.pt")
+    data = out / "dataset" / "data.yaml"
+    fake = validate(model, data, cfg.imgsz, cfg.batch)
+    dataset = out / "dataset" / "images"
+    int_model, check = to_int(model, _images(dataset / "train", 2, cfg.imgsz),
+                              _images(dataset / "val", cfg.verify_images, cfg.imgsz))
+    integer = validate(int_model, data, cfg.imgsz, cfg.batch)
+    int_path = out / "int_models" / f"{name}.q2k"
+    int_path.parent.mkdir(parents=True, exist_ok=True)
+    save_int_model(int_model.int_model, int_path)
+
+    with_ln = None
+    if fusion and cfg.layernorm_free_epochs < cfg.qat_epochs:
+        last_ln_epoch = history[cfg.qat_epochs - cfg.layernorm_free_epochs - 1]
+        with_ln = (last_ln_epoch["metrics/mAP50(B)"], last_ln_epoch["metrics/mAP50-95(B)"])
+    row = dict(recipe=recipe, variant=variant, bits=cfg.bits, float=float_map, fake_quant_with_layernorm=with_ln,
+               layernorm_removed=recorder.removed_map, fake_quant=fake, integer=integer,
+               train_seconds=round(train_seconds, 1), verify_ok=check.ok, verify_exact=check.exact,
+               differing_fraction=check.differing_fraction, failures=check.failures(), int_model=str(int_path),
+               history=history)
+    print(f"{name}: fake-quant mAP50-95 {fake[1]:.4f}, integer {integer[1]:.4f}, verify ok={check.ok} "
+          f"(differing codes {check.differing_fraction:.2e}), {train_seconds:.0f} s")
+    return row, recorder.norms, int_model
+
+
+def _cell(pair) -> str:
+    return "—" if pair is None else f"{pair[0]:.3f} / {pair[1]:.3f}"
+
+
+def markdown(rows: list[dict], cfg: Config, wall: float) -> str:
+    lines = [f"YOLO11n on the generated shapes task ({cfg.train_images} train / {cfg.val_images} val images, "
+             f"{cfg.imgsz} px), W{cfg.bits}A{cfg.bits}, {cfg.qat_epochs} QAT epochs per run "
+             f"(fusion runs: the last {cfg.layernorm_free_epochs} without LayerNorm). mAP50 / mAP50-95.", "",
+             "| recipe | run | float | fake-quant with LN | LN removed | fake-quant | integer | train s | verify |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        verdict = "ok" if r["verify_ok"] else ("exact, flips beyond bound" if r["verify_exact"] else "FAILED")
+        lines.append(f"| {r['recipe']} | {r['variant']} | {_cell(r['float'])} | {_cell(r['fake_quant_with_layernorm'])} "
+                     f"| {_cell(r['layernorm_removed'])} | {_cell(r['fake_quant'])} | {_cell(r['integer'])} "
+                     f"| {r['train_seconds']:.0f} | {verdict} |")
+    lines += ["", f"Wall time {wall / 60:.1f} min."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(path: Path, rows: list[dict], norms: dict) -> Path | None:
+    """diagnostics.png: per recipe, the loss and mAP50-95 curves of the four runs, and per fusion
+    node the branch gradient-norm ratio (max/min, per step) without and with Q-GBFusion."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plots (pip install matplotlib)")
+        return None
+    recipes = sorted({r["recipe"] for r in rows})
+    nodes = sorted({n for per_run in norms.values() for n in per_run}, key=lambda n: int(n.split(".")[1]))
+    cols = max(2, len(nodes))
+    fig, axes = plt.subplots(2 * len(recipes), cols, figsize=(3.4 * cols, 5.6 * len(recipes)), squeeze=False)
+    for i, recipe in enumerate(recipes):
+        runs = [r for r in rows if r["recipe"] == recipe]
+        for r in runs:
+            epochs = [h["epoch"] for h in r["history"]]
+            loss = [h["train/box_loss"] + h["train/cls_loss"] + h["train/dfl_loss"] for h in r["history"]]
+            axes[2 * i, 0].plot(epochs, loss, marker="o", label=r["variant"])
+            axes[2 * i, 1].plot(epochs, [h["metrics/mAP50-95(B)"] for h in r["history"]], marker="o",
+                                label=r["variant"])
+        axes[2 * i, 0].set_title(f"{recipe}: detection loss (box+cls+dfl)", fontsize=9)
+        axes[2 * i, 1].set_title(f"{recipe}: val mAP50-95 (fake-quant)", fontsize=9)
+        for ax in axes[2 * i, :2]:
+            ax.set_xlabel("epoch"), ax.legend(fontsize=7)
+        for ax in axes[2 * i, 2:]:
+            ax.axis("off")
+        for j, node in enumerate(nodes):
+            ax = axes[2 * i + 1, j]
+            for variant, label in (("plain", "without Q-GBFusion (plain)"), ("q2", "with Q-GBFusion (q2)")):
+                g = norms.get((recipe, variant), {}).get(node)
+                if g is not None and g.numel():
+                    ax.plot(imbalance(g).numpy(), lw=0.8, label=label)
+            ax.set_yscale("log"), ax.set_xlabel("QAT step (with LayerNorm)")
+            ax.set_title(f"{recipe}: node {node}, max/min branch ||dL/dx||", fontsize=8)
+            ax.legend(fontsize=6)
+        for ax in axes[2 * i + 1, len(nodes):]:
+            ax.axis("off")
+    fig.tight_layout()
+    out = path / "diagnostics.png"
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
     return out
 
 
-def _detection_loss(model, batch):
-    return model.loss(batch)[0].sum()
+def _mean_imbalance(norms: dict) -> dict:
+    """{(recipe, variant): {node: geometric mean over steps of max/min branch gradient norm}}."""
+    return {f"{recipe}/{variant}": {n: float(torch.exp(torch.log(imbalance(g)).mean())) for n, g in per.items()
+                                    if g.numel()}
+            for (recipe, variant), per in norms.items()}
 
 
-def _validate(model, data: Path, imgsz: int, device: str) -> tuple[float, float]:
-    """(mAP50, mAP50-95) from Ultralytics' validator (on a copy: validation fuses float blocks)."""
-    validator = DetectionValidator(args=dict(data=str(data), imgsz=imgsz, batch=2, device=device, plots=False,
-                                             save_json=False, verbose=False))
-    metrics = validator(model=copy.deepcopy(model).eval())
-    return metrics["metrics/mAP50(B)"], metrics["metrics/mAP50-95(B)"]
+def run(out: str = "q2k_yolo_out", smoke: bool = False, **overrides) -> dict:
+    """The demo (module docstring); returns its measurements, also written to out/results.json."""
+    start = time.perf_counter()
+    cfg = replace(SMOKE if smoke else Config(), **overrides)
+    unknown = [v for v in cfg.variants if v not in VARIANTS]
+    if unknown or not cfg.variants:
+        raise ValueError(f"variants: expected some of {list(VARIANTS)}, got {list(cfg.variants)}")
+    out = Path(out).resolve()
+    data = out / "dataset" / "data.yaml"
+    if not data.exists():
+        write_synthetic_dataset(out / "dataset", train=cfg.train_images, val=cfg.val_images, imgsz=cfg.imgsz)
+    float_pt = _float_model(cfg, out)
+    float_map = validate(_load_float(float_pt), data, cfg.imgsz, cfg.batch)
+    print(f"float {cfg.model}: mAP50 {float_map[0]:.4f}, mAP50-95 {float_map[1]:.4f}")
+
+    rows, norms = [], {}
+    for recipe in cfg.recipes:
+        for variant in cfg.variants:
+            row, run_norms, int_model = _qat_run(cfg, out, float_pt, recipe, variant, float_map)
+            rows.append(row)
+            norms[(recipe, variant)] = run_norms
+    sample = sorted((out / "dataset" / "images" / "val").iterdir())[0]
+    results = predict(int_model, str(sample), cfg.imgsz, save_dir=out / "predict")
+    print(f"integer model ({rows[-1]['int_model']}) on {sample.name}: {len(results[0].boxes)} boxes, drawn in "
+          f"{out / 'predict'}")
+
+    wall = time.perf_counter() - start
+    figure = plot(out, rows, norms)
+    summary = dict(config=cfg.__dict__ | {"recipes": list(cfg.recipes), "variants": list(cfg.variants)}, rows=rows,
+                   gradient_imbalance=_mean_imbalance(norms), wall_seconds=round(wall, 1),
+                   diagnostics=str(figure) if figure else None)
+    (out / "results.json").write_text(json.dumps(summary, indent=1, default=_jsonable))
+    table = markdown(rows, cfg, wall)
+    (out / "results.md").write_text(table)
+    print(table)
+    print(f"wrote {out / 'results.json'}, {out / 'results.md'}" + (f", {figure}" if figure else ""))
+    return summary
 
 
-def run(model: str = "yolo11n.yaml", recipe: str = "lsq", bits: int = 4, epochs: int = 3, imgsz: int = 128,
-        images: int = 32, finetune_steps: int = 8, out: str | os.PathLike | None = None) -> dict:
-    """The demo (module docstring); returns its measurements."""
-    out = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="q2k_yolo_"))
-    device = "0" if torch.cuda.is_available() else "cpu"
-    data = write_synthetic_dataset(out / "dataset", train=images, val=max(2, images // 4), imgsz=imgsz, classes=2)
-    print(f"dataset: {data}")
+def _load_float(path: Path):
+    return load_checkpoint(str(path))[0].float().eval()
 
-    # 2. Q2 QAT inside Ultralytics' trainer.
-    yolo = YOLO(model)
-    trainer_cls = Q2DetectionTrainer.with_options(recipe=recipe, w_bits=bits, a_bits=bits, fusion="balanced",
-                                                  distill_weight=0.01)
-    yolo.train(trainer=trainer_cls, data=str(data), epochs=epochs, imgsz=imgsz, batch=2, workers=0,
-               device=device, amp=False, plots=False, mosaic=0.0, project=str(out), name="qat", exist_ok=True,
-               seed=0, verbose=False)
-    trainer = yolo.trainer
-    qada = float(trainer.tloss["qada_loss"])
-    print(f"Q2 QAT ({recipe}, W{bits}A{bits}, Q-GBFusion + Q-ADA): last epoch losses "
-          + ", ".join(f"{k} {float(v):.4g}" for k, v in trainer.tloss.items()))
-    if not (qada > 0 and qada < float("inf")):
-        raise RuntimeError(f"the Q-ADA term did not run (last epoch qada_loss {qada})")
-    gates = [m.gates().tolist() for m in trainer.model.modules() if isinstance(m, GatedFusion)]
-    print("fusion gates: " + "; ".join(", ".join(f"{a:.3f}" for a in g) for g in gates))
 
-    # 3. The checkpoint, reloaded; LayerNorm removal with fine-tuning on the trainer's own batches.
-    q2_model, _ = load_checkpoint(trainer.best)
-    q2_model.args = trainer.args  # the hyperparameters its loss reads
-    for name, p in q2_model.named_parameters():  # the checkpoint is frozen; DFL's fixed conv stays so
-        p.requires_grad_(".dfl." not in name)
-    stats = calibrate_fusion(q2_model, _batches(trainer, 2), forward=lambda m, b: m(b["img"]))
-    print("calibrated: " + ", ".join(f"{n} sigma {s:.3f}" for n, (_, s) in stats.items()))
-    losses = finetune_without_layernorm(q2_model, _batches(trainer, finetune_steps), None, steps=finetune_steps,
-                                        lr=2e-5, forward=_detection_loss)
-    print(f"LayerNorm removed, fine-tuned {len(losses)} steps: loss {losses[0]:.3f} -> {losses[-1]:.3f}")
-
-    # 4. The LayerNorm-free fake-quant model, validated.
-    fake = _validate(q2_model, data, imgsz, device)
-    print(f"LN-free W{bits}A{bits} fake-quant model: mAP50 {fake[0]:.4f}, mAP50-95 {fake[1]:.4f}")
-
-    # 5. The integer model: converted, verified layer by layer, saved, validated.
-    q2_model.eval()
-    calibration = torch.cat([b["img"] for b in _batches(trainer, 2)])
-    int_model = convert_to_int(q2_model, calibration)
-    result = verify_int_model(q2_model, int_model, trainer.preprocess_batch(next(iter(trainer.test_loader)))["img"])
-    print(result.summary())
-    if not result.exact:
-        raise RuntimeError(f"the integer model differs from the reference mode: {result.failures()}")
-    save_int_model(int_model, out / "int_model.pt")
-    integer = _validate(IntDetector(int_model, q2_model), data, imgsz, device)
-    print(f"integer W{bits}A{bits} model ({out / 'int_model.pt'}): mAP50 {integer[0]:.4f}, "
-          f"mAP50-95 {integer[1]:.4f}")
-    return {"qada_loss": qada, "finetune_losses": losses, "fake_quant_map": fake, "integer_map": integer,
-            "differing_fraction": result.differing_fraction}
+def _jsonable(v):
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, Path):
+        return str(v)
+    raise TypeError(f"not JSON serialisable: {type(v).__name__}")

@@ -155,7 +155,7 @@ def _in_channels(model: DetectionModel) -> int:
     return next(m for m in model.modules() if isinstance(m, nn.Conv2d)).in_channels
 
 
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     old = getattr(parent, child)
@@ -175,7 +175,7 @@ def _fuse_concats(model, concats, channels, mode) -> list[str]:
             raise ValueError(f"model: {name} concatenates {len(channels[name])} branches; GatedFusion takes 2 to 4")
     p = next(model.parameters())
     for name in concats:
-        _replace(model, name, GatedFusion(channels[name], mode=mode, device=p.device))
+        replace_module(model, name, GatedFusion(channels[name], mode=mode, device=p.device))
     return list(concats)
 
 
@@ -234,7 +234,7 @@ def prepare(model, recipe: str = "lsq", w_bits: int = 4, a_bits: int = 4, head_b
     custom = [n for n in bits if n in predictions or not convs[n][1]]
     quantize_model(model, recipe, w_bits, a_bits, skip=keep + custom, keep_first_last=False)
     for name in custom:
-        _replace(model, name, _unnormalized_qconv(convs[name][0], recipe, *bits[name]))
+        replace_module(model, name, _unnormalized_qconv(convs[name][0], recipe, *bits[name]))
 
     model.__class__ = Q2DetectionModel
     feeds = {n: consumers[n] for n in nodes}

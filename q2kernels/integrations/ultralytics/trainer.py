@@ -15,6 +15,15 @@ Ultralytics keeps its data, loss, optimiser, EMA, checkpoints and validation; th
   term (reported as `qada_loss`), the frozen float teacher run on each batch. Its hooks live only
   while an epoch trains: Ultralytics deep-copies the model for its EMA and pickles that copy into
   every checkpoint, and a model carrying hooks (closures) cannot be pickled.
+- The LayerNorm-free epochs (Q2's deployment: docs/math.md §5): with `layernorm_free_epochs=N`, the
+  last N epochs train without LayerNorm. At the start of the first of them every GatedFusion is
+  calibrated on `calibration_batches` training batches (eval mode, no grad) and replaced, in the live
+  model and in its EMA alike, by the FixedFusion that applies its gates and its frozen LayerNorm
+  affine; training then goes on with the trainer's own data, loss, Q-ADA, EMA and learning-rate
+  schedule. This is the Q2 recipe's post-removal fine-tuning, inside the run: the checkpoint is the
+  model that converts to integers, and the best checkpoint is chosen among the LayerNorm-free epochs
+  only (the best fitness restarts at the removal). A checkpoint whose LayerNorms are removed rebuilds
+  its FixedFusion nodes when training continues from it.
 - The EMA's quantizers: the EMA is copied before the first batch initialises the quantizers, and
   ModelEMA averages floating-point state only, so the copy would average from the placeholder
   values, never learn that its quantizers were initialised (a bool buffer), and re-initialise them
@@ -23,6 +32,7 @@ Ultralytics keeps its data, loss, optimiser, EMA, checkpoints and validation; th
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -33,16 +43,26 @@ from ultralytics.utils import LOGGER
 from ultralytics.nn.tasks import load_checkpoint
 from ultralytics.utils.torch_utils import unwrap_model
 
+from ...deploy import calibrate_fusion, freeze_fusion
+from ...deploy.fusion import FixedFusion
 from ...nn import GatedFusion, QADALoss, Quantizer
 from .model import Q2DetectionModel
-from .prepare import prepare
+from .prepare import prepare, replace_module
 
 DISTILL_KEY = "qada_loss"
 
 
 @dataclass(frozen=True)
 class Q2Options:
-    """prepare()'s arguments, and the Q-ADA weight (0 trains without distillation)."""
+    """prepare()'s arguments and the phases of the run.
+
+    distill_weight: the Q-ADA weight (0 trains without distillation). The teacher is the float model
+        the run starts from, so it must have trained weights (`YOLO("float.pt")`): a model built from
+        a YAML is refused unless `random_teacher=True` says a random teacher is what is wanted.
+    layernorm_free_epochs: the last that many epochs train with every fusion node's LayerNorm
+        replaced by its calibrated affine (module docstring); 0 keeps the LayerNorm to the end.
+    calibration_batches: training batches the LayerNorm statistics are averaged over.
+    """
     recipe: str = "lsq"
     w_bits: int = 4
     a_bits: int = 4
@@ -50,14 +70,28 @@ class Q2Options:
     keep_float: tuple[str, ...] | None = None
     fusion: str | None = "balanced"
     distill_weight: float = 0.01
+    random_teacher: bool = False
+    layernorm_free_epochs: int = 0
+    calibration_batches: int = 8
 
     def __post_init__(self):
         w = self.distill_weight
         if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 <= w < float("inf"):
             raise ValueError(f"distill_weight: expected a finite number >= 0, got {w!r}")
+        if not isinstance(self.random_teacher, bool):
+            raise ValueError(f"random_teacher: expected True or False, got {self.random_teacher!r}")
+        for name, lo in (("layernorm_free_epochs", 0), ("calibration_batches", 1)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise ValueError(f"{name}: expected an integer >= {lo}, got {v!r}")
+        if self.layernorm_free_epochs and self.fusion is None:
+            raise ValueError("layernorm_free_epochs: the model has no fusion node (fusion=None), so no LayerNorm "
+                             "to remove")
 
     def prepare_kwargs(self) -> dict:
         kw = asdict(self)
+        for phase in ("random_teacher", "layernorm_free_epochs", "calibration_batches"):
+            kw.pop(phase)
         weight = kw.pop("distill_weight")
         return {**kw, "distill": weight > 0}
 
@@ -84,6 +118,17 @@ class DistilledCriterion:
         return getattr(self.criterion, name)
 
 
+def _training_batches(trainer, count: int) -> list[dict]:
+    """`count` preprocessed batches from the trainer's own training data pipeline."""
+    out = []
+    while len(out) < count:
+        for batch in trainer.train_loader:
+            out.append(trainer.preprocess_batch(batch))
+            if len(out) == count:
+                break
+    return out
+
+
 def _is_q2(model) -> bool:
     return isinstance(model, Q2DetectionModel)
 
@@ -105,6 +150,10 @@ class Q2DetectionTrainer(DetectionTrainer):
         if self.args.quantize == 8:
             raise ValueError("quantize: 8 (Ultralytics' ModelOpt INT8 QAT) would quantize the model a second "
                              "time; Q2DetectionTrainer quantizes it with q2kernels")
+        if self.q2.layernorm_free_epochs > self.epochs:
+            raise ValueError(f"layernorm_free_epochs: {self.q2.layernorm_free_epochs} is more than the run's "
+                             f"{self.epochs} epochs")
+        self.add_callback("on_train_epoch_start", Q2DetectionTrainer._remove_layernorm)
         self.add_callback("on_train_epoch_start", Q2DetectionTrainer._attach_distillation)
         self.add_callback("on_train_epoch_end", Q2DetectionTrainer._detach_distillation)
         self.add_callback("on_train_batch_end", Q2DetectionTrainer._sync_ema_quantizers)
@@ -122,11 +171,19 @@ class Q2DetectionTrainer(DetectionTrainer):
             record = weights.q2
             prepare(model, record["recipe"], record["w_bits"], record["a_bits"], record["head_bits"],
                     record["keep_float"], record["fusion"], distill=False)
+            for name, node in weights.named_modules():  # LayerNorms removed before: the same fixed nodes
+                if isinstance(node, FixedFusion):
+                    replace_module(model, name, copy.deepcopy(node).float())
             model.load_state_dict(weights.float().state_dict())
             model.q2["teacher"] = record.get("teacher")
             if self.q2.distill_weight > 0 and model.q2["teacher"] is not None:
                 self.teacher = self._float_model(cfg, model.q2["teacher"])
             return model
+        if weights is None and self.q2.distill_weight > 0 and not self.q2.random_teacher:
+            raise ValueError("distill_weight: Q-ADA distils from the float model the run starts from, and this "
+                             "one has no trained weights (built from a YAML). Start from a float checkpoint "
+                             "(YOLO('float.pt').train(...)), or pass distill_weight=0, or random_teacher=True "
+                             "to distil from the random model on purpose")
         model = super().get_model(cfg, weights, verbose)
         self.teacher = prepare(model, **self.q2.prepare_kwargs()).teacher
         model.q2["teacher"] = self._weights_file() if weights is not None else None
@@ -165,6 +222,29 @@ class Q2DetectionTrainer(DetectionTrainer):
             return [k for k in items if k != key] if loss_items is None else \
                 {k: v for k, v in items.items() if k != key}
         return items
+
+    def _remove_layernorm(self):
+        """At the first LayerNorm-free epoch: calibrate the live model's fusion nodes, then freeze them
+        to their fixed affines in the live model and the EMA (the same values in both)."""
+        free = self.q2.layernorm_free_epochs
+        model = unwrap_model(self.model)
+        nodes = [n for n, m in model.named_modules() if isinstance(m, GatedFusion)]
+        if not free or self.epoch < self.epochs - free or not nodes:
+            return
+        batches = _training_batches(self, self.q2.calibration_batches)
+        calibrate_fusion(model, batches, forward=lambda m, b: m(b["img"]))
+        freeze_fusion(model)
+        if self.ema is not None:
+            for name in nodes:
+                replace_module(self.ema.ema, name, copy.deepcopy(model.get_submodule(name)))
+            if hasattr(self.ema, "_pairs"):
+                self.ema._pairs = None  # ModelEMA caches its (ema, model) tensor pairs: the nodes changed
+            self.ema.ema.q2["layernorm"] = "removed"  # the EMA's record is its own copy (checkpoints save it)
+        model.q2["layernorm"] = "removed"
+        self.best_fitness = None  # the best checkpoint is a LayerNorm-free one
+        self.stopper.best_fitness, self.stopper.best_epoch = 0.0, self.epoch
+        LOGGER.info(f"Q2: LayerNorm removed at {len(nodes)} fusion nodes (calibrated on {len(batches)} batches); "
+                    f"the last {self.epochs - self.epoch} epochs train without it")
 
     def _attach_distillation(self):
         if self._distilled is not None or self.q2.distill_weight == 0:

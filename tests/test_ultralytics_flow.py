@@ -1,0 +1,189 @@
+"""The Q2 flow a YOLO user runs, after the trainer: the LayerNorm-free epochs inside Q2DetectionTrainer,
+checkpoint -> integer detector (to_int), Ultralytics' validator and predictor on it, and the
+branch-gradient diagnostic. Needs Ultralytics (the [ultralytics] extra; see README: its own env)."""
+import pytest
+import torch
+
+from q2kernels.integrations import ultralytics_offline
+
+ultralytics_offline()
+pytest.importorskip("ultralytics", reason="Ultralytics is not installed (pip install q2kernels[ultralytics])")
+
+from ultralytics.cfg import get_cfg  # noqa: E402
+from ultralytics.nn.modules import Concat  # noqa: E402
+from ultralytics.nn.tasks import DetectionModel, load_checkpoint  # noqa: E402
+from ultralytics.utils.torch_utils import unwrap_model  # noqa: E402
+
+from q2kernels.deploy import calibrate_fusion, layernorm_affine  # noqa: E402
+from q2kernels.deploy.fusion import FixedFusion  # noqa: E402
+from q2kernels.integrations.ultralytics import Q2DetectionTrainer, Q2Options, prepare, write_synthetic_dataset  # noqa: E402
+from q2kernels.integrations.ultralytics.deploy import load_q2_checkpoint, predict, to_int, validate  # noqa: E402
+from q2kernels.integrations.ultralytics.diagnostics import BranchGradients, imbalance  # noqa: E402
+from q2kernels.nn import GatedFusion  # noqa: E402
+
+IMGSZ = 64
+
+
+def _run_args(tmp_path, data, name, epochs):
+    return dict(model="yolov5n.yaml", data=str(data), epochs=epochs, imgsz=IMGSZ, batch=2, workers=0, device="cpu",
+                amp=False, plots=False, project=str(tmp_path), name=name, exist_ok=True, mosaic=0.0,
+                warmup_epochs=0, nbs=2, seed=0)
+
+
+@pytest.fixture(scope="module")
+def layernorm_free_run(tmp_path_factory):
+    """Three epochs of Q2DetectionTrainer, the last two without LayerNorm; what the removal saw."""
+    tmp_path = tmp_path_factory.mktemp("lnfree")
+    data = write_synthetic_dataset(tmp_path / "ds", train=4, val=2, imgsz=IMGSZ)
+    trainer = Q2DetectionTrainer(overrides=_run_args(tmp_path, data, "run", 3),
+                                 q2=Q2Options(distill_weight=0.0, layernorm_free_epochs=2, calibration_batches=2))
+    seen = {}
+
+    def at_epoch_start(tr):  # runs after the trainer's own removal callback of the same event
+        model = unwrap_model(tr.model)
+        seen.setdefault(tr.epoch, {
+            "live": {n: m for n, m in model.named_modules() if isinstance(m, (GatedFusion, FixedFusion))},
+            "ema": {n: m for n, m in tr.ema.ema.named_modules() if isinstance(m, (GatedFusion, FixedFusion))},
+            "best_fitness": tr.best_fitness})
+
+    trainer.add_callback("on_train_epoch_start", at_epoch_start)
+    trainer.train()
+    return trainer, seen, data
+
+
+def test_layernorm_free_epochs_remove_it_in_model_and_ema(layernorm_free_run):
+    trainer, seen, _ = layernorm_free_run
+    assert set(seen) == {0, 1, 2}
+    assert all(isinstance(m, GatedFusion) for m in seen[0]["live"].values()) and len(seen[0]["live"]) == 4
+    for epoch in (1, 2):  # removed at the start of epoch 1 (3 epochs, the last 2 LayerNorm-free)
+        live, ema = seen[epoch]["live"], seen[epoch]["ema"]
+        assert list(live) == list(ema) == list(seen[0]["live"])
+        assert all(type(m) is FixedFusion and m.scale is not None for m in (*live.values(), *ema.values()))
+    assert seen[1]["best_fitness"] is None  # the best checkpoint is chosen among LayerNorm-free epochs only
+    # At the removal, the EMA got the live model's affine, value for value (not a copy of the module object).
+    for name, node in seen[1]["live"].items():
+        twin = seen[1]["ema"][name]
+        assert twin is not node and (node.f, node.i) == (twin.f, twin.i)
+    model = unwrap_model(trainer.model)
+    assert model.q2["layernorm"] == "removed" and not any(isinstance(m, GatedFusion) for m in model.modules())
+
+
+def test_removal_affine_is_the_calibrated_layernorm():
+    """The trainer's removal is calibrate_fusion + the fixed affine of docs/math.md §5: on a prepared
+    model, the FixedFusion's scale/shift equal layernorm_affine of the calibrated node (oracle: the
+    affine recomputed here in float64 from the node's own statistics)."""
+    torch.manual_seed(0)
+    model = DetectionModel("yolov5n.yaml", nc=2, verbose=False)
+    model.args = get_cfg()
+    prepare(model, distill=False)
+    batches = [torch.rand(2, 3, IMGSZ, IMGSZ) for _ in range(2)]
+    calibrate_fusion(model, batches)
+    for name, node in [(n, m) for n, m in model.named_modules() if isinstance(m, GatedFusion)]:
+        _, A, B = layernorm_affine(node)
+        a = torch.softmax(node.theta.double(), 0)
+        gates = torch.cat([a[k].expand(c) for k, c in enumerate(node.channels)])
+        torch.testing.assert_close(A, gates * node.gamma.double() / node.sigmabar.double())
+        torch.testing.assert_close(B, node.beta.double() - node.gamma.double() * node.mubar.double()
+                                   / node.sigmabar.double())
+
+
+def test_checkpoint_converts_validates_predicts(layernorm_free_run, tmp_path):
+    trainer, _, data = layernorm_free_run
+    best = trainer.best
+    model = load_q2_checkpoint(best)
+    assert sum(isinstance(m, FixedFusion) for m in model.modules()) == 4  # a LayerNorm-free epoch's
+    images = torch.rand(2, 3, IMGSZ, IMGSZ)
+    int_model, check = to_int(model, images)
+    assert check.exact, check.failures()
+    maps50, maps = validate(int_model, data, IMGSZ, batch=2)
+    assert 0 <= maps <= maps50 <= 1
+    sample = sorted((data.parent / "images" / "val").iterdir())[0]
+    results = predict(int_model, str(sample), IMGSZ, conf=0.0, save_dir=tmp_path / "pred")
+    assert len(results) == 1 and results[0].boxes is not None and results[0].names == model.names
+    assert (tmp_path / "pred" / f"{sample.stem}.jpg").exists()
+    # The integer detector's raw predictions equal the fake-quant model's decoded through the same head
+    # up to the certified rounding flips: identical where verify saw no differing code.
+    if check.differing_fraction == 0:
+        with torch.no_grad():
+            torch.testing.assert_close(int_model(images), model(images)[0], rtol=1e-4, atol=1e-3)
+
+    # Training continues from the LayerNorm-free checkpoint: its FixedFusion nodes are rebuilt.
+    rebuilt = trainer.get_model(cfg=model.yaml, weights=load_checkpoint(best)[0], verbose=False)
+    assert [n for n, m in rebuilt.named_modules() if isinstance(m, FixedFusion)] == \
+        [n for n, m in model.named_modules() if isinstance(m, FixedFusion)]
+    for (k, a), (k2, b) in zip(model.state_dict().items(), rebuilt.state_dict().items()):
+        assert k == k2 and torch.equal(a, b), k
+
+
+def test_to_int_refuses_layernorm():
+    torch.manual_seed(0)
+    model = DetectionModel("yolov5n.yaml", nc=2, verbose=False)
+    prepare(model, distill=False)
+    with pytest.raises(ValueError, match=r"model: the fusion nodes \['model.12'.*still apply LayerNorm"):
+        to_int(model, torch.rand(1, 3, IMGSZ, IMGSZ))
+
+
+@pytest.mark.parametrize("fusion", [None, "balanced"])
+def test_branch_gradients_are_the_branch_inputs_gradient_norms(fusion):
+    """Oracle: the gradient of the same loss with respect to each fusion node's inputs, taken by
+    torch.autograd.grad on the inputs a forward pre-hook captured."""
+    torch.manual_seed(0)
+    model = DetectionModel("yolov5n.yaml", nc=2, verbose=False)
+    if fusion:
+        prepare(model, fusion=fusion, distill=False)
+    model.train()
+    probe = BranchGradients(model)
+    captured = {}
+    kind = GatedFusion if fusion else Concat
+    handles = [m.register_forward_pre_hook(lambda mod, args, name=f"model.{i}": captured.__setitem__(name, args[0]))
+               for i, m in enumerate(model.model) if isinstance(m, kind)]
+    x = torch.rand(2, 3, IMGSZ, IMGSZ)
+    out = model(x)
+    loss = sum((f.float() ** 2).mean() for f in (out["feats"] if isinstance(out, dict) else out))
+    names = sorted(captured)
+    inputs = [t for n in names for t in captured[n]]
+    grads = torch.autograd.grad(loss, inputs, retain_graph=True)
+    loss.backward()
+    for h in handles:
+        h.remove()
+    probe.remove()
+    norms = probe.norms()
+    assert sorted(norms) == names == ["model.12", "model.16", "model.19", "model.22"]
+    want = iter(g.double().norm() for g in grads)
+    for n in names:
+        assert norms[n].shape == (2, 2)  # one row per backward pass: autograd.grad, then backward()
+        for k in range(2):
+            expected = next(want)
+            for step in range(2):
+                torch.testing.assert_close(norms[n][step, k].double(), expected, rtol=1e-5, atol=0)
+    with torch.no_grad():  # no record outside training
+        model(x)
+    assert all(v.shape[0] == 2 for v in probe.norms().values())
+    torch.testing.assert_close(imbalance(torch.tensor([[1.0, 4.0], [3.0, 1.5]])), torch.tensor([4.0, 2.0]))
+
+
+@pytest.fixture(scope="module")
+def float_checkpoint(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("float")
+    torch.manual_seed(0)
+    model = DetectionModel("yolov5n.yaml", nc=6, verbose=False)
+    path = tmp_path / "float.pt"
+    torch.save({"model": model}, path)
+    return path, write_synthetic_dataset(tmp_path / "ds", train=4, val=2, imgsz=IMGSZ)
+
+
+@pytest.mark.parametrize("recipe", ["lsq", "lsq_plus", "pact", "n2uq"])
+@pytest.mark.parametrize("bits", [4, 3])
+def test_q2_recipe_from_a_float_checkpoint(float_checkpoint, recipe, bits, tmp_path):
+    """Every recipe and bit width through the whole flow: Q2 QAT from a float .pt (Q-ADA from it as the
+    teacher, Q-GBFusion), the last epoch LayerNorm-free, the checkpoint converted and verified exact."""
+    weights, data = float_checkpoint
+    args = {**_run_args(tmp_path, data, "run", 2), "model": str(weights), "val": False}
+    trainer = Q2DetectionTrainer(overrides=args, q2=Q2Options(recipe=recipe, w_bits=bits, a_bits=bits,
+                                                              layernorm_free_epochs=1, calibration_batches=1))
+    trainer.train()
+    assert all(torch.isfinite(v).all() for v in trainer.tloss.values()) and trainer.tloss["qada_loss"] > 0
+    model = load_q2_checkpoint(trainer.last)
+    assert model.q2["teacher"] == str(weights) and model.q2["layernorm"] == "removed"
+    _, check = to_int(model, torch.rand(2, 3, IMGSZ, IMGSZ))
+    assert check.exact, check.failures()
