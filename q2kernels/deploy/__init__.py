@@ -1,26 +1,21 @@
-"""Deployment tools: calibration, LayerNorm/BN/gate folding, conversion to integer modules."""
+"""Deployment tools: calibration, LayerNorm/BN/gate folding, conversion to integer modules, model
+files, and the standalone detector that runs one (deploy.detector)."""
 import importlib
 
-from .finetune import finetune_without_layernorm
-from .fusion import FixedFusion, calibrate_fusion, freeze_fusion, layernorm_affine, remove_layernorm
+# Everything loads on first use: the integer path's first op builds the C++ extension (q2kernels._ext),
+# and the training-side tools (calibration, fine-tuning, conversion) import q2kernels.nn and Triton,
+# which a program that only loads and runs a saved integer model (load_int_model, load_detector) never needs.
+_LAZY = {"FixedFusion": "fixed_fusion", "calibrate_fusion": "fusion", "finetune_without_layernorm": "finetune",
+         "freeze_fusion": "fusion", "layernorm_affine": "fusion", "remove_layernorm": "fusion",
+         "IntConv2d": "int_modules", "IntModel": "int_model", "QuantizePack": "int_modules",
+         "convert_to_int": "convert", "load_int_model": "serialize", "save_int_model": "serialize",
+         "verify_int_model": "verify", "reference_forward": "verify",
+         "DetectHead": "detect_head", "load_detector": "detector"}
 
-# The integer path loads on first use (its first op builds the C++ extension, q2kernels._ext).
-_INTEGER = {"IntConv2d": "int_modules", "IntModel": "convert", "QuantizePack": "int_modules",
-            "convert_to_int": "convert", "load_int_model": "serialize", "save_int_model": "serialize",
-            "verify_int_model": "verify", "reference_forward": "verify"}
-
-__all__ = [
-    "FixedFusion",
-    "calibrate_fusion",
-    "finetune_without_layernorm",
-    "freeze_fusion",
-    "layernorm_affine",
-    "remove_layernorm",
-    *_INTEGER,
-]
+__all__ = list(_LAZY)
 
 
 def __getattr__(name):
-    if name in _INTEGER:
-        return getattr(importlib.import_module(f".{_INTEGER[name]}", __name__), name)
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -43,25 +43,12 @@ from ..nn.quantizers import Quantizer
 from ..ops import int_conv as ic
 from . import trace
 from .fusion import FixedFusion, layernorm_affine
+from .int_model import IntModel
 from .int_modules import (HEAD_CODES, HEAD_FLOAT, IntConv2d, QuantizePack, packed_maxpool2d,
                           packed_upsample_nearest, packed_write)
 from .units import Unit, find_units
 
 MAX_THRESHOLDS = 15
-
-
-class IntModel(nn.Module):
-    """A converted model: `net` (a torch.fx GraphModule of IntConv2d heads, packed-code ops and float
-    ops; loaded from a file, the same graph as an int_graph.IntGraph) and `report` ({module name: what
-    the conversion did with it, and why})."""
-
-    def __init__(self, net: nn.Module, report: dict[str, str]):
-        super().__init__()
-        self.net = net
-        self.report = dict(report)
-
-    def forward(self, *args):
-        return self.net(*args)
 
 
 @dataclass(eq=False)

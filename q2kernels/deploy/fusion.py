@@ -34,37 +34,10 @@ from torch import nn
 
 from .. import reference as ref
 from ..nn.fusion import FusionConv, GatedFusion
+from .fixed_fusion import FixedFusion
 
 # Attributes an ultralytics layer list routes by (`f`: inputs, `i`: index); a replacement keeps them.
 _ROUTING_ATTRS = ("f", "i")
-
-
-class FixedFusion(nn.Module):
-    """A deployed fusion node: h = concat_k(x_k) (or sum_k gates_k*x_k), then y = scale*h + shift per
-    channel when scale is given (the frozen LayerNorm), computed in the input's dtype."""
-
-    def __init__(self, channels, fuse: str, gates=None, scale=None, shift=None):
-        super().__init__()
-        self.channels, self.fuse = [int(c) for c in channels], fuse
-        self.register_buffer("gates", gates)
-        self.register_buffer("scale", scale)
-        self.register_buffer("shift", shift)
-
-    def forward(self, xs):
-        xs = list(xs)
-        if self.fuse == "concat":
-            h = torch.cat(xs, dim=1)
-        else:
-            g = self.gates.to(xs[0].dtype)
-            h = xs[0] * g[0]
-            for k in range(1, len(xs)):
-                h = h + xs[k] * g[k]
-        if self.scale is None:
-            return h
-        return h * self.scale.to(h.dtype).reshape(1, -1, 1, 1) + self.shift.to(h.dtype).reshape(1, -1, 1, 1)
-
-    def extra_repr(self) -> str:
-        return f"channels={self.channels}, fuse={self.fuse!r}, affine={self.scale is not None}"
 
 
 def _fusion_nodes(model: nn.Module) -> list[tuple[str, GatedFusion]]:

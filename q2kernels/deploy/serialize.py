@@ -2,7 +2,8 @@
 
 The file holds only what torch.load(weights_only=True) accepts: the graph as a list of node records
 (int_graph's format), each module as its type name, constructor arguments and tensors (packed
-codes, scales, epilogues), the conversion report, the format version and the channel alignment.
+codes, scales, epilogues), the conversion report, the format version and the channel alignment, and,
+for a detector, optionally its head's decode as a detect_head record (deploy.detect_head.DetectHead).
 
 Loading never turns file content into code. The whole record is checked before anything is built:
 its keys, version and alignment, every module record (a type from MODULE_KINDS, plain-data
@@ -12,9 +13,14 @@ then built first on the meta device, so that constructor arguments that disagree
 tensors are refused before any memory is allocated for them, and the model runs as an int_graph.
 IntGraph, which interprets the checked nodes. Every problem is a ValueError naming the file and
 what is wrong.
+
+This module does not import q2kernels.nn (the training code, with Triton): the fake-quant module
+kinds a file may hold (a layer kept in float as its QConv2d, a GatedFusion) name their class, which is
+imported only when a file holds one. A model of integer layers loads and runs without it.
 """
 from __future__ import annotations
 
+import importlib
 import os
 import pickle
 from collections import OrderedDict
@@ -25,18 +31,17 @@ import torch
 from torch import fx, nn
 from torch.fx.node import _get_qualified_name
 
-from ..nn.fusion import GatedFusion
-from ..nn.modules import QConv2d
-from ..nn.protocol import QUANTIZER_KINDS, quantizer_class
 from ..ops import int_conv as ic
-from .convert import IntModel
-from .fusion import FixedFusion
+from .detect_head import DetectHead
+from .fixed_fusion import FixedFusion
 from .int_graph import DTYPES, FUNCTIONS, MAX_DEPTH, IntGraph, MalformedGraph, is_module_path, parse_graph
+from .int_model import IntModel
 from .int_modules import IntConv2d, QuantizePack
 
 FORMAT = "q2kernels.int_model"
 FORMAT_VERSION = 1
 RECORD_KEYS = ("format", "format_version", "channel_align", "nodes", "modules", "attrs", "report")
+OPTIONAL_KEYS = ("detect_head",)  # a file without them is read as before they existed
 
 
 def _conv_config(m: nn.Conv2d) -> dict:
@@ -45,35 +50,53 @@ def _conv_config(m: nn.Conv2d) -> dict:
             "bias": m.bias is not None, "padding_mode": m.padding_mode}
 
 
+_NN = "q2kernels.nn"
+
+
+def _nn():
+    """q2kernels.nn, imported on the first record that needs it (module docstring)."""
+    return importlib.import_module(_NN)
+
+
 @dataclass(frozen=True)
 class ModuleKind:
-    """A module type a file may hold: its class, its constructor arguments, and where its tensors go:
-    "state" (load_state_dict), "buffers" (constructor arguments, its buffers) or "none"."""
-    cls: type
+    """A module type a file may hold: its class (by module and name, imported when first needed), its
+    constructor arguments, and where its tensors go: "state" (load_state_dict), "buffers" (constructor
+    arguments, its buffers) or "none"."""
+    module: str
+    name: str
     config: Callable[[nn.Module], dict]
     tensors: str
+
+    @property
+    def cls(self) -> type:
+        return getattr(importlib.import_module(self.module), self.name)
+
+
+def _kind(cls: type, config: Callable[[nn.Module], dict], tensors: str) -> ModuleKind:
+    return ModuleKind(cls.__module__, cls.__name__, config, tensors)
 
 
 def _no_config(m):
     return {}
 
 
-MODULE_KINDS: dict[str, ModuleKind] = {k.cls.__name__: k for k in (
-    ModuleKind(IntConv2d, IntConv2d.config, "buffers"),
-    ModuleKind(QuantizePack, QuantizePack.config, "buffers"),
-    ModuleKind(FixedFusion, lambda m: {"channels": m.channels, "fuse": m.fuse}, "buffers"),
-    ModuleKind(nn.Conv2d, _conv_config, "state"),
-    ModuleKind(QConv2d, _conv_config, "state"),
-    ModuleKind(nn.BatchNorm2d, lambda m: {"num_features": m.num_features, "eps": m.eps, "momentum": m.momentum,
-                                          "affine": m.affine, "track_running_stats": m.track_running_stats}, "state"),
-    ModuleKind(GatedFusion, lambda m: {"channels": m.channels, "mode": m.mode, "fuse": m.fuse,
-                                       "affine": m.gamma is not None, "eps": m.eps}, "state"),
-    ModuleKind(nn.Upsample, lambda m: {"size": m.size, "scale_factor": m.scale_factor, "mode": m.mode,
-                                       "align_corners": m.align_corners}, "none"),
-    ModuleKind(nn.MaxPool2d, lambda m: {"kernel_size": m.kernel_size, "stride": m.stride, "padding": m.padding,
-                                        "dilation": m.dilation, "ceil_mode": m.ceil_mode}, "none"),
-    ModuleKind(nn.LeakyReLU, lambda m: {"negative_slope": m.negative_slope}, "none"),
-    *(ModuleKind(c, _no_config, "none") for c in (nn.SiLU, nn.ReLU, nn.Identity, nn.Sigmoid, nn.Hardswish)))}
+MODULE_KINDS: dict[str, ModuleKind] = {k.name: k for k in (
+    _kind(IntConv2d, IntConv2d.config, "buffers"),
+    _kind(QuantizePack, QuantizePack.config, "buffers"),
+    _kind(FixedFusion, lambda m: {"channels": m.channels, "fuse": m.fuse}, "buffers"),
+    _kind(nn.Conv2d, _conv_config, "state"),
+    ModuleKind(_NN, "QConv2d", _conv_config, "state"),
+    _kind(nn.BatchNorm2d, lambda m: {"num_features": m.num_features, "eps": m.eps, "momentum": m.momentum,
+                                     "affine": m.affine, "track_running_stats": m.track_running_stats}, "state"),
+    ModuleKind(_NN, "GatedFusion", lambda m: {"channels": m.channels, "mode": m.mode, "fuse": m.fuse,
+                                              "affine": m.gamma is not None, "eps": m.eps}, "state"),
+    _kind(nn.Upsample, lambda m: {"size": m.size, "scale_factor": m.scale_factor, "mode": m.mode,
+                                  "align_corners": m.align_corners}, "none"),
+    _kind(nn.MaxPool2d, lambda m: {"kernel_size": m.kernel_size, "stride": m.stride, "padding": m.padding,
+                                   "dilation": m.dilation, "ceil_mode": m.ceil_mode}, "none"),
+    _kind(nn.LeakyReLU, lambda m: {"negative_slope": m.negative_slope}, "none"),
+    *(_kind(c, _no_config, "none") for c in (nn.SiLU, nn.ReLU, nn.Identity, nn.Sigmoid, nn.Hardswish)))}
 
 _QUANTIZER_SLOTS = ("weight_quantizer", "act_quantizer")
 
@@ -93,7 +116,7 @@ def _module_record(name: str, m: nn.Module) -> dict:
     rec = {"type": t, "config": kind.config(m)}
     if kind.tensors == "buffers":
         rec["tensors"] = dict(m._buffers)
-    elif type(m) is QConv2d:
+    elif t == "QConv2d":
         rec["state"] = {k: v for k, v in m.state_dict().items() if k in ("weight", "bias")}
         rec.update({slot: _quantizer_record(getattr(m, slot)) for slot in _QUANTIZER_SLOTS})
     elif kind.tensors == "state":
@@ -133,10 +156,14 @@ def _node_records(gm: fx.GraphModule) -> list[dict]:
     return nodes
 
 
-def save_int_model(model: IntModel, path: str | os.PathLike) -> None:
-    """Write a converted model (convert_to_int, or one load_int_model read) to `path` (module docstring)."""
+def save_int_model(model: IntModel, path: str | os.PathLike, detect_head: DetectHead | None = None) -> None:
+    """Write a converted model (convert_to_int, or one load_int_model read) to `path` (module docstring),
+    with `detect_head` (default: the model's own, which a model read from a file with one carries)."""
     if not isinstance(model, IntModel):
         raise TypeError(f"model: expected an IntModel from convert_to_int, got {type(model).__name__}")
+    if detect_head is not None and not isinstance(detect_head, DetectHead):
+        raise TypeError(f"detect_head: expected a DetectHead or None, got {type(detect_head).__name__}")
+    head = detect_head if detect_head is not None else model.detect_head
     net = model.net
     nodes = net.records if isinstance(net, IntGraph) else _node_records(net)
     modules, attrs = {}, {}
@@ -148,6 +175,8 @@ def save_int_model(model: IntModel, path: str | os.PathLike) -> None:
             attrs[n["target"]] = getattr(net.get_submodule(owner), attr)
     rec = {"format": FORMAT, "format_version": FORMAT_VERSION, "channel_align": ic.CHANNEL_ALIGN,
            "nodes": nodes, "modules": modules, "attrs": attrs, "report": dict(model.report)}
+    if head is not None:
+        rec["detect_head"] = head.record()
     try:
         check_record(rec)  # what is written loads: the same checks as load_int_model
     except MalformedGraph as e:
@@ -196,8 +225,9 @@ def _check_module_record(name, r):
         raise MalformedGraph(f"{where}: unknown module type {t!r} (known: {', '.join(MODULE_KINDS)})")
     kind = MODULE_KINDS[r["type"]]
     where = f"{where} ({r['type']})"
+    qconv = r["type"] == "QConv2d"
     expected = {"type", "config", *({"buffers": ["tensors"], "state": ["state"], "none": []}[kind.tensors])}
-    if kind.cls is QConv2d:
+    if qconv:
         expected |= set(_QUANTIZER_SLOTS)
     if set(r) != expected:
         raise MalformedGraph(f"{where}: expected the keys {sorted(expected)}, got {sorted(r, key=str)}")
@@ -206,14 +236,15 @@ def _check_module_record(name, r):
         _check_tensors(r["tensors"], where, allow_none=True)
     elif kind.tensors == "state":
         _check_tensors(r["state"], where)
-    for slot in _QUANTIZER_SLOTS if kind.cls is QConv2d else ():
+    for slot in _QUANTIZER_SLOTS if qconv else ():
         q = r[slot]
         if q is None:
             continue
+        kinds = _nn().QUANTIZER_KINDS
         if (not isinstance(q, dict) or set(q) != {"type", "config", "state"} or not isinstance(q["type"], str)
-                or q["type"] not in QUANTIZER_KINDS):
+                or q["type"] not in kinds):
             raise MalformedGraph(f"{where} {slot}: expected a quantizer record of a registered kind "
-                                 f"({', '.join(QUANTIZER_KINDS)})")
+                                 f"({', '.join(kinds)})")
         _check_config(q["config"], f"{where} {slot}")
         _check_tensors(q["state"], f"{where} {slot}")
 
@@ -232,8 +263,9 @@ def check_record(rec) -> None:
     if type(rec["channel_align"]) is not int or rec["channel_align"] != ic.CHANNEL_ALIGN:
         raise MalformedGraph(f"packs channels in multiples of {rec['channel_align']!r}, this build of "
                              f"q2kernels._C in multiples of {ic.CHANNEL_ALIGN}")
-    if set(rec) != set(RECORD_KEYS):
-        raise MalformedGraph(f"has the keys {sorted(rec, key=str)}; expected {sorted(RECORD_KEYS)}")
+    if not set(RECORD_KEYS) <= set(rec) <= {*RECORD_KEYS, *OPTIONAL_KEYS}:
+        raise MalformedGraph(f"has the keys {sorted(rec, key=str)}; expected {sorted(RECORD_KEYS)} and optionally "
+                             f"{sorted(OPTIONAL_KEYS)}")
     modules, attrs, report = rec["modules"], rec["attrs"], rec["report"]
     if not isinstance(modules, dict):
         raise MalformedGraph(f"modules: expected a dict, got {type(modules).__name__}")
@@ -246,6 +278,11 @@ def check_record(rec) -> None:
     if not isinstance(report, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in report.items()):
         raise MalformedGraph("report: expected a dict of strings")
     parse_graph(rec["nodes"], modules, attrs)
+    if "detect_head" in rec:
+        try:
+            DetectHead.from_record(rec["detect_head"])
+        except (TypeError, ValueError) as e:
+            raise MalformedGraph(str(e)) from None
 
 
 def _construct(r: dict) -> nn.Module:
@@ -254,10 +291,10 @@ def _construct(r: dict) -> nn.Module:
         return FixedFusion(cfg["channels"], cfg["fuse"], **r["tensors"])
     if kind.tensors == "buffers":
         return kind.cls(**cfg, **r["tensors"])
-    if kind.cls is QConv2d:
-        quantizers = {slot: None if r[slot] is None else quantizer_class(r[slot]["type"])(**r[slot]["config"])
+    if r["type"] == "QConv2d":
+        quantizers = {slot: None if r[slot] is None else _nn().quantizer_class(r[slot]["type"])(**r[slot]["config"])
                       for slot in _QUANTIZER_SLOTS}
-        return QConv2d(**cfg, **quantizers)
+        return kind.cls(**cfg, **quantizers)
     return kind.cls(**cfg)
 
 
@@ -324,4 +361,5 @@ def load_int_model(path: str | os.PathLike, map_location=None) -> IntModel:
         net = IntGraph(rec["nodes"], modules, rec["attrs"])
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         raise ValueError(f"{where}: {e}") from None
-    return IntModel(net, rec["report"]).eval()
+    head = DetectHead.from_record(rec["detect_head"]) if "detect_head" in rec else None  # checked above
+    return IntModel(net, rec["report"], head).eval()
