@@ -1,7 +1,7 @@
 """Q2DetectionModel: an Ultralytics DetectionModel holding q2kernels modules.
 
-prepare() gives the prepared model this class (a subclass with no state of its own) for two
-things Ultralytics does to every model it validates, predicts with or reloads:
+prepare() gives the prepared model this class (a subclass with no state of its own) for what
+Ultralytics does to every model it validates, predicts with, reloads or exports:
 
 - `fuse()` folds each conv block's BatchNorm into its conv. Ultralytics' fuse_conv_and_bn takes a
   conv with a `weight_quantizer` attribute for a ModelOpt QAT conv and rescales that quantizer's
@@ -13,6 +13,16 @@ things Ultralytics does to every model it validates, predicts with or reloads:
   (nan_to_num_), which turns an uncalibrated GatedFusion's NaN mubar/sigmabar into 0. A calibrated
   sigmabar is a mean of sqrt(var + eps) > 0, so a 0 there can only be that: unpickling restores NaN
   ("not calibrated").
+- Export: no exporter can record the fake-quant model (its quantizers and fusion nodes are autograd
+  functions and custom ops; TorchScript tracing reports one as a Python call it cannot export, deep
+  inside a quantizer). forward() refuses to run under an exporter and says what to deploy instead.
+  Ultralytics' Exporter first runs the model once on a zero image (its "dry run") with its Detect's
+  `export` flag and `format` set, before any format's own packages are imported: that run is where
+  its exports stop, every format but imx (its FXModel wrapper runs the layer list itself, not the
+  model's forward, so this check never sees an imx export). torch.jit.trace and torch.onnx.export
+  called directly are recognised by their own flags, and so is torch.export where it gets as far as
+  the forward. The layer loop (_predict_once) is left as it is: q2kernels.deploy traces the model
+  through it (the DetectionModel adapter of deploy.trace).
 """
 from __future__ import annotations
 
@@ -22,8 +32,35 @@ from ultralytics.nn.tasks import DetectionModel
 from ...nn import GatedFusion, QConv2d
 
 
+_DEPLOY = ("deploy the integer model instead: int_model, check = q2kernels.integrations.ultralytics.to_int(model, "
+           "images) converts and verifies it; int_model.save(path, imgsz) writes a file that predicts on its own "
+           "(q2kernels.deploy.load_detector(path).predict(image)), with no Ultralytics and no training code")
+
+
+def _exporter(model: DetectionModel) -> str | None:
+    """What is exporting `model` now, or None (module docstring)."""
+    head = model.model[-1]
+    if getattr(head, "export", False):
+        return f"Ultralytics' export (format={head.format!r})"
+    if torch.onnx.is_in_onnx_export():  # before is_tracing: TorchScript-based ONNX export traces too
+        return "torch.onnx.export"
+    if torch.compiler.is_exporting():
+        return "torch.export"
+    if torch.jit.is_tracing():
+        return "torch.jit.trace"
+    return None
+
+
 class Q2DetectionModel(DetectionModel):
     """A DetectionModel prepared by q2kernels.integrations.ultralytics.prepare (module docstring)."""
+
+    def forward(self, *args, **kwargs):
+        exporter = _exporter(self)
+        if exporter is not None:
+            raise RuntimeError(f"{exporter} cannot export a q2kernels fake-quant model ({type(self).__name__}): "
+                               f"its quantizers and fusion nodes are training-time autograd functions that no "
+                               f"exporter records; {_DEPLOY}. q2kernels has no ONNX export.")
+        return super().forward(*args, **kwargs)
 
     def fuse(self, *args, **kwargs):
         held = []
