@@ -38,7 +38,7 @@ from ultralytics import YOLO
 from ultralytics.nn.tasks import load_checkpoint
 from ultralytics.utils.torch_utils import unwrap_model
 
-from ...deploy import save_int_model
+from ...deploy import load_detector
 from .data import write_synthetic_dataset
 from .deploy import load_q2_checkpoint, predict, to_int, validate
 from .diagnostics import BranchGradients, imbalance
@@ -164,7 +164,7 @@ def _qat_run(cfg: Config, out: Path, float_pt: Path, recipe: str, variant: str, 
     integer = validate(int_model, data, cfg.imgsz, cfg.batch)
     int_path = out / "int_models" / f"{name}.q2k"
     int_path.parent.mkdir(parents=True, exist_ok=True)
-    save_int_model(int_model.int_model, int_path)
+    int_model.save(int_path, imgsz=cfg.imgsz)
 
     with_ln = None
     if fusion and cfg.layernorm_free_epochs < cfg.qat_epochs:
@@ -275,8 +275,12 @@ def run(out: str = "q2k_yolo_out", smoke: bool = False, **overrides) -> dict:
             norms[(recipe, variant)] = run_norms
     sample = sorted((out / "dataset" / "images" / "val").iterdir())[0]
     results = predict(int_model, str(sample), cfg.imgsz, save_dir=out / "predict")
-    print(f"integer model ({rows[-1]['int_model']}) on {sample.name}: {len(results[0].boxes)} boxes, drawn in "
-          f"{out / 'predict'}")
+    print(f"integer model ({rows[-1]['int_model']}) on {sample.name}, Ultralytics' predictor: "
+          f"{len(results[0].boxes)} boxes, drawn in {out / 'predict'}")
+    # The shipped file alone: no Ultralytics model object, no training code.
+    standalone = load_detector(rows[-1]["int_model"]).predict(str(sample))[0]
+    standalone.save(out / "predict" / f"{sample.stem}_standalone.png")
+    print(f"the same file through q2kernels.deploy.load_detector: {len(standalone.boxes)} boxes")
 
     wall = time.perf_counter() - start
     figure = plot(out, rows, norms)

@@ -3,7 +3,8 @@ reaches each branch during QAT, with and without Q-GBFusion.
 
 `BranchGradients(model)` hooks every fusion node of a DetectionModel's layer list, the plain Concat
 of a model trained without gated fusion as well as a GatedFusion, and records G_k = ||dL/dx_k||_2,
-the gradient with respect to branch k's input, at every backward in training mode. That is the
+the gradient with respect to branch k's input that flows through the node (not what the same
+tensor receives from its other consumers), at every backward in training mode. That is the
 quantity the Q-GBFusion controller balances (docs/math.md §5), measured the same way whether or not
 a controller acts on it, so the two runs can be compared. The norms stay on the device until
 `norms()` (one host sync, after training).
@@ -26,26 +27,31 @@ class BranchGradients:
             raise TypeError(f"model: expected an Ultralytics DetectionModel, got {type(model).__name__}")
         self.nodes = {f"model.{i}": m for i, m in enumerate(layers) if isinstance(m, (Concat, GatedFusion))}
         self._steps: dict[str, list[torch.Tensor]] = {name: [] for name in self.nodes}
-        self._handles = [m.register_forward_hook(self._hook(name)) for name, m in self.nodes.items()]
+        self._handles = [m.register_forward_pre_hook(self._hook(name)) for name, m in self.nodes.items()]
 
     def _hook(self, name: str):
         steps = self._steps[name]
 
-        def hook(module, inputs, output):
-            xs = list(inputs[0])
+        def hook(module, args):
+            xs = list(args[0])
             if not (module.training and torch.is_grad_enabled()) or not all(x.requires_grad for x in xs):
-                return
+                return None
+            # A branch tensor may have other consumers (YOLO reuses a neck output in two places), and a
+            # hook on it would see their gradients too: the node gets a view of each branch instead,
+            # whose only consumer is the node, so its gradient is the branch's gradient through it.
+            views = [x.view_as(x) for x in xs]
             pending: dict[int, torch.Tensor] = {}
 
             def record(k):
                 def grad_hook(g):
                     pending[k] = g.detach().float().norm()
-                    if len(pending) == len(xs):  # every branch's gradient of this backward has arrived
-                        steps.append(torch.stack([pending.pop(j) for j in range(len(xs))]))
+                    if len(pending) == len(views):  # every branch's gradient of this backward has arrived
+                        steps.append(torch.stack([pending.pop(j) for j in range(len(views))]))
                 return grad_hook
 
-            for k, x in enumerate(xs):
-                x.register_hook(record(k))
+            for k, v in enumerate(views):
+                v.register_hook(record(k))
+            return (views, *args[1:])
         return hook
 
     def norms(self) -> dict[str, torch.Tensor]:

@@ -242,3 +242,50 @@ def prepare(model, recipe: str = "lsq", w_bits: int = 4, a_bits: int = 4, head_b
     model.q2 = {"recipe": recipe, "w_bits": w_bits, "a_bits": a_bits, "head_bits": head_bits,
                 "keep_float": keep, "fusion": fusion, "feeds": feeds, "points": points}
     return Prepared(model, teacher, points, feeds, keep, bits)
+
+
+def init_fusion_as_identity(model: nn.Module, reference: nn.Module, batches) -> dict[str, tuple[float, float]]:
+    """Start every GatedFusion of a prepared `model` as (nearly) the Concat it replaced, so that QAT
+    from a trained float model starts from that model's function: LayerNorm's gamma and beta become
+    the mean per-pixel spread sigmabar and mean mubar of the Concat's output in the float `reference`
+    (the model before prepare), over `batches` of images. Then LN(h)*gamma + beta = (x - mu)/sigma *
+    sigmabar + mubar equals the concat x wherever a pixel's statistics are the average ones (LN is
+    invariant to the equal gates' scale), instead of the unit-variance output of gamma = 1, beta = 0
+    that the float model's next layers never saw. It also makes the LayerNorm's later removal (its
+    calibrated affine: docs/math.md §5) close to the identity. Returns {node: (mubar, sigmabar)}."""
+    layers = {f"model.{i}": m for i, m in enumerate(reference.model)}
+    nodes = {n: m for n, m in model.named_modules() if isinstance(m, GatedFusion)}
+    sums = {n: torch.zeros(3, dtype=torch.float64) for n in nodes}  # sum mu, sum sigma, pixels
+
+    def record(name, eps):
+        def hook(module, args):
+            h = torch.cat(list(args[0]), dim=1).double()
+            sigma = torch.sqrt(h.var(dim=1, unbiased=False) + eps)
+            sums[name] += torch.stack([h.mean(dim=1).sum(), sigma.sum(), torch.tensor(float(sigma.numel()))]).cpu()
+        return hook
+
+    missing = [n for n in nodes if n not in layers]
+    if missing:
+        raise ValueError(f"reference: has no layer {missing} (expected the float model prepare() started from)")
+    handles = [layers[n].register_forward_pre_hook(record(n, node.eps)) for n, node in nodes.items()]
+    was_training = reference.training
+    try:
+        reference.eval()
+        with torch.no_grad():
+            for x in batches:
+                reference(x)
+    finally:
+        reference.train(was_training)
+        for h in handles:
+            h.remove()
+    stats = {}
+    for name, node in nodes.items():
+        mu_sum, sigma_sum, pixels = sums[name].tolist()
+        if pixels == 0:
+            raise ValueError(f"batches: the fusion node {name!r} saw no pixel")
+        stats[name] = (mu_sum / pixels, sigma_sum / pixels)
+        with torch.no_grad():
+            node.gamma.fill_(stats[name][1])
+            node.beta.fill_(stats[name][0])
+    return stats
+

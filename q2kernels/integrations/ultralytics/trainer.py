@@ -15,6 +15,11 @@ Ultralytics keeps its data, loss, optimiser, EMA, checkpoints and validation; th
   term (reported as `qada_loss`), the frozen float teacher run on each batch. Its hooks live only
   while an epoch trains: Ultralytics deep-copies the model for its EMA and pickles that copy into
   every checkpoint, and a model carrying hooks (closures) cannot be pickled.
+- The fusion nodes' start: with `fusion_init="identity"` (the default) a new run's GatedFusion nodes
+  start as the Concats they replace (prepare.init_fusion_as_identity: LayerNorm's gamma and beta
+  from the float model's statistics on `calibration_batches` training batches, before the first
+  step), not as the unit-variance output of gamma = 1, beta = 0 that the float model's next layers
+  never saw. "default" keeps gamma = 1, beta = 0.
 - The LayerNorm-free epochs (Q2's deployment: docs/math.md §5): with `layernorm_free_epochs=N`, the
   last N epochs train without LayerNorm. At the start of the first of them every GatedFusion is
   calibrated on `calibration_batches` training batches (eval mode, no grad) and replaced, in the live
@@ -37,6 +42,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from ultralytics.cfg import DEFAULT_CFG
 from ultralytics.models.yolo.detect import DetectionTrainer
 from ultralytics.utils import LOGGER
@@ -47,9 +53,10 @@ from ...deploy import calibrate_fusion, freeze_fusion
 from ...deploy.fusion import FixedFusion
 from ...nn import GatedFusion, QADALoss, Quantizer
 from .model import Q2DetectionModel
-from .prepare import prepare, replace_module
+from .prepare import init_fusion_as_identity, prepare, replace_module
 
 DISTILL_KEY = "qada_loss"
+FUSION_INITS = ("identity", "default")
 
 
 @dataclass(frozen=True)
@@ -62,6 +69,8 @@ class Q2Options:
     layernorm_free_epochs: the last that many epochs train with every fusion node's LayerNorm
         replaced by its calibrated affine (module docstring); 0 keeps the LayerNorm to the end.
     calibration_batches: training batches the LayerNorm statistics are averaged over.
+    fusion_init: "identity" (the fusion nodes start as the float model's Concats) or "default"
+        (gamma = 1, beta = 0); module docstring.
     """
     recipe: str = "lsq"
     w_bits: int = 4
@@ -73,6 +82,7 @@ class Q2Options:
     random_teacher: bool = False
     layernorm_free_epochs: int = 0
     calibration_batches: int = 8
+    fusion_init: str = "identity"
 
     def __post_init__(self):
         w = self.distill_weight
@@ -84,13 +94,15 @@ class Q2Options:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise ValueError(f"{name}: expected an integer >= {lo}, got {v!r}")
+        if self.fusion_init not in FUSION_INITS:
+            raise ValueError(f"fusion_init: expected one of {FUSION_INITS}, got {self.fusion_init!r}")
         if self.layernorm_free_epochs and self.fusion is None:
             raise ValueError("layernorm_free_epochs: the model has no fusion node (fusion=None), so no LayerNorm "
                              "to remove")
 
     def prepare_kwargs(self) -> dict:
         kw = asdict(self)
-        for phase in ("random_teacher", "layernorm_free_epochs", "calibration_batches"):
+        for phase in ("random_teacher", "layernorm_free_epochs", "calibration_batches", "fusion_init"):
             kw.pop(phase)
         weight = kw.pop("distill_weight")
         return {**kw, "distill": weight > 0}
@@ -129,6 +141,10 @@ def _training_batches(trainer, count: int) -> list[dict]:
     return out
 
 
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
 def _is_q2(model) -> bool:
     return isinstance(model, Q2DetectionModel)
 
@@ -144,6 +160,7 @@ class Q2DetectionTrainer(DetectionTrainer):
             raise TypeError(f"q2: expected a Q2Options, got {type(q2).__name__}")
         self.q2 = q2 if q2 is not None else self.options
         self.teacher = None
+        self._float_start = None  # the float model before prepare(), until the fusion nodes are initialised
         self._distilled = None    # (model, base criterion, QADALoss) while an epoch trains
         self._ema_synced = False  # the EMA's quantizers have taken the live ones' first-batch initialisation
         super().__init__(cfg, overrides, _callbacks)
@@ -153,6 +170,7 @@ class Q2DetectionTrainer(DetectionTrainer):
         if self.q2.layernorm_free_epochs > self.epochs:
             raise ValueError(f"layernorm_free_epochs: {self.q2.layernorm_free_epochs} is more than the run's "
                              f"{self.epochs} epochs")
+        self.add_callback("on_train_start", Q2DetectionTrainer._init_fusion)
         self.add_callback("on_train_epoch_start", Q2DetectionTrainer._remove_layernorm)
         self.add_callback("on_train_epoch_start", Q2DetectionTrainer._attach_distillation)
         self.add_callback("on_train_epoch_end", Q2DetectionTrainer._detach_distillation)
@@ -185,9 +203,34 @@ class Q2DetectionTrainer(DetectionTrainer):
                              "(YOLO('float.pt').train(...)), or pass distill_weight=0, or random_teacher=True "
                              "to distil from the random model on purpose")
         model = super().get_model(cfg, weights, verbose)
-        self.teacher = prepare(model, **self.q2.prepare_kwargs()).teacher
+        init = self.q2.fusion is not None and self.q2.fusion_init == "identity"
+        prepared = prepare(model, **{**self.q2.prepare_kwargs(), "distill": self.q2.distill_weight > 0 or init})
+        self.teacher = prepared.teacher if self.q2.distill_weight > 0 else None
+        self._float_start = prepared.teacher if init else None
         model.q2["teacher"] = self._weights_file() if weights is not None else None
+        model.q2["fusion_init"] = "pending" if init else "default"
         return model
+
+    def setup_model(self):
+        ckpt = super().setup_model()
+        model = self.model
+        if self.teacher is None and _is_q2(model) and self.q2.distill_weight > 0 and model.q2.get("teacher"):
+            # An Ultralytics DDP worker is handed the model the launching process's get_model prepared
+            # (YOLO(...).train pickles it), so get_model never ran here: rebuild the teacher from the record.
+            self.teacher = self._float_model(model.yaml, model.q2["teacher"])
+        if self._float_start is None and _is_q2(model) and model.q2.get("fusion_init") == "pending":
+            # The same hand-over: the float start the fusion nodes are initialised from (_init_fusion).
+            if model.q2.get("teacher"):
+                self._float_start = self.teacher or self._float_model(model.yaml, model.q2["teacher"])
+            else:
+                LOGGER.warning("Q2: the fusion nodes keep gamma = 1, beta = 0: this process has no float model "
+                               "to initialise them from (a model built from a YAML, handed over by DDP)")
+        if self.teacher is not None and _distributed():
+            # Each DDP worker built its teacher under its own seed (init_seeds(seed + 1 + RANK)): a random
+            # teacher differs per rank, and DDP syncs only the student. Rank 0's for all.
+            for t in self.teacher.state_dict().values():
+                dist.broadcast(t, src=0)
+        return ckpt
 
     def _weights_file(self) -> str | None:
         """The float weights file get_model's weights came from (setup_model loads `pretrained` when
@@ -223,6 +266,31 @@ class Q2DetectionTrainer(DetectionTrainer):
                 {k: v for k, v in items.items() if k != key}
         return items
 
+    def _init_fusion(self):
+        """Before the first step of a new run: the fusion nodes start as the float model's Concats
+        (Q2Options.fusion_init), in the live model and the EMA alike."""
+        if self._float_start is None:
+            return
+        model = unwrap_model(self.model)
+        batches = [b["img"] for b in _training_batches(self, self.q2.calibration_batches)]
+        stats = init_fusion_as_identity(model, self._float_start.to(self.device), batches)
+        if _distributed():  # each rank saw its own shard: rank 0's values for all (DDP syncs no later change)
+            for name in stats:
+                node = model.get_submodule(name)
+                dist.broadcast(node.gamma.data, src=0)
+                dist.broadcast(node.beta.data, src=0)
+        if self.ema is not None:
+            ema = self.ema.ema.state_dict()
+            for name in stats:
+                for p in ("gamma", "beta"):
+                    ema[f"{name}.{p}"].copy_(model.get_submodule(name).get_parameter(p).detach())
+        self._float_start = None
+        model.q2["fusion_init"] = "identity"
+        if self.ema is not None:
+            self.ema.ema.q2["fusion_init"] = "identity"
+        LOGGER.info("Q2: fusion nodes start as the float model's Concats: " + ", ".join(
+            f"{n} gamma {s:.3g} beta {m:.3g}" for n, (m, s) in stats.items()))
+
     def _remove_layernorm(self):
         """At the first LayerNorm-free epoch: calibrate the live model's fusion nodes, then freeze them
         to their fixed affines in the live model and the EMA (the same values in both)."""
@@ -233,6 +301,13 @@ class Q2DetectionTrainer(DetectionTrainer):
             return
         batches = _training_batches(self, self.q2.calibration_batches)
         calibrate_fusion(model, batches, forward=lambda m, b: m(b["img"]))
+        if _distributed():
+            # Each rank calibrated on its own shard: rank 0's statistics for all, so that every rank
+            # trains, and rank 0 saves, the same fixed affine (DDP syncs no buffer).
+            for name in nodes:
+                node = model.get_submodule(name)
+                dist.broadcast(node.mubar, src=0)
+                dist.broadcast(node.sigmabar, src=0)
         freeze_fusion(model)
         if self.ema is not None:
             for name in nodes:
