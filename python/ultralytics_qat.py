@@ -24,7 +24,8 @@ def main():
     ap.add_argument("--recipes", nargs="+", choices=["lsq", "lsq_plus", "pact", "n2uq"], default=None,
                     help="quantizer recipes, one table each (default lsq)")
     ap.add_argument("--variants", nargs="+", choices=list(demo.VARIANTS), default=None,
-                    help="which of the four runs per recipe (default all)")
+                    help="which runs per recipe (default all; q2_layernorm keeps the LayerNorm to the end: the "
+                         "reference its removal is measured against)")
     ap.add_argument("--bits", type=int, default=None, help="weight and activation bits (default 4)")
     ap.add_argument("--out", default="q2k_yolo_out", help="folder for the dataset, the float model, the runs and "
                                                         "the results (a re-run reuses its float model)")

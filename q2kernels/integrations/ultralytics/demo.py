@@ -38,18 +38,25 @@ from ultralytics import YOLO
 from ultralytics.nn.tasks import load_checkpoint
 from ultralytics.utils.torch_utils import unwrap_model
 
-from ...deploy import load_detector
+from ...deploy import load_detector, verify_int_model
 from .data import write_synthetic_dataset
 from .deploy import load_q2_checkpoint, predict, to_int, validate
 from .diagnostics import BranchGradients, imbalance
 from .trainer import Q2DetectionTrainer
 
-VARIANTS = {  # name: (gated fusion at the neck's fusion nodes, Q-ADA distillation)
-    "plain": (False, False),
-    "qada": (False, True),
-    "fusion": (True, False),
-    "q2": (True, True),
+VARIANTS = {  # name: (gated fusion at the neck's fusion nodes, Q-ADA distillation, LayerNorm removed)
+    "plain": (False, False, False),
+    "qada": (False, True, False),
+    "fusion": (True, False, True),
+    "q2": (True, True, True),
+    # Q2 with its LayerNorm to the end: the reference its removal is measured against at equal
+    # training (a fake-quant model only: the integer model has no LayerNorm).
+    "q2_layernorm": (True, True, False),
 }
+
+
+# Integer and fake-quant mAP50-95 agree within this, or the demo traces the difference (_trace).
+MAP_AGREEMENT = 0.002
 
 
 @dataclass(frozen=True)
@@ -140,12 +147,12 @@ def _images(folder: Path, count: int, imgsz: int) -> torch.Tensor:
 
 def _qat_run(cfg: Config, out: Path, float_pt: Path, recipe: str, variant: str, float_map):
     """One QAT run (module docstring, 3-4): its table row, branch gradient norms and integer detector."""
-    fusion, distill = VARIANTS[variant]
+    fusion, distill, removed = VARIANTS[variant]
     name = f"{recipe}_w{cfg.bits}a{cfg.bits}_{variant}"
     trainer = Q2DetectionTrainer.with_options(
         recipe=recipe, w_bits=cfg.bits, a_bits=cfg.bits, fusion="balanced" if fusion else None,
         distill_weight=cfg.distill_weight if distill else 0.0,
-        layernorm_free_epochs=cfg.layernorm_free_epochs if fusion else 0)
+        layernorm_free_epochs=cfg.layernorm_free_epochs if removed else 0)
     yolo = YOLO(str(float_pt))
     recorder = _RunRecorder(cfg, out / "dataset" / "data.yaml")
     recorder.attach(yolo)
@@ -158,44 +165,102 @@ def _qat_run(cfg: Config, out: Path, float_pt: Path, recipe: str, variant: str, 
     model = load_q2_checkpoint(save_dir / "weights" / "best.pt")
     data = out / "dataset" / "data.yaml"
     fake = validate(model, data, cfg.imgsz, cfg.batch)
-    dataset = out / "dataset" / "images"
-    int_model, check = to_int(model, _images(dataset / "train", 2, cfg.imgsz),
-                              _images(dataset / "val", cfg.verify_images, cfg.imgsz))
-    integer = validate(int_model, data, cfg.imgsz, cfg.batch)
-    int_path = out / "int_models" / f"{name}.q2k"
-    int_path.parent.mkdir(parents=True, exist_ok=True)
-    int_model.save(int_path, imgsz=cfg.imgsz)
+    int_model = check = integer = int_path = trace = None
+    if not (fusion and not removed):
+        dataset = out / "dataset" / "images"
+        int_model, check = to_int(model, _images(dataset / "train", 2, cfg.imgsz),
+                                  _images(dataset / "val", cfg.verify_images, cfg.imgsz))
+        integer = validate(int_model, data, cfg.imgsz, cfg.batch)
+        if abs(integer[1] - fake[1]) > MAP_AGREEMENT:
+            trace = _trace(model, int_model, dataset / "val", cfg)
+            print(f"{name}: integer and fake-quant mAP50-95 differ by {integer[1] - fake[1]:+.4f}; over all "
+                  f"{trace['images']} validation images {trace['differing_codes']} codes differ "
+                  f"({trace['layers']}), all rounding flips: {trace['all_flips']}; largest output difference "
+                  f"{trace['max_output_difference']:.3g}")
+        int_path = out / "int_models" / f"{name}.q2k"
+        int_path.parent.mkdir(parents=True, exist_ok=True)
+        int_model.save(int_path, imgsz=cfg.imgsz)
 
     with_ln = None
-    if fusion and cfg.layernorm_free_epochs < cfg.qat_epochs:
+    if fusion and not removed:
+        with_ln = fake
+    elif fusion and cfg.layernorm_free_epochs < cfg.qat_epochs:
         last_ln_epoch = history[cfg.qat_epochs - cfg.layernorm_free_epochs - 1]
         with_ln = (last_ln_epoch["metrics/mAP50(B)"], last_ln_epoch["metrics/mAP50-95(B)"])
     row = dict(recipe=recipe, variant=variant, bits=cfg.bits, float=float_map, fake_quant_with_layernorm=with_ln,
                layernorm_removed=recorder.removed_map, fake_quant=fake, integer=integer,
-               train_seconds=round(train_seconds, 1), verify_ok=check.ok, verify_exact=check.exact,
-               differing_fraction=check.differing_fraction, failures=check.failures(), int_model=str(int_path),
-               history=history)
-    print(f"{name}: fake-quant mAP50-95 {fake[1]:.4f}, integer {integer[1]:.4f}, verify ok={check.ok} "
-          f"(differing codes {check.differing_fraction:.2e}), {train_seconds:.0f} s")
+               train_seconds=round(train_seconds, 1), verify_ok=check and check.ok, verify_exact=check and check.exact,
+               differing_fraction=check and check.differing_fraction, failures=check and check.failures(),
+               int_model=int_path and str(int_path), trace=trace, history=history)
+    print(f"{name}: fake-quant mAP50-95 {fake[1]:.4f}" + (
+        f", integer {integer[1]:.4f}, verify ok={check.ok} (differing codes {check.differing_fraction:.2e})"
+        if check else ", not converted (LayerNorm kept)") + f", {train_seconds:.0f} s")
     return row, recorder.norms, int_model
+
+
+def _trace(model, int_model, val_images: Path, cfg: Config) -> dict:
+    """Where integer and fake-quant mAP differ by more than MAP_AGREEMENT: verify on every validation
+    image (in batches), to tie the difference to the codes that cause it."""
+    count = len(list(val_images.iterdir()))
+    images = _images(val_images, count, cfg.imgsz)
+    differing, layers, flips, worst = 0, {}, True, 0.0
+    for i in range(0, count, cfg.batch):
+        x = images[i:i + cfg.batch]
+        check = verify_int_model(model, int_model.int_model, x)
+        flips &= check.ok
+        for layer_name, layer in check.layers.items():
+            if layer.differing:
+                differing += layer.differing
+                layers[layer_name] = layers.get(layer_name, 0) + layer.differing
+        with torch.no_grad():
+            worst = max(worst, float((int_model(x) - model(x)[0]).abs().max()))
+    return dict(images=count, differing_codes=differing, layers=layers, all_flips=flips, max_output_difference=worst)
 
 
 def _cell(pair) -> str:
     return "—" if pair is None else f"{pair[0]:.3f} / {pair[1]:.3f}"
 
 
+def findings(rows: list[dict]) -> list[str]:
+    """Per recipe, the numbers the demo exists for (mAP50-95): Q2's deployed (integer) model against
+    plain QAT, its LayerNorm removal + fine-tuning against Q2 with LayerNorm kept at equal training,
+    and the largest integer - fake-quant difference."""
+    lines = []
+    for recipe in sorted({r["recipe"] for r in rows}):
+        by = {r["variant"]: r for r in rows if r["recipe"] == recipe}
+        if "q2" in by and "plain" in by:
+            lines.append(f"{recipe}: Q2 integer - plain QAT integer = "
+                         f"{by['q2']['integer'][1] - by['plain']['integer'][1]:+.3f}")
+        if "q2" in by and "q2_layernorm" in by:
+            lines.append(f"{recipe}: LayerNorm removal + fine-tuning: Q2 integer - Q2 with LayerNorm (fake-quant) = "
+                         f"{by['q2']['integer'][1] - by['q2_layernorm']['fake_quant'][1]:+.3f}")
+        gaps = [r["integer"][1] - r["fake_quant"][1] for r in by.values() if r["integer"] is not None]
+        lines.append(f"{recipe}: integer - fake-quant, largest |difference| over the runs = "
+                     f"{max(gaps, key=abs):+.4f}")
+        for r in by.values():
+            if r["trace"]:
+                t = r["trace"]
+                lines.append(f"{recipe} {r['variant']}: integer - fake-quant = {r['integer'][1] - r['fake_quant'][1]:+.4f}, "
+                             f"traced: {t['differing_codes']} differing codes over {t['images']} validation images, "
+                             f"{'all rounding flips' if t['all_flips'] else 'NOT all rounding flips'}, largest "
+                             f"output difference {t['max_output_difference']:.3g} (layers: {t['layers']})")
+    return lines
+
+
 def markdown(rows: list[dict], cfg: Config, wall: float) -> str:
     lines = [f"YOLO11n on the generated shapes task ({cfg.train_images} train / {cfg.val_images} val images, "
              f"{cfg.imgsz} px), W{cfg.bits}A{cfg.bits}, {cfg.qat_epochs} QAT epochs per run "
-             f"(fusion runs: the last {cfg.layernorm_free_epochs} without LayerNorm). mAP50 / mAP50-95.", "",
+             f"(fusion runs with removal: the last {cfg.layernorm_free_epochs} without LayerNorm). "
+             "mAP50 / mAP50-95.", "",
              "| recipe | run | float | fake-quant with LN | LN removed | fake-quant | integer | train s | verify |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        verdict = "ok" if r["verify_ok"] else ("exact, flips beyond bound" if r["verify_exact"] else "FAILED")
+        verdict = ("—" if r["verify_ok"] is None else "ok" if r["verify_ok"]
+                   else "exact, flips beyond bound" if r["verify_exact"] else "FAILED")
         lines.append(f"| {r['recipe']} | {r['variant']} | {_cell(r['float'])} | {_cell(r['fake_quant_with_layernorm'])} "
                      f"| {_cell(r['layernorm_removed'])} | {_cell(r['fake_quant'])} | {_cell(r['integer'])} "
                      f"| {r['train_seconds']:.0f} | {verdict} |")
-    lines += ["", f"Wall time {wall / 60:.1f} min."]
+    lines += [""] + [f"- {f}" for f in findings(rows)] + ["", f"Wall time {wall / 60:.1f} min."]
     return "\n".join(lines) + "\n"
 
 
@@ -232,7 +297,12 @@ def plot(path: Path, rows: list[dict], norms: dict) -> Path | None:
             for variant, label in (("plain", "without Q-GBFusion (plain)"), ("q2", "with Q-GBFusion (q2)")):
                 g = norms.get((recipe, variant), {}).get(node)
                 if g is not None and g.numel():
-                    ax.plot(imbalance(g).numpy(), lw=0.8, label=label)
+                    ratio = imbalance(g).log()
+                    window = max(1, len(ratio) // 40)  # a running mean (in log) over 1/40 of the run
+                    smooth = torch.nn.functional.avg_pool1d(ratio[None, None], window, 1)[0, 0].exp()
+                    ax.plot(ratio.exp().numpy(), lw=0.4, alpha=0.3)
+                    ax.plot(range(window - 1, len(ratio)), smooth.numpy(), lw=1.2, label=label,
+                            color=ax.lines[-1].get_color())
             ax.set_yscale("log"), ax.set_xlabel("QAT step (with LayerNorm)")
             ax.set_title(f"{recipe}: node {node}, max/min branch ||dL/dx||", fontsize=8)
             ax.legend(fontsize=6)
@@ -257,8 +327,9 @@ def run(out: str = "q2k_yolo_out", smoke: bool = False, **overrides) -> dict:
     start = time.perf_counter()
     cfg = replace(SMOKE if smoke else Config(), **overrides)
     unknown = [v for v in cfg.variants if v not in VARIANTS]
-    if unknown or not cfg.variants:
-        raise ValueError(f"variants: expected some of {list(VARIANTS)}, got {list(cfg.variants)}")
+    if unknown or not cfg.variants or all(v == "q2_layernorm" for v in cfg.variants):
+        raise ValueError(f"variants: expected some of {list(VARIANTS)}, at least one converted to integers, "
+                         f"got {list(cfg.variants)}")
     out = Path(out).resolve()
     data = out / "dataset" / "data.yaml"
     if not data.exists():
@@ -273,12 +344,14 @@ def run(out: str = "q2k_yolo_out", smoke: bool = False, **overrides) -> dict:
             row, run_norms, int_model = _qat_run(cfg, out, float_pt, recipe, variant, float_map)
             rows.append(row)
             norms[(recipe, variant)] = run_norms
+            if int_model is not None:
+                shipped = (int_model, row["int_model"])
     sample = sorted((out / "dataset" / "images" / "val").iterdir())[0]
-    results = predict(int_model, str(sample), cfg.imgsz, save_dir=out / "predict")
-    print(f"integer model ({rows[-1]['int_model']}) on {sample.name}, Ultralytics' predictor: "
+    results = predict(shipped[0], str(sample), cfg.imgsz, save_dir=out / "predict")
+    print(f"integer model ({shipped[1]}) on {sample.name}, Ultralytics' predictor: "
           f"{len(results[0].boxes)} boxes, drawn in {out / 'predict'}")
     # The shipped file alone: no Ultralytics model object, no training code.
-    standalone = load_detector(rows[-1]["int_model"]).predict(str(sample))[0]
+    standalone = load_detector(shipped[1]).predict(str(sample))[0]
     standalone.save(out / "predict" / f"{sample.stem}_standalone.png")
     print(f"the same file through q2kernels.deploy.load_detector: {len(standalone.boxes)} boxes")
 

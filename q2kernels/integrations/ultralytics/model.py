@@ -3,12 +3,17 @@
 prepare() gives the prepared model this class (a subclass with no state of its own) for what
 Ultralytics does to every model it validates, predicts with, reloads or exports:
 
-- `fuse()` folds each conv block's BatchNorm into its conv. Ultralytics' fuse_conv_and_bn takes a
-  conv with a `weight_quantizer` attribute for a ModelOpt QAT conv and rescales that quantizer's
-  `amax` (an AttributeError on a q2kernels quantizer). Folding is wrong for a Q2 conv anyway: the
-  trained quantizers see the unfolded weights, and q2kernels.deploy folds BatchNorm exactly
-  when it converts to integers. So fuse() leaves every block whose conv quantizes (a QConv2d) as
-  trained, and fuses the float ones as usual.
+- `fuse()` folds each conv block's BatchNorm into its conv. It must not, anywhere in a Q2 model:
+  - a quantized block's quantizers were trained on the unfolded weights (q2kernels.deploy folds
+    BatchNorm exactly when it converts to integers), and Ultralytics' fuse_conv_and_bn takes a conv
+    with a `weight_quantizer` for a ModelOpt QAT conv and rescales its `amax` (an AttributeError here);
+  - a float block (the stem) that feeds a quantizer computes, folded, the same function with other
+    fp32 roundings, and the next quantizer's codes move wherever a value lies at a decision boundary.
+    Measured on the Ultralytics demo's trained Q2 YOLO11n: the fused model's outputs differed from the
+    trained model's by up to 37 px in boxes and 0.06 in class scores (2.6% of outputs by more than
+    1e-3), while its integer model equals the unfused model to 1.2e-4 px. Validation (which fuses)
+    then measured a model that is neither the trained nor the deployed one.
+  So fuse() keeps every block as trained and only drops Detect's unused one-to-one branch.
 - Checkpoints: Ultralytics' save_model zeroes every non-finite float of the model it pickles
   (nan_to_num_), which turns an uncalibrated GatedFusion's NaN mubar/sigmabar into 0. A calibrated
   sigmabar is a mean of sqrt(var + eps) > 0, so a 0 there can only be that: unpickling restores NaN
@@ -27,6 +32,7 @@ Ultralytics does to every model it validates, predicts with, reloads or exports:
 from __future__ import annotations
 
 import torch
+from ultralytics.nn.modules import Detect
 from ultralytics.nn.tasks import DetectionModel
 
 from ...nn import GatedFusion, QConv2d
@@ -62,18 +68,13 @@ class Q2DetectionModel(DetectionModel):
                                f"exporter records; {_DEPLOY}. q2kernels has no ONNX export.")
         return super().forward(*args, **kwargs)
 
-    def fuse(self, *args, **kwargs):
-        held = []
-        for m in self.modules():
-            if isinstance(getattr(m, "conv", None), QConv2d) and "bn" in m._modules:
-                held.append((m, dict(m._modules)))
-                del m._modules["bn"]  # hidden from fuse()'s hasattr(m, "bn")
-        try:
-            return super().fuse(*args, **kwargs)
-        finally:
-            for m, children in held:  # back as they were, in their order (state_dict key order)
-                m._modules.clear()
-                m._modules.update(children)
+    def fuse(self, verbose: bool = True, imgsz=640):
+        """Fold no BatchNorm (module docstring); drop Detect's unused branch as DetectionModel.fuse does."""
+        for m in self.model.modules():
+            if isinstance(m, Detect):
+                m.fuse()
+        self.info(verbose=verbose, imgsz=imgsz)
+        return self
 
     def __setstate__(self, state):
         super().__setstate__(state)
