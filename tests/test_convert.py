@@ -292,6 +292,66 @@ def test_a_memory_format_asked_of_the_model_changes_nothing():
     assert torch.equal(moved(x.to(memory_format=torch.channels_last)), expected)
 
 
+class BiasThenBN(nn.Module):
+    """Quantized convs that have a bias *and* a BatchNorm after them (YOLOv5's convs have no bias, and
+    Mixed's conv before its BatchNorm has none): BN(conv(x) + b) = scale*conv(x) + (scale*b + shift),
+    so the bias is scaled by the BN before the shift is added. Each kind of activation quantizer,
+    each epilogue activation, and an affine-less BN; the last unit writes floats to a float head."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.a = QConv2d(8, 16, 3, padding=1, bias=True, weight_quantizer=_lsq_w(16),
+                         act_quantizer=LSQQuantizer(4, "signed"))
+        self.a_bn, self.a_act = nn.BatchNorm2d(16), nn.ReLU()
+        self.b = QConv2d(16, 16, 3, padding=1, bias=True, weight_quantizer=DoReFaWeightQuantizer(4),
+                         act_quantizer=PACTQuantizer(4))
+        self.b_bn, self.b_act = nn.BatchNorm2d(16), nn.SiLU()
+        self.c = QConv2d(16, 16, 3, stride=2, padding=1, bias=True, weight_quantizer=_lsq_w(16),
+                         act_quantizer=LSQPlusQuantizer(4))
+        self.c_bn = nn.BatchNorm2d(16, affine=False)
+        self.d = QConv2d(16, 8, 1, bias=True, weight_quantizer=_lsq_w(8), act_quantizer=LSQQuantizer(3, "signed"))
+        self.d_bn = nn.BatchNorm2d(8)
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        x = self.a_act(self.a_bn(self.a(self.stem(x))))
+        x = self.b_act(self.b_bn(self.b(x)))
+        x = self.c_bn(self.c(x))
+        return self.head(self.d_bn(self.d(x)))
+
+
+def test_conv_bias_and_batchnorm_fold_exactly():
+    torch.manual_seed(3)
+    model = BiasThenBN()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, QConv2d):
+                # A bias as large as the conv's output, so that dropping it or adding it unscaled
+                # moves values by many quantizer steps.
+                m.bias.copy_(torch.randn(m.out_channels) * 0.8)
+            elif isinstance(m, nn.BatchNorm2d) and m.affine:
+                # BN scales far from 1 (gamma/sqrt(var + eps)), and shifts: bias*scale != bias.
+                m.weight.copy_(torch.rand(m.num_features) * 2.5 + 0.3)
+                m.weight[::3] *= -1
+                m.bias.copy_(torch.randn(m.num_features) * 0.5)
+    _train(model)
+    for m in model.modules():  # the eval statistics are the data's, not the init's
+        if isinstance(m, nn.BatchNorm2d):
+            assert m.running_mean.abs().max() > 0.1 and (m.running_var - 1).abs().max() > 0.1
+    x = torch.randn(2, 3, IMAGE, IMAGE)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        int_model = convert_to_int(model, x)
+    assert all(int_model.report[n].startswith("integer conv") for n in "abcd")
+    # every BatchNorm went into its conv's epilogue
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in int_model.net.modules())
+    # The float64 oracle first (it folds nothing: it runs conv + bias, then BN), then: nothing was
+    # kept in float, nothing else warned.
+    _check_against_oracle(model, int_model, x, integer_layers=4)
+    assert not caught, [str(w.message) for w in caught]
+
+
 def test_strict_raises_naming_the_layer():
     with pytest.raises(ValueError, match="layer 'per_channel' kept in float: its activation quantizer"):
         convert_to_int(_mixed_model(), torch.randn(1, 3, IMAGE, IMAGE), strict=True)

@@ -4,6 +4,7 @@ cases, registration and bad input."""
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -253,6 +254,98 @@ def test_pact_kernel(bits, dtype):
     g = torch.randn(x.shape).to(dtype)
     oracle = dict(kind="pact", qn=0, qp=n, axis=None, gscale=1.0)
     _check_against_reference(lambda x, a: qF.pact_quantize(x, a, bits), x, [alpha.requires_grad_()], g, oracle)
+
+
+# Clip values alpha where fp32 n*(1/alpha) != n/alpha for every n = 2^k - 1 in {3, 7, 15, 255} (a numpy
+# search over float32 alphas): a multiplier computed through a reciprocal (as `n / alpha_tensor` is:
+# Tensor.__rtruediv__ multiplies by alpha.reciprocal()) is then one ulp off, and decides some
+# ties differently. At 1.81 ... 13.61 only fp32 inputs land close enough to a tie for that ulp to
+# flip a level; 7.875 also has fp16 and bf16 inputs that do, at every bit width. (At 2.25, the
+# clip value of test_pact_kernel, the two multipliers agree for n = 3, 7, 15 and 255. For n = 1 they
+# would always agree, but PACT has 2 bits or more.)
+PACT_ODD_ALPHAS = [(1.81, torch.float32), (3.93, torch.float32), (7.03, torch.float32), (13.61, torch.float32),
+                   (7.875, torch.float32), (7.875, torch.float16), (7.875, torch.bfloat16)]
+
+
+def _grid_steps(x, offsets):
+    """Each (positive, finite) element of x and its neighbours `offsets` steps away on x's own grid
+    (fp32, fp16 or bf16): stepping the bit pattern steps the value for positive floats."""
+    ints = torch.int32 if x.dtype == torch.float32 else torch.int16
+    return (x.view(ints)[:, None] + torch.tensor(list(offsets), dtype=ints)).view(x.dtype).flatten()
+
+
+def _pact_levels(xf, alpha, multiplier, n):
+    """docs/math.md §3 in numpy fp32: q = R(clip(c*mul, 0, n)), c = clip(x, 0, alpha), every product
+    rounded once to fp32, np.round halves to even."""
+    c = np.minimum(np.maximum(xf, np.float32(0)), alpha)
+    return np.clip(np.round(c * multiplier), 0, n).astype(np.float32)
+
+
+@pytest.mark.parametrize("alpha,dtype", PACT_ODD_ALPHAS, ids=lambda v: str(v).replace("torch.", ""))
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_pact_multiplier_is_n_over_alpha_rounded_once(alpha, dtype, bits, backend):
+    """PACT's level is R(c * fl(n/alpha)) (one correctly rounded division; docs/math.md §0 and §3, and the
+    integer path's q_mul), not R(c * fl(n * fl(1/alpha))). The oracle is written out in numpy: fp32
+    products, round half to even, and y = q * fl(alpha/n) within one fp32 ulp (§0), stored to the input
+    dtype rounding to nearest even. The inputs sit on and around every tie k + 1/2 of this alpha, at
+    the clamp bounds 0 and alpha, and outside them."""
+    n = 2**bits - 1
+    a32, n32 = np.float32(alpha), np.float32(n)
+    mul = n32 / a32                          # fl(n/alpha): the contract
+    mul_via_reciprocal = n32 * (np.float32(1) / a32)  # the rounding the contract rules out
+    assert mul != mul_via_reciprocal
+    step = a32 / n32                         # fl(alpha/n)
+
+    k = np.arange(n, dtype=np.float64)
+    near_ties = torch.from_numpy(((k + 0.5) / np.float64(mul)).astype(np.float32)).to(dtype)
+    a_d = torch.tensor([alpha]).to(dtype)
+    x = torch.cat([
+        _grid_steps(near_ties, range(-4, 5)),
+        _grid_steps(a_d, range(-2, 3)),       # alpha (as the dtype holds it) and its neighbours
+        torch.tensor([0.0, -0.0, -1e-7, -1.0, 2.0 * alpha, 1e30, -1e30, float(torch.finfo(dtype).tiny)]).to(dtype),
+    ])
+    xf = x.float().numpy()
+
+    levels = _pact_levels(xf, a32, mul, n)
+    v = np.minimum(np.maximum(xf, np.float32(0)), a32) * mul
+    assert ((v - np.floor(v)) == 0.5).any(), "the inputs must include exact ties of this alpha"
+
+    def stored(y32):
+        return torch.from_numpy(np.asarray(y32, dtype=np.float32)).to(dtype)
+
+    def allowed(lv):
+        """The dtype values within one fp32 ulp of lv*step, each rounded to the dtype (stacked)."""
+        y32 = lv * step
+        return torch.stack([stored(np.nextafter(y32, np.float32(-np.inf))), stored(y32),
+                            stored(np.nextafter(y32, np.float32(np.inf)))])
+
+    def outside(y, ok):
+        return ~(y[None] == ok).any(0)
+
+    want = allowed(levels)
+    # The data can tell the two multipliers apart at this alpha, dtype and width:
+    planted = stored(_pact_levels(xf, a32, mul_via_reciprocal, n) * step)
+    assert outside(planted, want).any(), "no input separates fl(n/alpha) from n*fl(1/alpha)"
+
+    g = torch.randn(x.shape).to(dtype)
+    xl = x.clone().requires_grad_()
+    al = torch.tensor([alpha], requires_grad=True)
+    with q2kernels.use_backend(backend):
+        y = qF.pact_quantize(xl, al, bits)
+        dx, da = torch.autograd.grad(y, (xl, al), g)
+    assert y.dtype == dtype
+    bad = outside(y, want)
+    assert not bad.any(), (f"{int(bad.sum())} levels differ, e.g. x={x[bad][:4].tolist()}: got "
+                           f"{y[bad][:4].tolist()}, want level {levels[bad.numpy()][:4].tolist()} * {float(step)}")
+    # dx = g*[0 <= x < alpha'], exactly; dalpha = sum g*[x >= alpha'] (float64 oracle, fp32 sum bound).
+    inside = torch.from_numpy((xf >= 0) & (xf < a32))
+    assert torch.equal(dx, torch.where(inside, g, torch.zeros((), dtype=dtype)))
+    gd = g.double()
+    above = torch.from_numpy(xf >= a32)
+    want_da = gd[above].sum()
+    assert da.dtype == torch.float32 and da.shape == (1,)
+    assert abs(float(da) - float(want_da)) <= 1e-6 * float(gd[above].abs().sum()) + 1e-7 * abs(float(want_da))
 
 
 @pytest.mark.parametrize("axis", [None, 1, 3])

@@ -49,6 +49,55 @@ def test_per_channel_weight_init_and_lsq_plus_init():
     torch.testing.assert_close(a.alpha, x.max().reshape(1))
 
 
+# docs/math.md §1's grids, written out: (Qn, Qp) of b bits in each mode.
+GRIDS = {"unsigned": lambda b: (0, 2**b - 1),
+         "signed": lambda b: (-(2 ** (b - 1)), 2 ** (b - 1) - 1),
+         "symmetric": lambda b: (-(2 ** (b - 1) - 1), 2 ** (b - 1) - 1)}
+
+
+def _lsq_plus_init64(x, qn, qp, dims=None):
+    """LSQ+'s first-batch init (docs/math.md §2) in float64: s = (max - min)/(Qp - Qn), beta = min - Qn*s."""
+    x = x.double()
+    lo = x.amin() if dims is None else x.amin(dim=dims)
+    hi = x.amax() if dims is None else x.amax(dim=dims)
+    s = (hi - lo) / (qp - qn)
+    return s.reshape(-1), (lo - qn * s).reshape(-1), lo.reshape(-1), hi.reshape(-1)
+
+
+@pytest.mark.parametrize("mode", ["signed", "symmetric", "unsigned"])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("axis", [None, 1])
+def test_lsq_plus_init_on_every_grid(mode, bits, axis):
+    """The signed and symmetric grids put Qn < 0, where beta = min - Qn*s is not min (the unsigned
+    grid's answer) and, on the symmetric grid, Qp - Qn is 2^b - 2, not 2^b - 1. Checked on the
+    module's first-batch init (per tensor and per channel) and on reference.lsq_plus_init, against the
+    formula in float64, and by what it means: the batch's min lands on level Qn and its max on Qp."""
+    qn, qp = GRIDS[mode](bits)
+    torch.manual_seed(bits)
+    x = torch.randn(2, 5, 4, 4) * 1.5 + torch.tensor([0.7, -0.4, 2.0, 0.0, -3.0]).view(1, 5, 1, 1)
+    dims = None if axis is None else [0, 2, 3]
+    s64, beta64, lo, hi = _lsq_plus_init64(x, qn, qp, dims)
+    q = LSQPlusQuantizer(bits, mode) if axis is None else LSQPlusQuantizer(bits, mode, axis=1, channels=5)
+    q(x)
+    assert q._initialized
+    ref_s, ref_beta = ref.lsq_plus_init(x, bits, mode, axis)
+    scale = lo.abs() + hi.abs()  # beta's terms are of this size: fp32 rounding of them, no more
+    for name, s, beta in [("module", q.s.detach(), q.beta.detach()), ("reference.lsq_plus_init", ref_s, ref_beta)]:
+        assert s.dtype == beta.dtype == torch.float32 and s.shape == beta.shape == s64.shape, name
+        torch.testing.assert_close(s.double(), s64, rtol=2**-22, atol=0, msg=lambda m: f"{name}: s\n{m}")
+        torch.testing.assert_close(beta.double(), beta64, rtol=0, atol=float((scale * 2**-21).max()),
+                                   msg=lambda m: f"{name}: beta\n{m}")
+    # The grid spans the batch: x = min is level Qn, x = max level Qp (per channel where per channel).
+    shape = (1, -1, 1, 1) if axis is not None else (1, 1, 1, 1)
+    ends = torch.cat([lo.float().view(shape).expand(1, 5, 1, 1), hi.float().view(shape).expand(1, 5, 1, 1)])
+    with torch.no_grad(), q2kernels.use_backend("reference"):
+        y = q(ends)
+    s_, b_ = q.s.detach().view(shape), q.beta.detach().view(shape)
+    level = torch.round((y - b_) / s_)
+    assert level[0].eq(qn).all() and level[1].eq(qp).all(), level.flatten().tolist()
+    torch.testing.assert_close(y.double(), ends.double(), rtol=0, atol=float(scale.max()) * 2**-20)
+
+
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_quantize_model_swaps_layers_and_keeps_first_last(recipe):
     m = quantize_model(small_net(), recipe, 4, 4)
