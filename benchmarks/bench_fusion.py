@@ -145,7 +145,7 @@ def run(smoke: bool, sweep: bool = False) -> list[dict]:
         impls = {"q2kernels": _fused(lambda: None),
                  "q2kernels+ctrl": _fused(_balanced_controller(len(xs), device)),
                  "eager": _eager_chain, "eager+energy": _eager_with_energy}
-        if not smoke:
+        if not smoke or common.SMOKE_COMPILE:
             impls["compile"] = common.Compiled(_eager_chain)
         cat_cl = torch.cat([x.detach() for x in xs], 1).to(memory_format=torch.channels_last).requires_grad_()
         for impl, fn in impls.items():

@@ -54,7 +54,7 @@ def run(smoke: bool) -> list[dict]:
         with torch.no_grad():
             base(x)  # first-batch initialisation of every quantizer
         impls = {"q2kernels": ("triton", False), "eager": ("reference", False)}
-        if not smoke:
+        if not smoke or common.SMOKE_COMPILE:
             impls["compile"] = ("reference", True)
         for impl, (backend, compiled) in impls.items():
             import copy
@@ -63,14 +63,19 @@ def run(smoke: bool) -> list[dict]:
             if fell_back is not None:
                 rows.append(dict(recipe=recipe, batch=batch, impl=impl, **fell_back))
                 continue
-            rows.append(dict(recipe=recipe, batch=batch, impl=impl, step_ms=common.time_ms(step, reps=20),
-                             peak_mem_mb=common.peak_mem_mb(step)))
+            try:
+                timed = dict(step_ms=common.time_ms(step, reps=20), peak_mem_mb=common.peak_mem_mb(step))
+            except Exception as e:  # noqa: BLE001  (a compile baseline that breaks is a row, not the end)
+                if not compiled:
+                    raise
+                timed = common.compile_failed(e)
+            rows.append(dict(recipe=recipe, batch=batch, impl=impl, **timed))
     common.add_speedups(rows, ("recipe", "batch"), "eager", metric="step_ms")
     common.add_speedups(rows, ("recipe", "batch"), "compile", metric="step_ms")
     eager = {(r["recipe"], r["batch"]): r for r in rows if r["impl"] == "eager"}
     for r in rows:
         e = eager[(r["recipe"], r["batch"])]
-        if r["impl"] == "q2kernels" and r["peak_mem_mb"] and e["peak_mem_mb"]:
+        if r["impl"] == "q2kernels" and r.get("peak_mem_mb") and e.get("peak_mem_mb"):
             r["mem_saving_vs_eager_pct"] = 100 * (1 - r["peak_mem_mb"] / e["peak_mem_mb"])
     return rows
 

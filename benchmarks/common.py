@@ -61,9 +61,14 @@ def backend_impls(fn, smoke: bool) -> dict:
         return run
 
     impls = {"q2kernels": under("triton"), "eager": under("reference")}
-    if not smoke:
+    if not smoke or SMOKE_COMPILE:
         impls["compile"] = Compiled(under("reference"))
     return impls
+
+
+# Smoke runs leave the torch.compile baselines out (compiling on a CPU takes minutes); set (by
+# tests/test_bench_compile_baseline.py, or Q2K_BENCH_COMPILE=1) to run them at smoke sizes too.
+SMOKE_COMPILE = os.environ.get("Q2K_BENCH_COMPILE") == "1"
 
 
 class CompileFellBack(RuntimeError):
@@ -82,6 +87,12 @@ class Compiled:
 
     def __init__(self, fn, backend: str = "inductor"):
         self.fn, self.backend, self._compiled = fn, backend, None
+        # measure() times the backward alone by calling it again on one forward's graph
+        # (retain_graph=True); AOTAutograd's donated buffers (the backward reusing saved activations'
+        # memory) refuse that ("non-empty donated buffers ... retain_graph=False"). Without them the
+        # graphs are still compiled by inductor; only that memory reuse is given up.
+        import torch._functorch.config
+        torch._functorch.config.donated_buffer = False
 
     def __call__(self, *args):
         if self._compiled is None:
@@ -112,8 +123,17 @@ def compile_fell_back(fn, run) -> dict | None:
         fn.check()
     except (CompileFellBack, torch._dynamo.exc.FailOnRecompileLimitHit) as e:
         print(f"torch.compile fell back to eager, not timed: {e}", file=sys.stderr)
-        return {"compile_error": f"{type(e).__name__}: {e}"}
+        return compile_failed(e)
+    except Exception as e:  # noqa: BLE001  (a compile baseline that breaks is a row, never the run's end)
+        print(f"torch.compile baseline failed, not timed: {type(e).__name__}: {e}", file=sys.stderr)
+        return compile_failed(e)
     return None
+
+
+def compile_failed(e: BaseException) -> dict:
+    """The row fields of a torch.compile baseline that did not run compiled: never timed."""
+    reason = " ".join(f"{type(e).__name__}: {e}".split())
+    return {"compile_error": f"compile failed: {reason[:500]}"}
 
 
 def time_ms(fn, reps: int = 100) -> float:
@@ -197,23 +217,33 @@ def measure(fn, inputs, grad, bytes_fwd: int, bytes_bwd: int, **labels) -> dict:
     def fwd_bwd():
         torch.autograd.grad(fn(*inputs), wants, grad)
 
-    out = fwd()
-
-    def bwd():
-        torch.autograd.grad(out, wants, grad, retain_graph=True)
-
     row = dict(labels)
+    # The warm-up (the compile, for a torch.compile baseline) first: a baseline that fails there is a row.
     fell_back = compile_fell_back(fn, fwd_bwd)
     if fell_back is not None:
         print(f"measured: {json.dumps(dict(row, **fell_back))}", flush=True)
         return dict(row, **fell_back)
-    if isinstance(fn, Compiled):
-        row.update(fn.check())
-    row["fwd_ms"] = time_ms(fwd)
-    row["bwd_ms"] = time_ms(bwd)
-    row["fwd_bwd_ms"] = time_ms(fwd_bwd)
-    row["peak_mem_mb"] = peak_mem_mb(fwd_bwd)
-    row["saved_mb"] = saved_bytes(fwd) / 2**20
+    out = None
+
+    def bwd():
+        torch.autograd.grad(out, wants, grad, retain_graph=True)
+
+    try:
+        out = fwd()
+        if isinstance(fn, Compiled):
+            row.update(fn.check())
+        row["fwd_ms"] = time_ms(fwd)
+        row["bwd_ms"] = time_ms(bwd)
+        row["fwd_bwd_ms"] = time_ms(fwd_bwd)
+        row["peak_mem_mb"] = peak_mem_mb(fwd_bwd)
+        row["saved_mb"] = saved_bytes(fwd) / 2**20
+    except Exception as e:  # noqa: BLE001
+        if not isinstance(fn, Compiled):
+            raise
+        row = dict(labels, **compile_failed(e))
+        print(f"torch.compile baseline failed, not timed: {row['compile_error']}", file=sys.stderr)
+        print(f"measured: {json.dumps(row)}", flush=True)
+        return row
     copy = copy_bandwidth_gbs()
     for p, nbytes in (("fwd", bytes_fwd), ("bwd", bytes_bwd), ("fwd_bwd", bytes_fwd + bytes_bwd)):
         gbs = nbytes / row[f"{p}_ms"] / 1e6

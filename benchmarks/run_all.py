@@ -143,7 +143,8 @@ def main(argv=None):
         if args.out is not None:
             with open(args.out / "rows.jsonl", "a") as f:
                 for row in rows:
-                    f.write(json.dumps({"bench": name, "device": env["device"], "commit": env["commit"], **row}) + "\n")
+                    f.write(json.dumps({"bench": name, "device": env["device"], "commit": env["commit"],
+                                        "copy_gbs": env["copy_gbs"], **row}) + "\n")
     if args.out is not None:
         if common.HAS_CUDA:
             _summary_into_readme(env, record)

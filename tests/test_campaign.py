@@ -1,6 +1,7 @@
 """The staged GPU campaign's driver (benchmarks/gpu_check.sh -> benchmarks/campaign.py), proven on the
-CPU: a dry run of every stage writes the per-stage logs, status, rows.jsonl and per-benchmark files;
-a stage that passed is skipped when run again; a stage past its time limit is killed and recorded."""
+CPU: a dry run writes its four files (campaign.FILES) into <out>/<device>-<commit>/; a stage that
+passed is skipped when run again; a stage past its time limit is killed and recorded. The whole
+campaign, call by call with `next`, is tests/test_campaign_next.py."""
 import json
 import os
 import subprocess
@@ -21,35 +22,45 @@ def _campaign(*args, timeout=3000):
                           capture_output=True, text=True, timeout=timeout)
 
 
+def _folder(out):
+    (folder,) = [p for p in out.iterdir() if p.is_dir()]
+    return folder
+
+
 def _status(out):
-    return [json.loads(line) for line in (out / "stages" / "status.jsonl").read_text().splitlines()]
+    return json.loads((_folder(out) / "campaign.json").read_text())["stages"]
 
 
-def test_dry_run_of_every_stage_writes_its_files_and_resumes(tmp_path):
-    r = _campaign("--dry-run", "--out", str(tmp_path), "all")
+def test_dry_run_of_stages_writes_its_four_files_and_resumes(tmp_path):
+    # The whole campaign's dry run, call by call, is tests/test_campaign_next.py; here two stages.
+    r = _campaign("--dry-run", "--out", str(tmp_path), "1", "n2uq")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    folder = _folder(tmp_path)
+    assert sorted(p.name for p in folder.iterdir()) == sorted(campaign.FILES)
+    assert [p for p in tmp_path.iterdir()] == [folder]
     status = _status(tmp_path)
-    assert [s["stage"] for s in status] == [s.name for s in campaign.STAGES]
+    assert [s["stage"] for s in status] == ["setup", "n2uq"]
     assert all(s["result"] == "passed" and s["dry_run"] for s in status)
-    for stage in campaign.STAGES:
-        log = (tmp_path / "stages" / f"{stage.number}-{stage.name}.log").read_text()
-        assert log.startswith(f"== stage {stage.number} {stage.name}: start ")
-        assert log.count("== exit 0 at ") == len(stage.commands)
+    log = (folder / "campaign.log").read_text()
+    for stage in campaign.stages_named(["1", "n2uq"]):
+        assert f"== stage {stage.number} {stage.name}: start " in log
         assert f"== stage {stage.number} {stage.name}: passed at " in log
-    setup = (tmp_path / "stages" / "1-setup.log").read_text()
-    assert "CUDA_HOME:" in setup and "q2kernels._C built" in setup and "Q2K_INT_MMA=s4" in setup
-    rows = [json.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
-    assert {r["bench"] for r in rows} == set(run_all.ORDER)
-    for stage in campaign.STAGES[2:]:  # <gpu>-<commit>-<bench>[-shard<k>of<n>].{json,md}
-        name = stage.name.replace("-", "-shard") if "-" in stage.name else stage.name
-        assert list(tmp_path.glob(f"*-{name}.json")) and list(tmp_path.glob(f"*-{name}.md")), name
-    record = next(p for p in tmp_path.glob("*.json") if not any(f"-{n}" in p.stem for n in run_all.ORDER))
-    assert set(json.loads(record.read_text())["benchmarks"]) == set(run_all.ORDER)
+    assert log.count("== exit 0 at ") == sum(len(s.commands) for s in campaign.stages_named(["1", "n2uq"]))
+    assert "CUDA_HOME:" in log and "q2kernels._C built" in log and "Q2K_INT_MMA=s4" in log
+    assert "tests/test_grouped_conv.py" in log and "tests/test_dorefa.py" in log
+    data = json.loads((folder / "campaign.json").read_text())
+    assert data["env"]["device"] and folder.name == campaign.tag(data["env"])
+    (device,) = data["device_info"]
+    assert device["device"] == data["env"]["device"] and "copy_gbs" in device
+    assert set(data["benchmarks"]) == {"n2uq"}
+    assert all(r["device"] == data["env"]["device"] for r in data["benchmarks"]["n2uq"])
+    assert "## n2uq" in (folder / "tables.md").read_text()
 
-    again = _campaign("--dry-run", "--out", str(tmp_path), "1", "fusion-1of3")
+    again = _campaign("--dry-run", "--out", str(tmp_path), "1", "n2uq")
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "stage 1 setup: passed before" in again.stdout and "stage 8 fusion-1of3: passed before" in again.stdout
-    assert len(_status(tmp_path)) == len(campaign.STAGES)
+    assert "stage 1 setup: passed before" in again.stdout and "stage 11 n2uq: passed before" in again.stdout
+    assert len(_status(tmp_path)) == 2
+    assert sorted(p.name for p in folder.iterdir()) == sorted(campaign.FILES)
 
 
 def test_stage_past_its_time_limit_is_killed_and_recorded(tmp_path):
@@ -57,7 +68,7 @@ def test_stage_past_its_time_limit_is_killed_and_recorded(tmp_path):
     assert r.returncode == 1
     (status,) = _status(tmp_path)
     assert status["result"] == "timed out" and status["seconds"] < 60
-    log = (tmp_path / "stages" / "1-setup.log").read_text()
+    log = (_folder(tmp_path) / "campaign.log").read_text()
     assert "== exit killed at the time limit" in log and "setup: timed out at" in log
 
 
