@@ -274,19 +274,34 @@ def test_options_and_trainer_arguments(tmp_path):
 
 
 def test_synthetic_dataset(tmp_path):
+    """The generated task: Ultralytics' layout, boxes inside the image around the drawn pixels,
+    deterministic, the splits disjoint, every class present in a larger draw."""
+    import numpy as np
     from PIL import Image
 
-    data = write_synthetic_dataset(tmp_path, train=3, val=2, imgsz=48, classes=3, seed=1)
+    data = write_synthetic_dataset(tmp_path / "a", train=6, val=3, imgsz=64, classes=3, seed=1)
     assert data.read_text().splitlines()[1:3] == ["train: images/train", "val: images/val"]
-    for split, n in (("train", 3), ("val", 2)):
-        images = sorted((tmp_path / "images" / split).iterdir())
-        assert len(images) == n and all(Image.open(p).size == (48, 48) for p in images)
+    assert "  2: triangle" in data.read_text()
+    for split, n in (("train", 6), ("val", 3)):
+        images = sorted((tmp_path / "a" / "images" / split).iterdir())
+        assert len(images) == n and all(Image.open(p).size == (64, 64) for p in images)
         for p in images:
-            rows = [r.split() for r in (tmp_path / "labels" / split / f"{p.stem}.txt").read_text().splitlines()]
-            assert 1 <= len(rows) <= 3
+            rows = [r.split() for r in (tmp_path / "a" / "labels" / split / f"{p.stem}.txt").read_text().splitlines()]
+            assert len(rows) <= 6
             for k, *box in rows:
-                assert int(k) in range(3) and all(0 < float(v) <= 1 for v in box)
-    for bad in (dict(train=0), dict(imgsz=8), dict(classes=7), dict(val=1.5)):
+                cx, cy, w, h = (float(v) for v in box)
+                assert int(k) in range(3) and 0 < w <= 1 and 0 < h <= 1
+                assert 0 <= cx - w / 2 + 1e-6 and cx + w / 2 - 1e-6 <= 1 and 0 <= cy - h / 2 + 1e-6 and cy + h / 2 - 1e-6 <= 1
+    again = write_synthetic_dataset(tmp_path / "b", train=6, val=3, imgsz=64, classes=3, seed=1)
+    for f in (tmp_path / "a").rglob("*.png"):
+        assert f.read_bytes() == (again.parent / f.relative_to(tmp_path / "a")).read_bytes()
+    train = {Image.open(p).tobytes() for p in (tmp_path / "a" / "images" / "train").iterdir()}
+    assert not train & {Image.open(p).tobytes() for p in (tmp_path / "a" / "images" / "val").iterdir()}
+    big = write_synthetic_dataset(tmp_path / "c", train=40, val=1, imgsz=96)
+    classes = [int(r.split()[0]) for f in (tmp_path / "c" / "labels" / "train").iterdir()
+               for r in f.read_text().splitlines()]
+    assert sorted(set(classes)) == list(range(6)) and np.bincount(classes).min() >= 5
+    for bad in (dict(train=0), dict(imgsz=16), dict(classes=7), dict(val=1.5), dict(classes=0)):
         with pytest.raises(ValueError, match=next(iter(bad))):
             write_synthetic_dataset(tmp_path / "bad", **bad)
 
@@ -351,7 +366,7 @@ def _no_decay_ids(optimizer):
 def test_teacher_survives_the_checkpoint_and_scales_are_not_decayed(tmp_path):
     """Trained from float weights, a Q2 checkpoint names them; a run continuing from the checkpoint
     rebuilds the same float teacher and keeps Q-ADA. Quantizer and fusion parameters are not decayed."""
-    data = write_synthetic_dataset(tmp_path / "ds", train=2, val=2, imgsz=IMGSZ)
+    data = write_synthetic_dataset(tmp_path / "ds", train=2, val=2, imgsz=IMGSZ, classes=2)  # the model's nc
     torch.manual_seed(0)
     float_model = DetectionModel("yolov5n.yaml", nc=2, verbose=False)
     weights = tmp_path / "float.pt"

@@ -32,7 +32,8 @@ FORMATS = [f for f in exporter.export_formats()["Argument"][1:] if f != "imx"]
 
 def _says_what_to_use(message: str) -> None:
     assert "fake-quant model" in message and "Could not export" not in message  # not the quantizer's trace error
-    for name in ("q2kernels.deploy.convert_to_int", "q2kernels.deploy.save_int_model", "IntDetector"):
+    for name in ("q2kernels.integrations.ultralytics.to_int", "int_model.save(path, imgsz)",
+                 "q2kernels.deploy.load_detector(path).predict(image)"):
         assert name in message
 
 

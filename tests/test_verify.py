@@ -3,9 +3,11 @@
 A tiny YOLOv5 (q2kernels.models) plus a depthwise block, under every recipe: the integer model's
 codes equal the reference mode's (plain PyTorch) bit for bit at every layer and its outputs too; the
 codes that differ from the teacher-forced fake-quant model are rare rounding flips. The checker can
-fail: a shifted epilogue (a folding error) and a flipped code (a kernel error) are both reported,
-naming the layer.
+fail: a shifted epilogue (a folding error), a scale 2% off and a flipped code (a kernel error) are
+reported, naming the layer. A flip planted at a decision boundary is certified, within a bound far
+below a code unit; dead layers and the outputs' difference are reported.
 """
+import math
 import warnings
 
 import pytest
@@ -13,10 +15,10 @@ import torch
 from torch import nn
 
 from q2kernels.deploy import IntConv2d, convert_to_int, reference_forward, verify_int_model
-from q2kernels.deploy.verify import pack_codes, unpack_codes
+from q2kernels.deploy.reference_mode import pack_codes, unpack_codes
 from q2kernels.models import YOLOv5
 from q2kernels.models.yolo import ConvBNAct
-from q2kernels.nn import quantize_model
+from q2kernels.nn import LSQQuantizer, QConv2d, quantize_model
 from q2kernels.ops import int_conv as ic
 
 from deployable import settle, spread_activation_quantizers
@@ -84,7 +86,149 @@ def test_a_folding_error_is_not_a_rounding_flip():
     result = verify_int_model(model, int_model, x)
     assert result.exact  # the kernels still compute what the (wrong) model says
     assert not result.ok
-    assert any(f.startswith("yolo.8.m.0.cv1.conv:") and "not a rounding flip" in f for f in result.failures())
+    assert any(f.startswith("yolo.8.m.0.cv1.conv:") and "beyond rounding" in f for f in result.failures())
+
+
+def test_a_wrong_scale_is_named_with_distance_and_bound():
+    model, x = _qat("lsq", 4)
+    int_model = _convert(model, x)
+    victim = next(m for m in int_model.net.modules() if isinstance(m, IntConv2d) and m.source == "yolo.8.cv1.conv")
+    victim.epilogues[:, ic.ALPHA] *= 1.02  # a scale 2% off: codes move where v is within 2% of a boundary
+    result = verify_int_model(model, int_model, x)
+    assert result.exact and not result.ok
+    check = result.layers["yolo.8.m.0.cv1.conv"]
+    d, b = check.worst
+    assert check.beyond_bound > 0 and 0 < b < d and check.max_ratio == d / b
+    assert any(f.startswith("yolo.8.m.0.cv1.conv:") and f"at {d:.3g} code units" in f and f"at most {b:.3g}" in f
+               for f in result.failures())
+
+
+def test_convert_to_int_checks_its_example_input(monkeypatch):
+    """A folding error inside the converter (every epilogue's scale 2% off) is caught on the example
+    input: a warning naming the layers with both numbers, or with strict=True an error."""
+    model, x = _qat("lsq", 4)
+    epilogue_params = ic.epilogue_params
+
+    def wrong(cout, alpha, *args, **kwargs):
+        return epilogue_params(cout, alpha * 1.02, *args, **kwargs)
+
+    monkeypatch.setattr(ic, "epilogue_params", wrong)
+    with pytest.warns(UserWarning, match=r"convert_to_int: on example_input, yolo\.\S+: \d+ codes differ from the "
+                                         r"fake-quant model's beyond rounding: at \S+ code units .* at most \S+"):
+        convert_to_int(model, x)
+    with pytest.raises(ValueError, match="beyond rounding"):
+        convert_to_int(model, x, strict=True)
+
+
+def test_a_difference_behind_an_op_without_an_error_rule_is_not_certified():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        QConv2d(3, 8, 3, padding=1, weight_quantizer=LSQQuantizer(4, "signed", 0, 8), act_quantizer=LSQQuantizer(4)),
+        nn.Hardswish(),  # no integer epilogue (a float op) and no error rule
+        QConv2d(8, 4, 1, weight_quantizer=LSQQuantizer(4, "signed", 0, 4), act_quantizer=LSQQuantizer(4))).eval()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        model(x)
+    int_model = _convert(model, x)
+    victim = next(m for m in int_model.net.modules() if isinstance(m, IntConv2d) and m.source == "0")
+    victim.epilogues[:, ic.ALPHA] *= 1.02
+    result = verify_int_model(model, int_model, x)
+    assert result.exact and not result.ok
+    assert result.layers["2"].max_bound == math.inf
+    assert any(f.startswith("2: ") and "have no rounding bound" in f and "'1' (Hardswish), which has no error rule" in f
+               for f in result.failures())
+
+
+class _Pair(nn.Module):
+    """conv a (no BatchNorm, identity activation) feeding conv b, and a's output as an output too:
+    the integer model's float head of a is exactly the value b's codes are decided on."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = QConv2d(3, 8, 3, padding=1, bias=False, weight_quantizer=LSQQuantizer(4, "signed", 0, 8),
+                         act_quantizer=LSQQuantizer(4, "signed"))
+        self.b = QConv2d(8, 4, 1, bias=False, weight_quantizer=LSQQuantizer(4, "signed", 0, 4),
+                         act_quantizer=LSQQuantizer(4, "signed"))
+
+    def forward(self, x):
+        a = self.a(x)
+        return self.b(a), a
+
+
+def _neighbours(v, n=4):
+    """The fp32 tensor v and its n nearest fp32 neighbours on each side, nearest first."""
+    out, up, down = [v], v, v
+    for _ in range(n):
+        up, down = torch.nextafter(up, torch.tensor(math.inf)), torch.nextafter(down, torch.tensor(-math.inf))
+        out += [up, down]
+    return out
+
+
+def _boundary_step(z_fq, z_int, target):
+    """An fp32 step s of b's quantizer whose multiplier m = fp32(1/s) puts the decision boundary
+    `target` between fp32(z_fq*m) and fp32(z_int*m), or None."""
+    zf, zi, one = torch.tensor(z_fq), torch.tensor(z_int), torch.tensor(1.0)
+    for m in _neighbours(torch.tensor(2 * target / (z_fq + z_int))):
+        if torch.round(zf * m) != torch.round(zi * m):
+            s = next((s for s in _neighbours(one / m) if one / s == m), None)
+            if s is not None:
+                return float(s)
+    return None
+
+
+def test_a_rounding_flip_at_a_boundary_is_certified_within_its_bound():
+    torch.manual_seed(0)
+    model = _Pair().eval()
+    x = torch.randn(1, 3, 6, 6)
+    with torch.no_grad():
+        model(x)  # the quantizers' first-batch initialisation
+        z_fq = model.a(x)
+    z_int = _convert(model, x)(x)[1]
+    # Among a's larger outputs (a tiny one is a sum that cancelled, whose bound is large), the element
+    # where the two fp32 evaluations differ most, relatively; b's step is set so that a decision
+    # boundary lies between them: the two models must pick neighbouring codes there.
+    large = z_fq.abs() >= z_fq.abs().max() / 4
+    j = int(torch.where(large, (z_fq - z_int).abs() / z_fq.abs(), 0.0).flatten().argmax())
+    zf, zi = float(z_fq.flatten()[j]), float(z_int.flatten()[j])
+    assert zf != zi
+    s = _boundary_step(zf, zi, 1.5 if zf > 0 else -1.5)
+    assert s is not None
+    with torch.no_grad():
+        model.b.act_quantizer.s.fill_(s)
+    int_model = _convert(model, x)  # its own check certifies the flip: no warning
+    result = verify_int_model(model, int_model, x)
+    check = result.layers["b"]
+    assert result.ok, result.failures()
+    assert check.differing >= 1 and check.beyond_bound == 0
+    # A genuine flip: off the boundary in float64 (d > 0), within a bound far below a code unit.
+    assert 0 < check.max_distance <= check.max_bound < 1e-3
+
+
+def test_dead_layers_and_the_output_difference_are_reported():
+    torch.manual_seed(0)
+
+    def q(cin, cout, k):
+        return QConv2d(cin, cout, k, padding=k // 2, bias=False, weight_quantizer=LSQQuantizer(4, "signed", 0, cout),
+                       act_quantizer=LSQQuantizer(4, "signed"))
+
+    net = nn.Sequential(q(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), q(8, 8, 1), nn.ReLU(), q(8, 4, 1)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        net(x)
+        net[1].bias.fill_(-100.0)  # every value below 0: the ReLU leaves nothing for the next layers
+    int_model = _convert(net, x)  # dead layers convert, and nothing differs on them
+    result = verify_int_model(net, int_model, x)
+    assert result.ok and result.dead_layers() == ["3", "5"]
+    assert result.layers["3"].zero_fraction == 1.0 and result.layers["0"].zero_fraction < 0.5
+    assert "dead layers (>= 99% codes of 0): 3, 5" in result.summary()
+
+    model, x = _qat("lsq", 4)
+    int_model = _convert(model, x)
+    result = verify_int_model(model, int_model, x)
+    with torch.no_grad():
+        expected = max(float((a.double() - b.double()).abs().max()) for a, b in zip(int_model(x), model(x)))
+    assert result.output_difference == expected
+    assert f"max |integer - fake-quant| = {expected:.3e}" in result.summary()
 
 
 def test_a_kernel_error_is_caught_by_the_reference():

@@ -9,7 +9,7 @@ _LAZY = {"FixedFusion": "fixed_fusion", "calibrate_fusion": "fusion", "finetune_
          "freeze_fusion": "fusion", "layernorm_affine": "fusion", "remove_layernorm": "fusion",
          "IntConv2d": "int_modules", "IntModel": "int_model", "QuantizePack": "int_modules",
          "convert_to_int": "convert", "load_int_model": "serialize", "save_int_model": "serialize",
-         "verify_int_model": "verify", "reference_forward": "verify",
+         "verify_int_model": "verify", "reference_forward": "reference_mode",
          "DetectHead": "detect_head", "load_detector": "detector"}
 
 __all__ = list(_LAZY)

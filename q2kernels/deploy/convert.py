@@ -25,7 +25,8 @@ Each quantizer gives its own integer form through the quantizer protocol (q2kern
 R(clip(x, 0, alpha)*n/alpha), N2UQ the count of thresholds below alpha1*x), each with the fp32 values
 the fake-quant forward uses. Every weight code is checked against the fake-quant weight (deploy.units).
 Grouped and depthwise convs become grouped IntConv2d (ops.grouped_conv). deploy.verify checks a
-converted model against its fake-quant model, layer by layer.
+converted model against its fake-quant model, layer by layer; convert_to_int runs it on its example
+input, and a difference that is not a rounding flip warns, naming the layer (strict=True raises).
 """
 from __future__ import annotations
 
@@ -47,6 +48,7 @@ from .int_model import IntModel
 from .int_modules import (HEAD_CODES, HEAD_FLOAT, IntConv2d, QuantizePack, packed_maxpool2d,
                           packed_upsample_nearest, packed_write)
 from .units import Unit, find_units
+from .verify import verify_int_model
 
 MAX_THRESHOLDS = 15
 
@@ -320,10 +322,23 @@ def _refuser(strict: bool, report: dict[str, str]):
     return refuse
 
 
+def _check_example(model: nn.Module, int_model: IntModel, inputs: tuple, strict: bool) -> None:
+    """verify_int_model on the example input: a difference from the fake-quant model that is not a
+    rounding flip (or a kernel that is not the reference mode) warns, naming the layers, or raises."""
+    problems = verify_int_model(model, int_model, *inputs).failures()
+    if not problems:
+        return
+    msg = "convert_to_int: on example_input, " + "; ".join(problems)
+    if strict:
+        raise ValueError(msg)
+    warnings.warn(msg, stacklevel=3)
+
+
 def convert_to_int(model: nn.Module, example_input, strict: bool = False) -> IntModel:
     """The integer model of a trained QAT `model` (module docstring). example_input: a tensor (or a
-    tuple of the model's inputs) it runs on, for the shapes. The model is not changed. strict=True
-    raises, naming the layer, where a layer would be kept in float."""
+    tuple of the model's inputs) it runs on, for the shapes, and on which the result is checked
+    against the fake-quant model (deploy.verify). The model is not changed. strict=True raises,
+    naming the layer, where a layer would be kept in float or the check fails; otherwise both warn."""
     model = copy.deepcopy(model).eval()
     gm = trace.symbolic_trace(model, is_leaf=lambda m: isinstance(m, (QConv2d, Quantizer, GatedFusion, FixedFusion)))
     inputs = example_input if isinstance(example_input, tuple) else (example_input,)
@@ -331,4 +346,6 @@ def convert_to_int(model: nn.Module, example_input, strict: bool = False) -> Int
         ShapeProp(gm).propagate(*inputs)
     report = {}
     units = find_units(gm, _refuser(strict, report), report)
-    return IntModel(_GraphBuilder(gm, units, report).build(), report).eval()
+    int_model = IntModel(_GraphBuilder(gm, units, report).build(), report).eval()
+    _check_example(model, int_model, inputs, strict)
+    return int_model

@@ -155,6 +155,15 @@ def freeze_fusion(model: nn.Module) -> nn.Module:
     return model
 
 
+def freeze_calibrated(model: nn.Module) -> nn.Module:
+    """freeze_fusion for the calibrated nodes only: an uncalibrated GatedFusion keeps its LayerNorm,
+    as convert_to_int keeps it. Returns the model (changed in place)."""
+    for name, node in _fusion_nodes(model):
+        if not (torch.isnan(node.mubar).item() or torch.isnan(node.sigmabar).item()):
+            _replace(model, name, _fixed(node, affine=True))
+    return model
+
+
 def _as_conv(module: nn.Module):
     if isinstance(module, nn.Conv2d):
         return module

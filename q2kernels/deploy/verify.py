@@ -2,331 +2,54 @@
 
 Why the question needs care. The integer model computes every conv as an exact int32 sum of codes
 and then one fp32 epilogue (docs/math.md §7). The fake-quant model computes the same conv in fp32 on
-dequantised values: a different summation order, and grid values that are themselves rounded
-(DoReFa's q*(2/n) - 1, N2UQ's (R(.)/m - 1)*sf and LSQ+'s q*s + beta lose up to half an ulp of 1 or of
-beta in the subtraction or addition, i.e. up to ~1e-6 relative for small levels; LSQ's single product
-q*s loses 2^-24 relative). Where a pre-activation lies within that rounding of a quantizer's decision
-boundary, the two models pick neighbouring codes, and the next layers see different inputs, so one
-such flip spreads. These flips are the whole difference: this module measures them layer by layer
-and offers a reference that the integer model must match bit for bit.
+dequantised values: another summation order, and grid values that are themselves rounded. Where a
+value lies within that rounding of a quantizer's decision boundary, the two models pick neighbouring
+codes (a rounding flip), and the next layers see different inputs. verify proves, code by code, that
+every difference is such a flip, or names the layer where one is not.
 
-- `reference_forward(int_model, *inputs)`: the reference mode. The integer model evaluated in plain
-  PyTorch, without q2kernels._C: each conv's integer sums accumulated exactly (float64 convolutions
-  of the integer codes), then the epilogue's fp32 operations in their documented order, with
-  correctly rounded fused multiply-adds and the epilogue's SiLU. It returns the outputs and, per
-  layer, the codes; the C++ and CUDA kernels must reproduce them bit for bit.
-- `verify_int_model(model, int_model, *inputs)`: per integer layer (named by its QConv2d), the codes the
-  integer model feeds it, compared with (a) the reference mode: must be identical; (b) the
-  fake-quant model run teacher-forced (every quantized conv gets the integer model's input codes,
-  dequantised as the fake-quant quantizer dequantises, so each layer is compared on identical
-  inputs): the fraction of codes that differ, and for each differing code its distance to the
-  decision boundary in code units, from a float64 evaluation of the same teacher-forced model. A
-  difference further than `boundary` (default 1e-4 code units, several orders above fp32 rounding of
-  the layers of a detector, orders below any error of scale or offset) from its boundary is not a
-  rounding flip: `Verification.ok` is False and the layer is named.
+`verify_int_model(model, int_model, *inputs)` compares, per integer layer (named by its QConv2d), the
+codes the integer model feeds it with:
+- the reference mode (deploy.reference_mode): must be identical, as must the outputs;
+- the fake-quant model run teacher-forced (deploy.teacher_forcing: every integer layer of it gets the
+  integer model's input codes, so each layer is compared on identical inputs): for each code that
+  differs, its distance d to the quantizer's decision boundary (code units, from a float64
+  evaluation of the same teacher-forced model) and the bound b on how far the fp32 arithmetic of
+  either model can move that value (deploy.error_bounds; docs/math.md §7, "What verify certifies").
+  Within its bound a difference is a rounding flip; beyond it the layer is named with both numbers.
+It also reports the outputs' largest difference from the fake-quant model's and the layers whose
+codes are almost all the code of 0: a check on a layer that carries no information proves nothing.
 """
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
-from torch import fx, nn
+from torch import nn
 
-from .. import reference as ref
-from ..nn.modules import QConv2d
-from ..nn.n2uq import N2UQQuantizer
-from ..nn.quantizers import LSQPlusQuantizer, LSQQuantizer, PACTQuantizer
 from . import trace
-from .fusion import freeze_fusion
-from .int_modules import HEAD_CODES, IntConv2d, QuantizePack
+from .error_bounds import ErrorBounds, gamma
+from .reference_mode import integer_codes, reference_forward
+from .teacher_forcing import forced, traced
 
-BOUNDARY = 1e-4
-_ALIGN = 32  # channels per packed group (csrc/format.h), written out here: the reference shares no code
-
-
-# ---------------------------------------------------------------------------------------------------
-# Packed codes, independently of q2kernels._C.
-
-def unpack_codes(packed: torch.Tensor, channels: int, signed: bool) -> torch.Tensor:
-    """Packed uint8 (N, H, W, bytes) -> int64 codes (N, channels, H, W): low nibble = even channel."""
-    b = packed.to(torch.int64)
-    nib = torch.stack((b & 0xF, b >> 4), dim=-1).flatten(-2)[..., :channels]
-    if signed:
-        nib = nib - 16 * (nib >= 8)
-    return nib.permute(0, 3, 1, 2)
-
-
-def pack_codes(codes: torch.Tensor) -> torch.Tensor:
-    """int codes (N, C, H, W) of a 4-bit range -> packed uint8 (N, H, W, bytes), zero padding."""
-    n, c, h, w = codes.shape
-    padded = -(-c // _ALIGN) * _ALIGN
-    nib = torch.zeros(n, h, w, padded, dtype=torch.int64, device=codes.device)
-    nib[..., :c] = codes.permute(0, 2, 3, 1).to(torch.int64) & 0xF
-    return (nib[..., 0::2] | (nib[..., 1::2] << 4)).to(torch.uint8)
-
-
-def _write(out, packed, channels, c_offset):
-    """Codes of `channels` channels into out from c_offset on; an odd last channel keeps the high
-    nibble of its byte (the other writer's)."""
-    full, odd = divmod(channels, 2)
-    start = c_offset // 2
-    out[..., start:start + full] = packed[..., :full]
-    if odd:
-        out[..., start + full] = (out[..., start + full] & 0xF0) | (packed[..., full] & 0x0F)
-    return out
-
-
-# ---------------------------------------------------------------------------------------------------
-# The epilogue's fp32 arithmetic (docs/math.md §7), emulated.
-
-def _fma32(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """fp32 fma(a, b, c), correctly rounded: a*b is exact in float64, the sum is rounded to odd in
-    float64 (its error found exactly by TwoSum) and then to nearest fp32, which is then exact."""
-    p = a.double() * b.double()
-    c = c.double()
-    s = p + c
-    bp = s - c
-    err = (p - bp) + (c - (s - bp))
-    even = (s.view(torch.int64) & 1) == 0
-    s = torch.where((err != 0) & even & torch.isfinite(s), torch.nextafter(s, s + err), s)
-    return s.float()
-
-
-def _f32(v: float, like: torch.Tensor) -> torch.Tensor:
-    return torch.tensor(v, dtype=torch.float32, device=like.device).expand_as(like)
-
-
-def _exp32(x: torch.Tensor) -> torch.Tensor:
-    """csrc/epilogue.h's exp_det: Cody-Waite reduction, degree-7 polynomial, exact 2^k scaling."""
-    k = torch.round(x * _f32(1.44269502, x))
-    r = _fma32(k, _f32(-0.693145751953125, x), x)
-    r = _fma32(k, _f32(-1.42860677e-06, x), r)
-    p = _f32(1.98412698e-04, x)
-    for coef in (1.38888889e-03, 8.33333333e-03, 4.16666667e-02, 1.66666667e-01, 0.5, 1.0, 1.0):
-        p = _fma32(p, r, _f32(coef, x))
-    y = (p.double() * torch.exp2(k.double().clamp(-300, 300))).float()  # exact: p*2^k fits a double
-    y = torch.where(x > 88.72, torch.full_like(x, math.inf), y)
-    y = torch.where(x < -87.0, torch.zeros_like(x), y)
-    return torch.where(torch.isnan(x), x, y)
-
-
-def _activate(y: torch.Tensor, act: str) -> torch.Tensor:
-    if act == "relu":
-        return torch.where(y < 0, torch.zeros_like(y), y)
-    if act == "silu":
-        return y / (1.0 + _exp32(-y))
-    return y
-
-
-def _round_codes(v: torch.Tensor, qn: int, qp: int) -> torch.Tensor:
-    c = torch.where(v > qn, v, torch.full_like(v, qn))  # NaN -> qn
-    c = torch.where(c < qp, c, torch.full_like(c, qp))
-    return torch.round(c).to(torch.int64)
-
-
-def _threshold_codes(u: torch.Tensor, thresholds: torch.Tensor, qn: int) -> torch.Tensor:
-    return qn + (u.unsqueeze(-1) > thresholds).sum(-1)
-
-
-def _codes_of(v, qn, qp, thresholds):
-    return _threshold_codes(v, thresholds, qn) if thresholds is not None else _round_codes(v, qn, qp)
-
-
-# ---------------------------------------------------------------------------------------------------
-# The reference mode.
-
-def _reference_conv(m: IntConv2d, x, head=0, out=None, c_offset=0, total_channels=None):
-    """What IntConv2d head `head` computes, from m's buffers, in plain PyTorch (module docstring)."""
-    xq = unpack_codes(x, m.in_channels, m.x_signed).double()
-    cin_g = m.in_channels // m.groups
-    k = unpack_codes(m.weight, cin_g, m.w_signed).double()  # (C_out, cin_g, KH, KW)
-    levels = m.w_mul * k + m.w_add
-    conv = dict(stride=m.stride, padding=m.padding, dilation=m.dilation, groups=m.groups)
-    I = F.conv2d(xq, levels, **conv)
-    J = torch.zeros_like(I)
-    if m.tap_sums is not None:
-        J = F.conv2d(torch.ones_like(xq), levels, **conv)
-    ep = m.epilogues[head].view(-1, 1, 1, m.out_channels).permute(0, 3, 1, 2)  # rows x (1, C, 1, 1)
-    alpha, gamma, bias, aff_mul, aff_add, q_mul, q_off = (ep[r:r + 1] for r in range(ep.shape[0]))
-    pre = _fma32(alpha.expand_as(I).float(), I.float(), _fma32(gamma.expand_as(J).float(), J.float(),
-                                                                 bias.expand_as(I).float()))
-    z = _fma32(aff_mul.expand_as(pre), _activate(pre, m.act), aff_add.expand_as(pre))
-    h = m.heads[head]
-    if h["kind"] != HEAD_CODES:
-        z = z.contiguous(memory_format=torch.channels_last)
-        if out is None:
-            return z
-        out[:, c_offset:c_offset + m.out_channels] = z
-        return out
-    v = (z - q_off) * q_mul
-    thr = m.thresholds[head, :h["nthr"]] if h["nthr"] else None
-    codes = _codes_of(v, h["qn"], h["qp"], thr)
-    packed = pack_codes(codes)
-    if out is None and total_channels is None:
-        return packed
-    if out is None:
-        out = pack_codes(torch.zeros(codes.shape[0], total_channels, *codes.shape[2:], dtype=torch.int64,
-                                     device=codes.device))
-    return _write(out, packed, m.out_channels, c_offset)
-
-
-def _reference_quantize(m: QuantizePack, x, out=None, c_offset=0, total_channels=None):
-    x = x.float()
-    if m.scale is not None:
-        x = x * m.scale.view(1, -1, 1, 1) + m.shift.view(1, -1, 1, 1)
-    v = (x - m.qparams[1].view(1, -1, 1, 1)) * m.qparams[0].view(1, -1, 1, 1)
-    codes = _codes_of(v, m.qn, m.qp, m.thresholds)
-    packed = pack_codes(codes)
-    if out is None and total_channels is None:
-        return packed
-    if out is None:
-        out = pack_codes(torch.zeros_like(codes).expand(-1, total_channels, -1, -1))
-    return _write(out, packed, m.channels, c_offset)
-
-
-class _Recorder(fx.Interpreter):
-    """Runs a converted model, recording each integer conv's input codes under its source layer."""
-
-    def __init__(self, net, record):
-        super().__init__(net)
-        self.record = record
-
-    def call_module(self, target, args, kwargs):
-        m = self.fetch_attr(target)
-        if isinstance(m, IntConv2d):
-            self.record.setdefault(m.source, unpack_codes(args[0], m.in_channels, m.x_signed))
-        return self.run_module(m, target, args, kwargs)
-
-    def run_module(self, m, target, args, kwargs):
-        return super().call_module(target, args, kwargs)
-
-
-class _Reference(_Recorder):
-    """The same, with the integer modules run by the plain-PyTorch reference mode."""
-
-    def run_module(self, m, target, args, kwargs):
-        if isinstance(m, IntConv2d):
-            return _reference_conv(m, *args, **kwargs)
-        if isinstance(m, QuantizePack):
-            return _reference_quantize(m, *args, **kwargs)
-        return super().run_module(m, target, args, kwargs)
-
-
-def reference_forward(int_model: nn.Module, *inputs):
-    """(outputs, {QConv2d name: int64 input codes (N, C, H, W)}) of the reference mode."""
-    codes = {}
-    with torch.no_grad():
-        out = _Reference(int_model.net, codes).run(*inputs)
-    return out, codes
-
-
-def integer_codes(int_model: nn.Module, *inputs):
-    """(outputs, {QConv2d name: int64 input codes}) of the integer model itself (q2kernels._C)."""
-    codes = {}
-    with torch.no_grad():
-        out = _Recorder(int_model.net, codes).run(*inputs)
-    return out, codes
-
-
-# ---------------------------------------------------------------------------------------------------
-# The fake-quant model, teacher-forced.
-
-def _dequantize(q, codes):
-    """The fake-quant quantizer's output for `codes`, computed as its forward computes it (fp32)."""
-    c = codes.float()
-    if isinstance(q, LSQQuantizer):
-        beta = q.beta.float().reshape(()) if isinstance(q, LSQPlusQuantizer) else 0.0
-        return c * q.s.float().reshape(()).clamp_min(ref.fake_quant.SCALE_FLOOR) + beta
-    if isinstance(q, PACTQuantizer):
-        a = q.alpha.float().reshape(())
-        return c * (a / (2**q.bits - 1))
-    if isinstance(q, N2UQQuantizer):
-        return (c * ref.n2uq.ltq_interval(q.bits)) * q.alpha2.float().reshape(())
-    raise TypeError(f"verify: no dequantisation for a {type(q).__name__} activation quantizer")
-
-
-def _decision(q, x):
-    """(codes, distance to the nearest decision boundary in code units) of activation quantizer q
-    for input x, evaluated in x's dtype (fp32 as the model runs, or float64)."""
-    if isinstance(q, N2UQQuantizer):
-        a_pos, thresholds, _ = ref.n2uq.ltq_tables(q.start.detach(), q.a.detach())
-        u = x * q.alpha1.detach().to(x.dtype).reshape(())
-        t = thresholds.to(x.dtype)
-        codes = (u.unsqueeze(-1) > t).sum(-1)
-        return codes, ((u.unsqueeze(-1) - t).abs() / a_pos.to(x.dtype)).amin(-1)
-    if isinstance(q, LSQQuantizer):
-        qn, qp = ref.qrange(q.bits, q.mode)
-        s = q.s.detach().float().reshape(()).clamp_min(ref.fake_quant.SCALE_FLOOR)
-        beta = q.beta.detach().float().reshape(()) if isinstance(q, LSQPlusQuantizer) else torch.zeros(())
-        v = (x - beta.to(x.dtype)) * (1.0 / s).to(x.dtype)
-    elif isinstance(q, PACTQuantizer):
-        qn, qp = 0, 2**q.bits - 1
-        a = q.alpha.detach().float().reshape(())
-        m = a.new_full((), float(qp)) / a
-        v = torch.minimum(x.clamp_min(0.0), a.to(x.dtype)) * m.to(x.dtype)
-    else:
-        raise TypeError(f"verify: no decision rule for a {type(q).__name__} activation quantizer")
-    codes = torch.round(v.clamp(qn, qp)).to(torch.int64)
-    inside = (v > qn - 0.5) & (v < qp + 0.5)
-    dist = torch.where(inside, (v - torch.floor(v) - 0.5).abs(), torch.full_like(v, math.inf))
-    return codes, dist
-
-
-class _Forced(nn.Module):
-    """Records the decision of quantizer q on its input and passes on the integer model's codes."""
-
-    def __init__(self, q, codes):
-        super().__init__()
-        self.q, self.codes = q, codes
-
-    def forward(self, x):
-        self.seen = _decision(self.q, x)
-        y = _dequantize(self.q, self.codes)
-        return y.to(x.dtype)
-
-
-class _AsFloat32(nn.Module):
-    """A weight quantizer run on fp32 values, in fp32, inside a float64 model: the fake-quant weights."""
-
-    def __init__(self, q):
-        super().__init__()
-        self.q = q
-
-    def forward(self, w):
-        return self.q(w.float()).to(w.dtype)
-
-
-def _teacher_forced(model, codes, inputs, dtype):
-    forced_model = freeze_fusion(copy.deepcopy(model)).eval()
-    forced = {}
-    for name, m in forced_model.named_modules():
-        if isinstance(m, QConv2d) and m.weight_quantizer is not None:
-            m.weight_quantizer = _AsFloat32(m.weight_quantizer)
-            if name in codes:
-                m.act_quantizer = forced[name] = _Forced(m.act_quantizer, codes[name])
-    forced_model.to(dtype)
-    for f in forced.values():
-        f.q.float()
-    for m in forced_model.modules():
-        if isinstance(m, _AsFloat32):
-            m.q.float()
-    with torch.no_grad():
-        forced_model(*(x.to(dtype) if x.is_floating_point() else x for x in inputs))
-    return {name: f.seen for name, f in forced.items()}
+DEAD = 0.99  # dead_layers' default: the fraction of codes at the code of 0 from which a layer counts as dead
 
 
 @dataclass
 class LayerCheck:
-    """One integer layer's input codes (QConv2d `name`), against the reference and the fake-quant model."""
+    """One integer layer's input codes (QConv2d `name`), against the reference and the fake-quant model.
+    Distances and bounds are in code units; the largest ones are over the differing codes."""
     name: str
     codes: int
     reference_mismatches: int  # must be 0
     differing: int  # codes that differ from the teacher-forced fake-quant model's
-    max_distance: float  # the largest boundary distance (code units, float64) of a differing code
-    beyond_boundary: int  # differing codes further than the tolerance from their boundary
+    max_distance: float = 0.0  # the largest distance d of a differing code from its decision boundary
+    max_bound: float = 0.0  # the largest bound b of a differing code
+    max_ratio: float = 0.0  # the largest d/b (inf where b is 0 or infinite: no bound)
+    beyond_bound: int = 0  # differing codes that are not rounding flips
+    worst: tuple[float, float] = (0.0, 0.0)  # (d, b) of the differing code with the largest d/b
+    unbounded: str = ""  # why some of its bounds are infinite (an op with no error rule), or ""
+    zero_fraction: float = 0.0  # the fraction of its codes equal to the code of an input 0
 
     @property
     def fraction(self) -> float:
@@ -336,9 +59,9 @@ class LayerCheck:
 @dataclass
 class Verification:
     layers: dict[str, LayerCheck] = field(default_factory=dict)
-    boundary: float = BOUNDARY
     missing: list[str] = field(default_factory=list)  # integer layers the fake-quant model has no QConv2d for
     outputs_equal: bool = True  # the integer model's outputs are the reference mode's, bit for bit
+    output_difference: float = 0.0  # max |integer - fake-quant| over the float outputs (not teacher-forced)
 
     @property
     def exact(self) -> bool:
@@ -348,30 +71,47 @@ class Verification:
     @property
     def ok(self) -> bool:
         """exact, and every code that differs from the fake-quant model's is a rounding flip."""
-        return self.exact and not self.missing and all(c.beyond_boundary == 0 for c in self.layers.values())
+        return self.exact and not self.missing and all(c.beyond_bound == 0 for c in self.layers.values())
 
     @property
     def differing_fraction(self) -> float:
         total = sum(c.codes for c in self.layers.values())
         return sum(c.differing for c in self.layers.values()) / max(total, 1)
 
+    def dead_layers(self, threshold: float = DEAD) -> list[str]:
+        """Layers whose input codes are the code of 0 in at least `threshold` of the places."""
+        return [n for n, c in self.layers.items() if c.zero_fraction >= threshold]
+
     def failures(self) -> list[str]:
         out = [f"{n}: {c.reference_mismatches} codes differ from the reference mode"
                for n, c in self.layers.items() if c.reference_mismatches]
         out += [] if self.outputs_equal else ["outputs: differ from the reference mode's"]
-        out += [f"{n}: {c.beyond_boundary} codes differ from the fake-quant model's at up to {c.max_distance:.3g} "
-                f"code units from their decision boundary (> {self.boundary:g}: not a rounding flip)"
-                for n, c in self.layers.items() if c.beyond_boundary]
+        for n, c in self.layers.items():
+            if not c.beyond_bound:
+                continue
+            d, b = c.worst
+            if math.isinf(b):
+                out.append(f"{n}: {c.beyond_bound} codes differ from the fake-quant model's, at up to "
+                           f"{c.max_distance:.3g} code units from the decision boundary, and have no rounding "
+                           f"bound: the way to it passes {c.unbounded or 'an op with no error rule'}")
+            else:
+                out.append(f"{n}: {c.beyond_bound} codes differ from the fake-quant model's beyond rounding: at "
+                           f"{d:.3g} code units from the decision boundary, where fp32 rounding moves it by at "
+                           f"most {b:.3g}")
         out += [f"{n}: no QConv2d of that name in the fake-quant model" for n in self.missing]
         return out
 
     def summary(self) -> str:
-        lines = [f"{'layer':40s} {'codes':>9s} {'ref.diff':>8s} {'fq.diff':>8s} {'fraction':>9s} {'max dist':>9s}"]
+        lines = [f"{'layer':40s} {'codes':>9s} {'ref.diff':>8s} {'fq.diff':>8s} {'fraction':>9s} {'max dist':>9s} "
+                 f"{'max bound':>9s} {'max d/b':>9s} {'zeros':>6s}"]
         for n, c in self.layers.items():
             lines.append(f"{n:40s} {c.codes:9d} {c.reference_mismatches:8d} {c.differing:8d} {c.fraction:9.2e} "
-                         f"{c.max_distance:9.2e}")
+                         f"{c.max_distance:9.2e} {c.max_bound:9.2e} {c.max_ratio:9.2e} {c.zero_fraction:6.1%}")
+        dead = self.dead_layers()
         lines.append(f"exact: {self.exact}; codes differing from the fake-quant model: {self.differing_fraction:.3e}; "
-                     f"all rounding flips (<= {self.boundary:g} code units from a boundary): {self.ok}")
+                     f"all rounding flips (within their bounds): {self.ok}")
+        lines.append(f"outputs: max |integer - fake-quant| = {self.output_difference:.3e}; dead layers "
+                     f"(>= {DEAD:.0%} codes of 0): {', '.join(dead) if dead else 'none'}")
         return "\n".join(lines)
 
 
@@ -384,24 +124,78 @@ def _same(a, b) -> bool:
     return a == b
 
 
-def verify_int_model(model: nn.Module, int_model: nn.Module, *inputs, boundary: float = BOUNDARY) -> Verification:
+def _difference(a, b) -> float:
+    """max |a - b| over float outputs (nested in tuples/lists); inf where their structures differ."""
+    if isinstance(a, (tuple, list)):
+        if not isinstance(b, (tuple, list)) or len(a) != len(b):
+            return math.inf
+        return max((_difference(x, y) for x, y in zip(a, b)), default=0.0)
+    if isinstance(a, torch.Tensor) and a.is_floating_point():
+        if not isinstance(b, torch.Tensor) or a.shape != b.shape:
+            return math.inf
+        return float((a.double() - b.double()).abs().max()) if a.numel() else 0.0
+    return 0.0
+
+
+def _bounds(gm, codes, inputs):
+    """{layer: (float64 input of its quantizer, its bound, why unbounded)} from ErrorBounds."""
+    forced64, _ = forced(gm, codes, torch.float64)
+    seen = {}
+    with torch.no_grad():
+        ErrorBounds(forced64, lambda name, x, e, why: seen.__setitem__(name, (x, e, why))).run(
+            *(x.double() if x.is_floating_point() else x for x in inputs))
+    return seen
+
+
+def _flips(form, x, e, got, fq):
+    """(d, b, certified) of the codes that differ (got != fq): a differing code is a rounding flip when
+    it is no further from fq's than the number of decision boundaries within its bound."""
+    differ = got != fq
+    e = torch.nan_to_num(torch.as_tensor(e, dtype=torch.float64).expand_as(x), nan=math.inf)
+    reach = e + gamma(2) * (x.abs() + e + abs(form.q_off))  # + the quantizer's own (x - q_off)*q_mul
+    _, distance, unit = form.decision(x)
+    within = form.boundaries_within(x, reach)
+    certified = ((got - fq).abs() <= within) & torch.isfinite(reach)  # no bound certifies nothing
+    return distance[differ], (reach / unit)[differ], certified[differ]
+
+
+def _layer(name, q, got, want, fq, bound) -> LayerCheck:
+    form = q.int_activation()
+    mismatches = int((got != want).sum()) if want is not None else got.numel()
+    zero = form.codes(torch.zeros((), dtype=torch.float32, device=got.device))
+    check = LayerCheck(name, got.numel(), mismatches, int((got != fq).sum()),
+                       zero_fraction=float((got == zero).double().mean()) if got.numel() else 0.0)
+    if bound is None or not check.differing:
+        return check
+    x, e, why = bound
+    d, b, certified = _flips(form, x, e, got, fq)
+    ratio = torch.where(torch.isfinite(b), torch.nan_to_num(d / b, nan=0.0, posinf=math.inf), math.inf)
+    worst = int(ratio.argmax())
+    check.max_distance, check.max_bound, check.max_ratio = float(d.max()), float(b.max()), float(ratio.max())
+    check.worst = (float(d[worst]), float(b[worst]))
+    check.beyond_bound = int((~certified).sum())
+    check.unbounded = why or ""
+    return check
+
+
+def verify_int_model(model: nn.Module, int_model: nn.Module, *inputs) -> Verification:
     """Compare `int_model` (convert_to_int(model, ...)) with the reference mode and with the QAT
     `model` on `inputs` (module docstring). The model is not changed."""
-    model = trace.traceable(model)
+    gm = traced(trace.traceable(model))
     out, got = integer_codes(int_model, *inputs)
     ref_out, want = reference_forward(int_model, *inputs)
-    fq32 = _teacher_forced(model, got, inputs, torch.float32)
-    differs = {name: codes != fq32[name][0] for name, codes in got.items() if name in fq32}
-    # The float64 evaluation only measures how far differing codes are from their boundaries.
-    fq64 = _teacher_forced(model, got, inputs, torch.float64) if any(d.any() for d in differs.values()) else {}
-    result = Verification(boundary=boundary, outputs_equal=_same(out, ref_out))
+    forced32, wrapped = forced(gm, got, torch.float32)
+    with torch.no_grad():
+        fq_out = gm(*inputs)
+        forced32(*inputs)
+    fq = {name: f.seen for name, f in wrapped.items()}
+    # The float64 evaluation with its bounds only certifies differing codes: none, nothing to run.
+    differ = any(bool((got[name] != codes).any()) for name, codes in fq.items())
+    bounds = _bounds(gm, got, inputs) if differ else {}
+    result = Verification(outputs_equal=_same(out, ref_out), output_difference=_difference(out, fq_out))
     for name, codes in got.items():
-        if name not in fq32:
+        if name not in fq:
             result.missing.append(name)
             continue
-        mismatches = int((codes != want[name]).sum()) if name in want else codes.numel()
-        diff = differs[name]
-        dist = fq64[name][1][diff] if name in fq64 else diff.new_zeros(0, dtype=torch.float64)
-        result.layers[name] = LayerCheck(name, codes.numel(), mismatches, int(diff.sum()),
-                                         float(dist.max()) if dist.numel() else 0.0, int((dist > boundary).sum()))
+        result.layers[name] = _layer(name, wrapped[name].q, codes, want.get(name), fq[name], bounds.get(name))
     return result

@@ -41,6 +41,10 @@ class N2UQQuantizer(Quantizer):
         return IntActivation(0, 2**self.bits - 1, q_mul=alpha1, q_off=0.0, step=step, offset=0.0,
                              thresholds=thresholds.float().contiguous(), monotone=alpha1 > 0)
 
+    def dequantize(self, codes):
+        """(k*I)*alpha2 in fp32, the forward's two roundings (the integer form's step is the exact product)."""
+        return (codes.to(torch.float32) * ref.n2uq.ltq_interval(self.bits)) * self.alpha2.detach().float().reshape(())
+
 
 class N2UQWeightQuantizer(Quantizer):
     """N2UQ weights: per output channel (dim 0) scale sf = mean|W|*(2^bits-1)/2^(bits-1), computed

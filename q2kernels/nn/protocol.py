@@ -4,10 +4,15 @@ A quantizer kind is one class in one file (a subclass of q2kernels.nn.Quantizer)
 - `config()`: the constructor arguments that rebuild it (a model file stores them);
 - `state_keys`: the settings a state_dict must match to load into it (its kind always);
 - `int_activation()`: its integer form as an input quantizer (an `IntActivation`), or NoIntegerForm;
-- `int_weight(w, wq)`: the integer codes of a fake-quant weight (an `IntWeight`), or NoIntegerForm.
-Subclassing Quantizer registers the class under its `kind` (QUANTIZER_KINDS), and the file may add
-a quantize_model recipe with `register_recipe`. deploy/convert.py, deploy/serialize.py and
-quantize_model ask only through these, never by class or by private parameter.
+- `int_weight(w, wq)`: the integer codes of a fake-quant weight (an `IntWeight`), or NoIntegerForm;
+- `dequantize(codes)`: the fp32 values its forward outputs for activation codes (the base class
+  derives them from the integer form as step*q + offset; a kind whose forward rounds its levels
+  otherwise, as N2UQ's (q*I)*alpha2, says so itself).
+Its decisions are those of its integer form (`IntActivation.codes`, `.decision`): the form holds
+exactly the fp32 values the forward uses. Subclassing Quantizer registers the class under its `kind`
+(QUANTIZER_KINDS), and the file may add a quantize_model recipe with `register_recipe`.
+deploy/convert.py, deploy/verify.py, deploy/serialize.py and quantize_model ask only through these,
+never by class or by private parameter.
 """
 from __future__ import annotations
 
@@ -37,6 +42,44 @@ class IntActivation:
     offset: float
     thresholds: torch.Tensor | None = None
     monotone: bool = True
+
+    # The decisions, evaluated in x's dtype: fp32 gives the forward's codes bit for bit; float64 gives
+    # the exact decision of the same fp32 parameters, which deploy.verify measures distances with.
+    def _variable(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.q_off) * self.q_mul
+
+    def codes(self, x: torch.Tensor) -> torch.Tensor:
+        """The int64 codes of x."""
+        v = self._variable(x)
+        if self.thresholds is None:
+            return torch.round(v.clamp(self.qn, self.qp)).to(torch.int64)
+        return self.qn + (v.unsqueeze(-1) > self.thresholds.to(v)).sum(-1)
+
+    def decision(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(codes, distance, unit) of x: the distance of its decision variable to the nearest decision
+        boundary in code units, and the length in x of one code unit there. A code unit is one step of
+        the rounding grid, or with thresholds the local spacing of the thresholds (the mean of the two
+        gaps beside the nearest one)."""
+        v = self._variable(x)
+        if self.thresholds is None:
+            k = torch.floor(v).clamp(self.qn, self.qp - 1)  # the boundaries are k + 1/2, qn <= k < qp
+            return self.codes(x), (v - (k + 0.5)).abs(), torch.full_like(v, 1.0 / abs(self.q_mul))
+        t = self.thresholds.to(v)
+        gaps = t[1:] - t[:-1]
+        spacing = (torch.cat([gaps[:1], gaps]) + torch.cat([gaps, gaps[-1:]])) / 2 if t.numel() > 1 \
+            else torch.ones_like(t)
+        gap, nearest = (v.unsqueeze(-1) - t).abs().min(-1)
+        return self.codes(x), gap / spacing[nearest], spacing[nearest] / abs(self.q_mul)
+
+    def boundaries_within(self, x: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
+        """How many decision boundaries lie within `radius` (in x, elementwise) of x: how many codes a
+        value known only to that accuracy may be away from x's code."""
+        v, r = self._variable(x), radius * abs(self.q_mul)
+        if self.thresholds is None:
+            lo = torch.ceil(v - r - 0.5).clamp_min(self.qn)
+            hi = torch.floor(v + r - 0.5).clamp_max(self.qp - 1)
+            return (hi - lo + 1).clamp_min(0)
+        return ((v.unsqueeze(-1) - self.thresholds.to(v)).abs() <= r.unsqueeze(-1)).sum(-1).to(v.dtype)
 
 
 @dataclass(eq=False)

@@ -30,7 +30,8 @@ _SETTINGS = "q2kernels.quantizer"  # its key in a module's state_dict metadata
 
 class Quantizer(nn.Module):
     """Base class of every quantizer kind. Subclasses implement `quantize(x)` and, where deployment
-    needs them, the protocol's `config`, `state_keys`, `int_activation`, `int_weight` (protocol.py);
+    needs them, the protocol's `config`, `state_keys`, `int_activation`, `int_weight`, `dequantize`
+    (protocol.py);
     data-initialised kinds implement `initialize(x)`; activation quantizers `step_size()`: the
     quantisation step (a tensor of 1 or C elements) that Q-ADA's distortion term divides by.
     A subclass is registered under `kind` (its class name unless it sets one) when it is defined."""
@@ -76,6 +77,14 @@ class Quantizer(nn.Module):
 
     def int_weight(self, w: torch.Tensor, wq: torch.Tensor) -> IntWeight:
         raise NoIntegerForm(f"({self.kind}) has no integer form as a weight quantizer")
+
+    def dequantize(self, codes: torch.Tensor) -> torch.Tensor:
+        """The fp32 values the forward outputs for activation codes, rounded as the forward rounds
+        them (deploy.verify feeds them to the fake-quant model in place of its own outputs). Here:
+        the integer form's levels, fp32 q*step, then + offset (LSQ, LSQ+, PACT compute exactly that)."""
+        form = self.int_activation()
+        f32 = dict(dtype=torch.float32, device=codes.device)
+        return codes.to(torch.float32) * torch.tensor(form.step, **f32) + torch.tensor(form.offset, **f32)
 
     # The kind and state_keys travel in the state_dict's metadata (state_dict._metadata, which torch.save
     # keeps and weights_only loads), not as a value: trainers (Ultralytics' EMA and checkpoint transfer)

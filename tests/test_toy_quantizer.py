@@ -1,0 +1,113 @@
+"""A quantizer kind defined here and nowhere in q2kernels goes the whole way with no change to
+q2kernels/deploy/: it trains, converts (convert_to_int), verifies (verify_int_model: exact, and every
+difference from the fake-quant model a certified rounding flip), saves and loads.
+
+ToyUniformQuantizer is a uniform quantizer with a learned per-tensor step, in plain torch ops with a
+straight-through estimator. It answers the quantizer protocol (q2kernels/nn/protocol.py) like
+tests/test_quantizer_protocol.py's kind: config, state_keys, int_activation, int_weight; verify needs
+nothing more (its dequantize and decisions come from its integer form).
+"""
+import warnings
+
+import torch
+from torch import nn
+
+from q2kernels.deploy import IntConv2d, convert_to_int, load_int_model, save_int_model, verify_int_model
+from q2kernels.nn import IntActivation, IntWeight, QConv2d, Quantizer, Recipe, quantize_model, register_recipe
+
+
+class ToyUniformQuantizer(Quantizer):
+    """q = clip(R(x*(1/s)), qn, qp), y = q*s with a learned step s > 0 (signed 4-bit: -8..7).
+    Forward in fp32: y is exactly fp32(q*s); the gradient passes x where it is not clipped (STE) and
+    reaches s as q."""
+
+    state_keys = ("bits",)
+
+    def __init__(self, bits: int = 4, step: float = 0.1):
+        super().__init__(bits)
+        self.qn, self.qp = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+        self.init_step = float(step)
+        self.s = nn.Parameter(torch.tensor(float(step)))
+
+    def _step(self):
+        return self.s.float().abs().clamp_min(1e-8)
+
+    def quantize(self, x):
+        x = x.float()
+        s = self._step()
+        v = x * (1.0 / s.detach())
+        q = torch.round(v.clamp(self.qn, self.qp))
+        inside = ((v >= self.qn) & (v <= self.qp)).float()
+        return q.detach() * s + (x - x.detach()) * inside  # the second term is 0 forward, x's STE backward
+
+    def config(self):
+        return {"bits": self.bits, "step": self.init_step}
+
+    def int_activation(self):
+        s = self._step().detach()
+        return IntActivation(self.qn, self.qp, q_mul=float(1.0 / s), q_off=0.0, step=float(s), offset=0.0)
+
+    def int_weight(self, w, wq):
+        s = float(self._step().detach())
+        step = torch.full((w.size(0),), s, dtype=torch.float64, device=w.device)
+        return IntWeight(torch.round(wq / s), self.qn, self.qp, w_mul=1, w_add=0, step=step)
+
+
+register_recipe("toy_uniform", Recipe(weight=lambda layer, bits: ToyUniformQuantizer(bits, 0.05),
+                                      act=lambda layer, bits: ToyUniformQuantizer(bits, 0.25)))
+
+
+class _Net(nn.Module):
+    """Three convs with BatchNorm and ReLU, then a 1x1 conv whose input stays float (a weight
+    quantizer only: the integer model keeps it as its QConv2d, stored in the file by kind)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                                  nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+                                  nn.Conv2d(16, 8, 1))
+        self.head = QConv2d(8, 4, 1, weight_quantizer=ToyUniformQuantizer(4, 0.05))
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+def _trained(steps=5):
+    torch.manual_seed(0)
+    net = _Net()
+    quantize_model(net.body, "toy_uniform", 4, 4, keep_first_last=False)
+    g = torch.Generator().manual_seed(0)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    net.train()
+    losses = []
+    for _ in range(steps):
+        x = torch.randn(4, 3, 12, 12, generator=g)
+        loss = (net(x) - 0.5).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return net.eval(), losses
+
+
+def test_a_kind_defined_in_a_test_file_trains_converts_verifies_and_round_trips(tmp_path):
+    net, losses = _trained()
+    assert losses[-1] < losses[0]  # its gradients train the model
+    assert all(m.s.item() != m.init_step for m in net.modules() if isinstance(m, ToyUniformQuantizer))
+    x = torch.randn(2, 3, 12, 12, generator=torch.Generator().manual_seed(1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing refused, and its own check on x passes
+        int_model = convert_to_int(net, x, strict=True)
+    assert sum(isinstance(m, IntConv2d) for m in int_model.net.modules()) == 3
+    assert isinstance(int_model.net.get_submodule("head").weight_quantizer, ToyUniformQuantizer)
+
+    result = verify_int_model(net, int_model, x)
+    assert result.exact and result.ok, result.failures()
+    assert set(result.layers) == {"body.0", "body.3", "body.6"} and not result.dead_layers()
+
+    out = int_model(x)
+    path = tmp_path / "toy.pt"
+    save_int_model(int_model, path)
+    again = load_int_model(path)
+    assert isinstance(again.net.get_submodule("head").weight_quantizer, ToyUniformQuantizer)
+    assert torch.equal(again(x), out)
