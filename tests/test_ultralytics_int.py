@@ -91,6 +91,7 @@ def test_detection_model_integer_equals_reference(float_models, cfg, recipe, bit
           f"{result.differing_fraction:.2e}, worst distance "
           f"{max(c.max_distance for c in result.layers.values()):.2e} code units")
     assert set(result.layers) == sources and not result.missing
+    assert not result.dead_layers(), result.dead_layers()  # an exactness check on dead layers proves nothing
     assert result.exact, result.failures()
     assert result.ok, result.failures()
     assert result.differing_fraction <= MAX_DIFFERING
