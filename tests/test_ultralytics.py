@@ -251,7 +251,7 @@ def test_options_and_trainer_arguments(tmp_path):
             Q2Options(distill_weight=bad)
     for name, bad in (("layernorm_free_epochs", -1), ("layernorm_free_epochs", 1.5), ("layernorm_free_epochs", True),
                       ("calibration_batches", 0), ("calibration_batches", "8"), ("random_teacher", 1),
-                      ("fusion_init", "ones"), ("fusion_init", None)):
+                      ("fusion_init", "ones"), ("fusion_init", None), ("layernorm_removal", "median")):
         with pytest.raises(ValueError, match=name):
             Q2Options(**{name: bad})
     with pytest.raises(ValueError, match="layernorm_free_epochs.*no fusion node"):

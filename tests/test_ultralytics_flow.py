@@ -193,11 +193,14 @@ def float_checkpoint(tmp_path_factory):
 @pytest.mark.parametrize("bits", [4, 3])
 def test_q2_recipe_from_a_float_checkpoint(float_checkpoint, recipe, bits, tmp_path):
     """Every recipe and bit width through the whole flow: Q2 QAT from a float .pt (Q-ADA from it as the
-    teacher, Q-GBFusion), the last epoch LayerNorm-free, the checkpoint converted and verified exact."""
+    teacher, Q-GBFusion), the last epoch LayerNorm-free (the mean-statistics affine at 4 bits, the
+    fitted one at 3), the checkpoint converted and verified exact."""
     weights, data = float_checkpoint
     args = {**_run_args(tmp_path, data, "run", 2), "model": str(weights), "val": False}
+    removal = "fit" if bits == 3 else "mean"  # both fixed affines, over the recipes
     trainer = Q2DetectionTrainer(overrides=args, q2=Q2Options(recipe=recipe, w_bits=bits, a_bits=bits,
-                                                              layernorm_free_epochs=1, calibration_batches=1))
+                                                              layernorm_free_epochs=1, calibration_batches=1,
+                                                              layernorm_removal=removal))
     trainer.train()
     assert all(torch.isfinite(v).all() for v in trainer.tloss.values()) and trainer.tloss["qada_loss"] > 0
     model = load_q2_checkpoint(trainer.last)

@@ -6,6 +6,7 @@ import importlib
 # and the training-side tools (calibration, fine-tuning, conversion) import q2kernels.nn and Triton,
 # which a program that only loads and runs a saved integer model (load_int_model, load_detector) never needs.
 _LAZY = {"FixedFusion": "fixed_fusion", "calibrate_fusion": "fusion", "finetune_without_layernorm": "finetune",
+         "fitted_fusion": "fusion_fit",
          "freeze_fusion": "fusion", "layernorm_affine": "fusion", "remove_layernorm": "fusion",
          "IntConv2d": "int_modules", "IntModel": "int_model", "QuantizePack": "int_modules",
          "convert_to_int": "convert", "load_int_model": "serialize", "save_int_model": "serialize",

@@ -71,6 +71,7 @@ class Config:
     float_epochs: int = 30
     qat_epochs: int = 6
     layernorm_free_epochs: int = 2
+    layernorm_removal: str = "mean"
     distill_weight: float = 0.01
     batch: int = 16
     verify_images: int = 8
@@ -152,7 +153,7 @@ def _qat_run(cfg: Config, out: Path, float_pt: Path, recipe: str, variant: str, 
     trainer = Q2DetectionTrainer.with_options(
         recipe=recipe, w_bits=cfg.bits, a_bits=cfg.bits, fusion="balanced" if fusion else None,
         distill_weight=cfg.distill_weight if distill else 0.0,
-        layernorm_free_epochs=cfg.layernorm_free_epochs if removed else 0)
+        layernorm_free_epochs=cfg.layernorm_free_epochs if removed else 0, layernorm_removal=cfg.layernorm_removal)
     yolo = YOLO(str(float_pt))
     recorder = _RunRecorder(cfg, out / "dataset" / "data.yaml")
     recorder.attach(yolo)

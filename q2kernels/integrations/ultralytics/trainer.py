@@ -51,12 +51,14 @@ from ultralytics.utils.torch_utils import unwrap_model
 
 from ...deploy import calibrate_fusion, freeze_fusion
 from ...deploy.fusion import FixedFusion
+from ...deploy.fusion_fit import fitted_fusion
 from ...nn import GatedFusion, QADALoss, Quantizer
 from .model import Q2DetectionModel
 from .prepare import init_fusion_as_identity, prepare, replace_module
 
 DISTILL_KEY = "qada_loss"
 FUSION_INITS = ("identity", "default")
+LAYERNORM_REMOVALS = ("mean", "fit")
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,9 @@ class Q2Options:
     calibration_batches: training batches the LayerNorm statistics are averaged over.
     fusion_init: "identity" (the fusion nodes start as the float model's Concats) or "default"
         (gamma = 1, beta = 0); module docstring.
+    layernorm_removal: the fixed affine that replaces each LayerNorm: "mean" (the Q2 paper's, from
+        the mean per-pixel statistics: deploy.calibrate_fusion) or "fit" (per channel, the least-squares
+        fit to the LayerNorm's output on the calibration batches: deploy.fusion_fit).
     """
     recipe: str = "lsq"
     w_bits: int = 4
@@ -83,6 +88,7 @@ class Q2Options:
     layernorm_free_epochs: int = 0
     calibration_batches: int = 8
     fusion_init: str = "identity"
+    layernorm_removal: str = "mean"
 
     def __post_init__(self):
         w = self.distill_weight
@@ -94,6 +100,8 @@ class Q2Options:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise ValueError(f"{name}: expected an integer >= {lo}, got {v!r}")
+        if self.layernorm_removal not in LAYERNORM_REMOVALS:
+            raise ValueError(f"layernorm_removal: expected one of {LAYERNORM_REMOVALS}, got {self.layernorm_removal!r}")
         if self.fusion_init not in FUSION_INITS:
             raise ValueError(f"fusion_init: expected one of {FUSION_INITS}, got {self.fusion_init!r}")
         if self.layernorm_free_epochs and self.fusion is None:
@@ -102,7 +110,8 @@ class Q2Options:
 
     def prepare_kwargs(self) -> dict:
         kw = asdict(self)
-        for phase in ("random_teacher", "layernorm_free_epochs", "calibration_batches", "fusion_init"):
+        for phase in ("random_teacher", "layernorm_free_epochs", "calibration_batches", "fusion_init",
+                      "layernorm_removal"):
             kw.pop(phase)
         weight = kw.pop("distill_weight")
         return {**kw, "distill": weight > 0}
@@ -139,6 +148,13 @@ def _training_batches(trainer, count: int) -> list[dict]:
             if len(out) == count:
                 break
     return out
+
+
+def _broadcast(*tensors) -> None:
+    """Rank 0's values of `tensors` on every rank (nothing without torch.distributed)."""
+    if _distributed():
+        for t in tensors:
+            dist.broadcast(t, src=0)
 
 
 def _distributed() -> bool:
@@ -225,11 +241,10 @@ class Q2DetectionTrainer(DetectionTrainer):
             else:
                 LOGGER.warning("Q2: the fusion nodes keep gamma = 1, beta = 0: this process has no float model "
                                "to initialise them from (a model built from a YAML, handed over by DDP)")
-        if self.teacher is not None and _distributed():
+        if self.teacher is not None:
             # Each DDP worker built its teacher under its own seed (init_seeds(seed + 1 + RANK)): a random
             # teacher differs per rank, and DDP syncs only the student. Rank 0's for all.
-            for t in self.teacher.state_dict().values():
-                dist.broadcast(t, src=0)
+            _broadcast(*self.teacher.state_dict().values())
         return ckpt
 
     def _weights_file(self) -> str | None:
@@ -274,11 +289,9 @@ class Q2DetectionTrainer(DetectionTrainer):
         model = unwrap_model(self.model)
         batches = [b["img"] for b in _training_batches(self, self.q2.calibration_batches)]
         stats = init_fusion_as_identity(model, self._float_start.to(self.device), batches)
-        if _distributed():  # each rank saw its own shard: rank 0's values for all (DDP syncs no later change)
-            for name in stats:
-                node = model.get_submodule(name)
-                dist.broadcast(node.gamma.data, src=0)
-                dist.broadcast(node.beta.data, src=0)
+        for name in stats:  # each rank saw its own shard: rank 0's values for all (DDP syncs no later change)
+            node = model.get_submodule(name)
+            _broadcast(node.gamma.data, node.beta.data)
         if self.ema is not None:
             ema = self.ema.ema.state_dict()
             for name in stats:
@@ -300,15 +313,20 @@ class Q2DetectionTrainer(DetectionTrainer):
         if not free or self.epoch < self.epochs - free or not nodes:
             return
         batches = _training_batches(self, self.q2.calibration_batches)
-        calibrate_fusion(model, batches, forward=lambda m, b: m(b["img"]))
-        if _distributed():
-            # Each rank calibrated on its own shard: rank 0's statistics for all, so that every rank
-            # trains, and rank 0 saves, the same fixed affine (DDP syncs no buffer).
+        forward = lambda m, b: m(b["img"])  # noqa: E731
+        # DDP: each rank calibrates on its own shard; rank 0's statistics (or fitted affines) go to all,
+        # so that every rank trains, and rank 0 saves, the same fixed affine (DDP syncs no buffer).
+        if self.q2.layernorm_removal == "fit":
+            fixed = fitted_fusion(model, batches, forward=forward)
+            for name, node in fixed.items():
+                _broadcast(node.scale, node.shift)
+                replace_module(model, name, node)
+        else:
+            calibrate_fusion(model, batches, forward=forward)
             for name in nodes:
                 node = model.get_submodule(name)
-                dist.broadcast(node.mubar, src=0)
-                dist.broadcast(node.sigmabar, src=0)
-        freeze_fusion(model)
+                _broadcast(node.mubar, node.sigmabar)
+            freeze_fusion(model)
         if self.ema is not None:
             for name in nodes:
                 replace_module(self.ema.ema, name, copy.deepcopy(model.get_submodule(name)))
