@@ -129,7 +129,11 @@ def _reference_conv(m: IntConv2d, x, head=0, out=None, c_offset=0, total_channel
     z = _fma32(aff_mul.expand_as(pre), _activate(pre, m.act), aff_add.expand_as(pre))
     h = m.heads[head]
     if h["kind"] != HEAD_CODES:
-        z = z.contiguous(memory_format=torch.channels_last)
+        # The C++ op's NHWC buffer, strides and all: contiguous(channels_last) normalises the strides of
+        # size-1 dims (a 1x1 map's (C, 1, 1, 1) against the op's (C, 1, C, C)), and a float layer after
+        # it may then pick another kernel, with another fp32 summation order.
+        n, c, hh, ww = z.shape
+        z = z.new_empty(n, hh, ww, c).permute(0, 3, 1, 2).copy_(z)
         if out is None:
             return z
         out[:, c_offset:c_offset + m.out_channels] = z
