@@ -44,6 +44,21 @@ def _fusion_nodes(model: nn.Module) -> list[tuple[str, GatedFusion]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, GatedFusion)]
 
 
+def run_with_hooks(model: nn.Module, batches, forward, handles) -> None:
+    """Feed `batches` to `model` in eval mode without grad, as `forward(model, batch)` (None: `model(batch)`),
+    then remove the hook `handles` the caller registered to observe it and restore the model's mode."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                model(batch) if forward is None else forward(model, batch)
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+
+
 def calibrate_fusion(model: nn.Module, batches, forward=None) -> dict[str, tuple[float, float]]:
     """Run `model` (eval mode, no grad) over `batches` and store mubar, sigmabar in every GatedFusion.
 
@@ -54,20 +69,8 @@ def calibrate_fusion(model: nn.Module, batches, forward=None) -> dict[str, tuple
     if not nodes:
         raise ValueError("model: contains no GatedFusion to calibrate")
     sums = {name: _StatSums(m.theta.device) for name, m in nodes}
-    hooks = [m.register_forward_hook(sums[name].hook, with_kwargs=True) for name, m in nodes]
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                if forward is None:
-                    model(batch)
-                else:
-                    forward(model, batch)
-    finally:
-        model.train(was_training)
-        for h in hooks:
-            h.remove()
+    run_with_hooks(model, batches, forward,
+                   [m.register_forward_hook(sums[name].hook, with_kwargs=True) for name, m in nodes])
     missing = [name for name, acc in sums.items() if acc.pixels.item() == 0]
     if missing:
         raise ValueError(f"batches: the GatedFusion node(s) {missing} saw no pixel during calibration")
@@ -96,8 +99,12 @@ class _StatSums:
         self.pixels += mu.numel()
 
 
+def _calibrated(node: GatedFusion) -> bool:
+    return not (torch.isnan(node.mubar).item() or torch.isnan(node.sigmabar).item())
+
+
 def _check_calibrated(name: str, node: GatedFusion):
-    if torch.isnan(node.mubar).item() or torch.isnan(node.sigmabar).item():
+    if not _calibrated(node):
         raise ValueError(f"model: the GatedFusion {name!r} is not calibrated "
                          "(run q2kernels.deploy.calibrate_fusion first)")
 
@@ -147,19 +154,16 @@ def _replace(model: nn.Module, name: str, new: nn.Module):
 def freeze_fusion(model: nn.Module) -> nn.Module:
     """Replace every (calibrated) GatedFusion by the FixedFusion that applies its gates and frozen
     LayerNorm affine. Returns the model (changed in place)."""
-    nodes = _fusion_nodes(model)
-    for name, node in nodes:
+    for name, node in _fusion_nodes(model):
         _check_calibrated(name, node)
-    for name, node in nodes:
-        _replace(model, name, _fixed(node, affine=True))
-    return model
+    return freeze_calibrated(model)
 
 
 def freeze_calibrated(model: nn.Module) -> nn.Module:
     """freeze_fusion for the calibrated nodes only: an uncalibrated GatedFusion keeps its LayerNorm,
     as convert_to_int keeps it. Returns the model (changed in place)."""
     for name, node in _fusion_nodes(model):
-        if not (torch.isnan(node.mubar).item() or torch.isnan(node.sigmabar).item()):
+        if _calibrated(node):
             _replace(model, name, _fixed(node, affine=True))
     return model
 

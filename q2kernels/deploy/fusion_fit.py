@@ -20,6 +20,7 @@ from torch import nn
 
 from ..nn.fusion import GatedFusion
 from .fixed_fusion import FixedFusion
+from .fusion import _fusion_nodes, run_with_hooks
 
 
 class _Moments:
@@ -55,21 +56,12 @@ def fitted_fusion(model: nn.Module, batches, forward=None) -> dict[str, FixedFus
     """{GatedFusion name: the FixedFusion with the least-squares affine (module docstring)}, fitted on
     `batches` fed as `forward(model, batch)` (default `model(batch)`) in eval mode without grad. The
     model is not changed. Raises, naming the node, if a node saw no pixel."""
-    nodes = [(n, m) for n, m in model.named_modules() if isinstance(m, GatedFusion)]
+    nodes = _fusion_nodes(model)
     if not nodes:
         raise ValueError("model: contains no GatedFusion to fit")
     moments = {n: _Moments(m.out_channels, m.theta.device) for n, m in nodes}
-    hooks = [m.register_forward_hook(moments[n].hook, with_kwargs=True) for n, m in nodes]
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                model(batch) if forward is None else forward(model, batch)
-    finally:
-        model.train(was_training)
-        for h in hooks:
-            h.remove()
+    run_with_hooks(model, batches, forward,
+                   [m.register_forward_hook(moments[n].hook, with_kwargs=True) for n, m in nodes])
     out = {}
     for name, node in nodes:
         acc = moments[name]

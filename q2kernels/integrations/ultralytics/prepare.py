@@ -31,6 +31,7 @@ from ultralytics.nn.modules import Concat, Detect
 from ultralytics.nn.tasks import DetectionModel
 
 from ..._validate import check_bits
+from ...deploy.fusion import run_with_hooks
 from ...nn import GatedFusion, QADALoss, QConv2d, quantize_model
 from ...nn.fusion import MODES as FUSION_MODES
 from ...nn.quantize_model import RECIPES
@@ -255,32 +256,24 @@ def init_fusion_as_identity(model: nn.Module, reference: nn.Module, batches) -> 
     calibrated affine: docs/math.md §5) close to the identity. Returns {node: (mubar, sigmabar)}."""
     layers = {f"model.{i}": m for i, m in enumerate(reference.model)}
     nodes = {n: m for n, m in model.named_modules() if isinstance(m, GatedFusion)}
-    sums = {n: torch.zeros(3, dtype=torch.float64) for n in nodes}  # sum mu, sum sigma, pixels
+    device = next(reference.parameters()).device
+    sums = {n: torch.zeros(3, dtype=torch.float64, device=device) for n in nodes}  # sum mu, sum sigma, pixels
 
     def record(name, eps):
         def hook(module, args):
             h = torch.cat(list(args[0]), dim=1).double()
             sigma = torch.sqrt(h.var(dim=1, unbiased=False) + eps)
-            sums[name] += torch.stack([h.mean(dim=1).sum(), sigma.sum(), torch.tensor(float(sigma.numel()))]).cpu()
+            sums[name] += torch.stack([h.mean(dim=1).sum(), sigma.sum(), sigma.new_tensor(sigma.numel())])
         return hook
 
     missing = [n for n in nodes if n not in layers]
     if missing:
         raise ValueError(f"reference: has no layer {missing} (expected the float model prepare() started from)")
-    handles = [layers[n].register_forward_pre_hook(record(n, node.eps)) for n, node in nodes.items()]
-    was_training = reference.training
-    try:
-        reference.eval()
-        with torch.no_grad():
-            for x in batches:
-                reference(x)
-    finally:
-        reference.train(was_training)
-        for h in handles:
-            h.remove()
+    run_with_hooks(reference, batches, None,
+                   [layers[n].register_forward_pre_hook(record(n, node.eps)) for n, node in nodes.items()])
     stats = {}
     for name, node in nodes.items():
-        mu_sum, sigma_sum, pixels = sums[name].tolist()
+        mu_sum, sigma_sum, pixels = sums[name].tolist()  # one host read per node, after the batches
         if pixels == 0:
             raise ValueError(f"batches: the fusion node {name!r} saw no pixel")
         stats[name] = (mu_sum / pixels, sigma_sum / pixels)
