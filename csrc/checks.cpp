@@ -11,6 +11,7 @@
 #include <c10/util/safe_numerics.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <cstdlib>
 #include <limits>
 
@@ -80,7 +81,46 @@ void check_accumulator(const ConvProblem& p) {
                     "or fewer input channels per conv)");
 }
 
+// The bytes [first, last) a tensor's elements occupy (every element lies in them; strides are
+// non-negative in torch, and the tensor fits its storage, so the span cannot overflow).
+struct ByteSpan {
+  uintptr_t first, last;
+};
+
+ByteSpan byte_span(const at::Tensor& t) {
+  const uintptr_t first = reinterpret_cast<uintptr_t>(t.const_data_ptr());
+  if (t.numel() == 0) return {first, first};
+  int64_t last_element = 0;
+  for (int64_t d = 0; d < t.dim(); ++d) last_element += (t.size(d) - 1) * t.stride(d);
+  return {first, first + static_cast<uintptr_t>((last_element + 1) * t.element_size())};
+}
+
 }  // namespace
+
+void check_no_overlap(const at::Tensor& out, const c10::optional<at::Tensor>& input, const char* name) {
+  if (!input.has_value()) return;
+  const ByteSpan a = byte_span(out), b = byte_span(*input);
+  const bool overlap = a.first < a.last && b.first < b.last && a.first < b.last && b.first < a.last;
+  TORCH_CHECK_VALUE(!overlap, "out: shares memory with ", name, ", which the op reads while it writes out "
+                    "(an alias, a view or an overlapping slice of it); pass an output tensor of its own");
+}
+
+void check_conv_out_separate(const at::Tensor& out, const at::Tensor& x, const at::Tensor& weight,
+                             const at::Tensor& epilogue, const c10::optional<at::Tensor>& tap_sums,
+                             const c10::optional<at::Tensor>& thresholds) {
+  check_no_overlap(out, x, "x");
+  check_no_overlap(out, weight, "weight");
+  check_no_overlap(out, epilogue, "epilogue");
+  check_no_overlap(out, tap_sums, "tap_sums");
+  check_no_overlap(out, thresholds, "thresholds");
+}
+
+void check_quantize_out_separate(const at::Tensor& out, const at::Tensor& x, const at::Tensor& qparams,
+                                 const c10::optional<at::Tensor>& thresholds) {
+  check_no_overlap(out, x, "x");
+  check_no_overlap(out, qparams, "qparams");
+  check_no_overlap(out, thresholds, "thresholds");
+}
 
 void check_channels(int64_t channels, const char* name, int64_t lo) {
   TORCH_CHECK_VALUE(channels >= lo && channels <= kMaxArg, name, ": expected a channel count in [", lo, ", ",

@@ -160,13 +160,18 @@ Q2K_HD int32_t weighted_acc(int32_t acc, int32_t sq, int32_t w_mul, int32_t w_ad
 }
 
 // The taps k in [k0, k1) of one spatial axis that land inside the image:
-// 0 <= o*stride - pad + k*dil < in.
+// 0 <= o*stride - pad + k*dil < in, with 0 <= k0 <= k1 <= taps. Both ends are clamped to the
+// kernel: where the padding is wider than the kernel reaches, every tap of an output can fall before
+// the image, and the first tap inside it lies past the last tap; the range is then empty at taps,
+// which keeps J's tap_sums lookups at [k0, k1] inside the (KH+1) x (KW+1) prefix sums (and k0, k1
+// inside the bytes the CUDA epilogue packs them into, since KH, KW < 256 there).
 Q2K_HD void valid_taps(int64_t o, int64_t stride, int64_t pad, int64_t dil, int64_t taps, int64_t in,
                        int64_t& k0, int64_t& k1) {
   const int64_t start = o * stride - pad;
-  k0 = start >= 0 ? 0 : (-start + dil - 1) / dil;
-  k1 = start < in ? (in - 1 - start) / dil + 1 : 0;
-  if (k1 > taps) k1 = taps;
+  const int64_t first_inside = start >= 0 ? 0 : (-start + dil - 1) / dil;
+  const int64_t end_inside = start < in ? (in - 1 - start) / dil + 1 : 0;
+  k0 = first_inside < taps ? first_inside : taps;
+  k1 = end_inside < taps ? end_inside : taps;
   if (k1 < k0) k1 = k0;
 }
 

@@ -51,6 +51,7 @@ at::Tensor grouped_conv_setup(GroupedConvParams& p, const at::Tensor& x, const a
     result = *out;
     TORCH_CHECK_TYPE(result.scalar_type() == out_dtype, "out: expected ", out_dtype, ", got ", result.scalar_type());
     check_output(result, g.n, g.ho, g.wo, g.cout, c_offset, x);
+    check_conv_out_separate(result, x, weight, epilogue, tap_sums, thresholds);
   } else {
     TORCH_CHECK_VALUE(c_offset == 0, "c_offset: expected 0 without out, got ", c_offset);
     result = new_output(g.n, g.ho, g.wo, g.cout, out_dtype, x);

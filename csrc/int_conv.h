@@ -49,6 +49,22 @@ void check_epilogue(const ConvProblem& p, const at::Tensor& x, const at::Tensor&
 void check_output(const at::Tensor& out, int64_t n, int64_t ho, int64_t wo, int64_t channels,
                   int64_t c_offset, const at::Tensor& like);
 
+// out shares no byte of memory with `input`, the tensor argument `name` of the same op: the kernels
+// read their inputs while they write out (the CUDA conv reads x tile by tile, every epilogue reads
+// its rows per element), so an overlap would give wrong results with no error. Address ranges are
+// compared, so an alias, a view, an overlapping slice and a reinterpretation of another dtype are
+// all refused; an absent optional input reads nothing.
+void check_no_overlap(const at::Tensor& out, const c10::optional<at::Tensor>& input, const char* name);
+
+// The overlap checks of conv2d_out and conv2d_grouped_out: out against every tensor they read.
+void check_conv_out_separate(const at::Tensor& out, const at::Tensor& x, const at::Tensor& weight,
+                             const at::Tensor& epilogue, const c10::optional<at::Tensor>& tap_sums,
+                             const c10::optional<at::Tensor>& thresholds);
+
+// The overlap checks of quantize_pack_out: out against x, qparams and thresholds.
+void check_quantize_out_separate(const at::Tensor& out, const at::Tensor& x, const at::Tensor& qparams,
+                                 const c10::optional<at::Tensor>& thresholds);
+
 // The output conv2d allocates: packed (zero padding) for uint8, else float channels_last.
 at::Tensor new_output(int64_t n, int64_t ho, int64_t wo, int64_t channels, c10::ScalarType dtype,
                       const at::Tensor& like);

@@ -151,6 +151,7 @@ void conv2d_out_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Ten
                                      w_mul, w_add, stride, padding, dilation, act, qn, qp,
                                      out.scalar_type() == at::kByte);
   check_output(out, p.n, p.ho, p.wo, p.cout, c_offset, x);
+  check_conv_out_separate(out, x, weight, epilogue, tap_sums, thresholds);
   conv2d_into(p, x, weight, epilogue, tap_sums, thresholds, act, qn, qp, c_offset, out);
 }
 

@@ -121,6 +121,7 @@ void quantize_pack_out_cpu(const at::Tensor& x, const at::Tensor& qparams,
   check_quantizer(thresholds, qn, qp, x);
   TORCH_CHECK_TYPE(out.scalar_type() == at::kByte, "out: expected a packed uint8 tensor, got ", out.scalar_type());
   check_output(out, x.size(0), x.size(2), x.size(3), x.size(1), c_offset, x);
+  check_quantize_out_separate(out, x, qparams, thresholds);
   quantize_pack_into(x, qparams, thresholds, qn, qp, c_offset, out);
 }
 

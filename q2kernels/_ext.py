@@ -9,14 +9,24 @@ there from the checkout's csrc/ by setup.py), so every kind of install builds th
 The CUDA sources (csrc/cuda/*.cu) are compiled where torch sees a GPU and a CUDA toolkit
 (cuda_home()), or wherever Q2K_BUILD_CUDA=1 forces them (CI builds and registers the CUDA kernels on a
 machine without a GPU); otherwise the library holds the CPU kernels alone.
+
+Builds and loads run under q2kernels' build lock (build_lock), which records its owner, so that a
+build killed mid-way (a killed job, a crash) never makes later processes wait on it in silence.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
+import json
 import os
 import re
 import shutil
+import socket
 import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -144,13 +154,226 @@ def load():
         # torch's builder reads its module-level CUDA_HOME (its own guess, made at import) for nvcc and
         # the CUDA include/library paths.
         cpp_extension.CUDA_HOME = cuda_home()
-    return cpp_extension.load(
-        name=("q2kernels_C_cuda" if with_cuda else "q2kernels_C") + ("_sanitize" if sanitize else ""),
-        sources=sources(with_cuda),
-        extra_cflags=flags,
-        extra_cuda_cflags=CUDA_FLAGS,
-        extra_ldflags=_LDFLAGS + (_SANITIZE if sanitize else []),
-        extra_include_paths=[str(CSRC)],
-        with_cuda=with_cuda,
-        verbose=False,
-    )
+    name = ("q2kernels_C_cuda" if with_cuda else "q2kernels_C") + ("_sanitize" if sanitize else "")
+    # torch's own choice of directory (TORCH_EXTENSIONS_DIR or its per-user cache), so the build lock
+    # sits beside torch's and earlier builds stay cached.
+    build_dir = Path(cpp_extension._get_build_directory(name, verbose=False))
+    with build_lock(build_dir):
+        return cpp_extension.load(
+            name=name,
+            sources=sources(with_cuda),
+            extra_cflags=flags,
+            extra_cuda_cflags=CUDA_FLAGS,
+            extra_ldflags=_LDFLAGS + (_SANITIZE if sanitize else []),
+            extra_include_paths=[str(CSRC)],
+            build_directory=str(build_dir),
+            with_cuda=with_cuda,
+            verbose=False,
+        )
+
+
+# The build lock. torch's cpp_extension guards a build with an empty file, <build dir>/lock, created
+# with O_EXCL and removed in a `finally`: a process killed during the build (SIGKILL, a killed job, a
+# crash) leaves it, and every later load waits for it to vanish, forever and printing nothing.
+# q2kernels takes its own lock around the whole build-or-load, a file that records its owner (pid,
+# host, the process's start time against pid reuse). A waiter says within seconds which file it
+# waits on and who holds it; an owner that no longer runs on this host has its lock and torch's
+# removed, and the waiter goes on. Only such a takeover removes torch's lock: a q2kernels process
+# builds only while it holds its own lock, so that owner's death is what left torch's lock behind.
+BUILD_LOCK = "q2kernels.lock"
+TORCH_LOCK = "lock"
+# A lock that records no owner (torch's lock left by a build outside q2kernels or before this lock
+# existed, or an unreadable record) cannot be checked: it is waited on up to this age, longer than
+# any build takes, then reported as an error that says which file to delete.
+UNOWNED_LOCK_LIMIT_S = 900.0
+# How long a wait goes on before it is reported: a load from the cache holds the lock for a moment,
+# and concurrent processes (DDP ranks) should not each print a message for that.
+REPORT_AFTER_S = 2.0
+_POLL_S = 0.2
+# pid_max is at most 2^22 on Linux; a record outside [1, 2^31) is not a process (os.kill(0, ...)
+# would signal the whole process group).
+_MAX_PID = 2**31
+_MAX_RECORD = 4096
+
+
+@dataclass(frozen=True)
+class LockOwner:
+    """The process holding a build lock; start: its start time in clock ticks since boot
+    (/proc/<pid>/stat; None where there is no /proc), which tells a reused pid from the owner."""
+    pid: int
+    host: str
+    start: int | None
+    since: float  # time.time() when it took the lock
+
+    def describe(self) -> str:
+        return f"pid {self.pid} on {self.host}, for {time.time() - self.since:.0f} s"
+
+
+def _proc_state(pid: int) -> tuple[str, int] | None:
+    """(state letter, start time in ticks) of a process from /proc/<pid>/stat; None without /proc or
+    when there is no such process."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = text[text.rindex(")") + 2:].split()  # after "pid (comm) ", comm may hold spaces
+    return fields[0], int(fields[19])
+
+
+def this_process() -> LockOwner:
+    state = _proc_state(os.getpid())
+    return LockOwner(os.getpid(), socket.gethostname(), state[1] if state else None, time.time())
+
+
+def is_running(owner: LockOwner) -> bool:
+    """Whether the owner, a process of this host, still runs: its pid exists, is not a zombie and
+    (where /proc tells) started when the owner did. Outside POSIX nothing can be checked (os.kill
+    would terminate the process there), so every owner counts as running."""
+    if os.name != "posix":
+        return True
+    try:
+        os.kill(owner.pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # another user's process
+    state = _proc_state(owner.pid)
+    if state is None:
+        return True
+    return state[0] != "Z" and (owner.start is None or state[1] == owner.start)
+
+
+def _encode(owner: LockOwner) -> str:
+    return json.dumps({"pid": owner.pid, "host": owner.host, "start": owner.start, "since": owner.since})
+
+
+def _decode(text: str) -> LockOwner | None:
+    """The owner a lock file records; None for an empty, partial or foreign record."""
+    try:
+        r = json.loads(text)
+        owner = LockOwner(r["pid"], r["host"], r["start"], float(r["since"]))
+    except (ValueError, TypeError, KeyError, RecursionError):
+        return None
+    valid = (type(owner.pid) is int and 1 <= owner.pid < _MAX_PID and isinstance(owner.host, str)
+             and (owner.start is None or type(owner.start) is int))
+    return owner if valid else None
+
+
+def _read_lock(lock: Path) -> str:
+    """A lock file's text, at most _MAX_RECORD characters (a record is far shorter)."""
+    with open(lock, encoding="utf-8", errors="replace") as f:
+        return f.read(_MAX_RECORD)
+
+
+def _try_create(lock: Path, text: str) -> bool:
+    """Creates the lock file holding text, unless it exists."""
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    return True
+
+
+def _remove_if_unchanged(lock: Path, text: str) -> bool:
+    """Removes the lock file if it still holds text. It is renamed aside first, atomically, and put
+    back when it turns out to hold another record (another process took the lock meanwhile), so two
+    waiters that both found the same stale lock cannot remove each other's new one."""
+    aside = lock.with_name(f"{lock.name}.{os.getpid()}.{threading.get_ident()}.aside")
+    try:
+        os.rename(lock, aside)
+    except FileNotFoundError:
+        return False
+    try:
+        if _read_lock(aside) == text:
+            return True
+        with contextlib.suppress(FileExistsError):
+            os.link(aside, lock)
+        return False
+    finally:
+        aside.unlink(missing_ok=True)
+
+
+def _unowned_age(lock: Path, limit_s: float) -> float:
+    """The age of a lock that records no owner; an error naming it once it is older than limit_s."""
+    age = time.time() - lock.stat().st_mtime
+    if age > limit_s:
+        raise RuntimeError(
+            f"q2kernels._C: the build lock {lock} records no owner and has been held for {age:.0f} s, longer "
+            f"than a build takes ({limit_s:.0f} s): an interrupted build left it. If no build of q2kernels._C "
+            f"is running, delete {lock} and rerun.")
+    return age
+
+
+def _waiting_message(lock: Path, owner: LockOwner | None, age: float, limit_s: float) -> str:
+    if owner is not None:
+        return (f"q2kernels._C: waiting for the build lock {lock}, held by {owner.describe()}. If that "
+                f"process is not building q2kernels._C, delete {lock}.")
+    return (f"q2kernels._C: waiting for the build lock {lock}, which records no owner (taken {age:.0f} s ago). "
+            f"If no build of q2kernels._C is running, delete {lock}; after {limit_s:.0f} s this stops with an error.")
+
+
+def _report_stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+class _Waiter:
+    """Reports a wait once it has lasted report_after_s, then sleeps between polls."""
+
+    def __init__(self, report: Callable[[str], None], poll_s: float, report_after_s: float):
+        self.report, self.poll_s, self.report_after_s = report, poll_s, report_after_s
+        self.started, self.reported = time.monotonic(), False
+
+    def wait(self, message: Callable[[], str]) -> None:
+        if not self.reported and time.monotonic() - self.started >= self.report_after_s:
+            self.report(message())
+            self.reported = True
+        time.sleep(self.poll_s)
+
+
+def _acquire(build_dir: Path, me: str, waiter: _Waiter, limit_s: float) -> None:
+    """Takes q2kernels' lock of build_dir (record `me`), taking over one whose owner is gone."""
+    lock = build_dir / BUILD_LOCK
+    host = socket.gethostname()
+    while not _try_create(lock, me):
+        try:
+            text = _read_lock(lock)
+            owner = _decode(text)
+            age = 0.0 if owner is not None else _unowned_age(lock, limit_s)
+        except FileNotFoundError:
+            continue  # released meanwhile
+        if owner is not None and owner.host == host and not is_running(owner):
+            if _remove_if_unchanged(lock, text):
+                (build_dir / TORCH_LOCK).unlink(missing_ok=True)
+                waiter.report(f"q2kernels._C: removed the build lock {lock} (and torch's {build_dir / TORCH_LOCK}) "
+                              f"of pid {owner.pid} on {host}, which no longer runs (an interrupted build)")
+            continue
+        waiter.wait(lambda: _waiting_message(lock, owner, age, limit_s))
+
+
+def _wait_for_torch_lock(build_dir: Path, waiter: _Waiter, limit_s: float) -> None:
+    """Waits, bounded, for a torch build lock that no q2kernels process owns (we hold ours)."""
+    lock = build_dir / TORCH_LOCK
+    while True:
+        try:
+            age = _unowned_age(lock, limit_s)
+        except FileNotFoundError:
+            return
+        waiter.wait(lambda: _waiting_message(lock, None, age, limit_s))
+
+
+@contextlib.contextmanager
+def build_lock(build_dir: Path, report: Callable[[str], None] = _report_stderr, poll_s: float = _POLL_S,
+               report_after_s: float = REPORT_AFTER_S, unowned_limit_s: float = UNOWNED_LOCK_LIMIT_S) -> Iterator[None]:
+    """Holds q2kernels' build lock of build_dir (its file records this process) for the body; report
+    gets what a wait is on (after report_after_s) and any takeover of a dead owner's lock."""
+    build_dir.mkdir(parents=True, exist_ok=True)
+    me = _encode(this_process())
+    waiter = _Waiter(report, poll_s, report_after_s)
+    _acquire(build_dir, me, waiter, unowned_limit_s)
+    try:
+        _wait_for_torch_lock(build_dir, waiter, unowned_limit_s)
+        yield
+    finally:
+        _remove_if_unchanged(build_dir / BUILD_LOCK, me)

@@ -25,12 +25,15 @@ class Runner:
     def __init__(self, cuda):
         self.cuda = cuda
         if cuda:
-            from test_int_conv_cuda import S4, Emu
+            from test_int_conv_cuda import S4, Emu, _emulator
 
-            self.emu = Emu(S4)
+            self.emu, self.emu_ops = Emu(S4), _emulator()
 
     def __call__(self, op, *args):
-        return self.emu(op, *args) if self.cuda else getattr(CPU, op)(*args)
+        if not self.cuda:
+            return getattr(CPU, op)(*args)
+        # The emulator's grouped ops keep q2kernels_int's schemas (no MMA path, no copy timing).
+        return getattr(self.emu_ops, op)(*args) if op.startswith("conv2d_grouped") else self.emu(op, *args)
 
     def valid(self, op, *args):
         """The result of a call whose geometry is valid but beyond the CUDA kernels' 65536 (None there)."""
@@ -161,6 +164,134 @@ def test_python_ints_beyond_int64_are_named():
         ic.unpack(c.x, 2**64)
     with pytest.raises(ValueError, match="qp: .* does not fit int64"):
         ic.quantize_pack(torch.zeros(1, 2, 1, 1), torch.zeros(2, 2), 0, 2**64)
+
+
+# ---------------------------------------------------------------- out sharing memory with an input
+# The kernels read their inputs while they write out (the CUDA conv reads x tile by tile, every
+# epilogue reads its rows per element): an out that overlaps any input gave wrong codes, silently.
+# Each input of each op that takes an `out`, overlapped at its first or its last bytes, or aliased
+# whole, must be refused naming it, before anything is written.
+
+def _carve(arena, offset, like):
+    """A contiguous tensor over arena's bytes from offset on, holding a copy of like (same shape,
+    dtype and memory format), so that it shares arena's memory."""
+    channels_last = like.dim() == 4 and like.dtype != torch.uint8
+    shape = (like.shape[0], *like.shape[2:], like.shape[1]) if channels_last else like.shape
+    t = arena[offset:offset + like.numel() * like.element_size()].view(like.dtype).view(shape)
+    t = t.permute(0, 3, 1, 2) if channels_last else t
+    return t.copy_(like)
+
+
+def _conv_operands(op):
+    """The tensors of a 1x1 conv2d_out / conv2d_grouped_out (depthwise) call with 8 channels: a packed
+    out then has x's shape. Thresholds given, so that the op reads every kind of input."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randint(0, 16, (1, 8, 5, 4), generator=g)
+    k = torch.randint(-8, 8, (8, 8 if op == "conv2d_out" else 1, 1, 1), generator=g)
+    return dict(x=ic.pack(q, 4, False), weight=ic.pack(k, 4, True), epilogue=ic.epilogue_params(8, 0.1, gamma=0.2),
+                tap_sums=ic.weight_tap_sums(k), thresholds=torch.linspace(-20, 20, 15))
+
+
+def _conv_out(dtype):
+    if dtype == torch.uint8:
+        return torch.zeros(1, 5, 4, 16, dtype=torch.uint8)
+    return torch.zeros(1, 8, 5, 4).contiguous(memory_format=torch.channels_last)
+
+
+def _conv_out_call(run, op, t, out):
+    groups = [8] if op == "conv2d_grouped_out" else []
+    return run(op, t["x"], t["weight"], t["epilogue"], t["tap_sums"], t["thresholds"], 8, *groups, False, True, 1, 0,
+               [1, 1], [0, 0], [1, 1], 0, 0, 15, 0, out)
+
+
+def _overlapping(arena, name, t, out_like, where):
+    """Places input `name` at byte 1024 of arena, and an out that overlaps its first 16 bytes (head)
+    or its last 16 (tail)."""
+    t[name] = _carve(arena, 1024, t[name])
+    size = out_like.numel() * out_like.element_size()
+    start = 1024 - size + 16 if where == "head" else 1024 + t[name].numel() * t[name].element_size() - 16
+    return _carve(arena, start, out_like)
+
+
+@pytest.mark.parametrize("where", ["head", "tail"])
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])
+@pytest.mark.parametrize("name", ["x", "weight", "epilogue", "tap_sums", "thresholds"])
+@pytest.mark.parametrize("op", ["conv2d_out", "conv2d_grouped_out"])
+def test_conv_out_overlapping_an_input_is_refused(run, op, name, dtype, where):
+    t = _conv_operands(op)
+    arena = torch.zeros(8192, dtype=torch.uint8)
+    out = _overlapping(arena, name, t, _conv_out(dtype), where)
+    before = arena.clone()
+    _expect(ValueError, f"out: shares memory with {name}, which the op reads", _conv_out_call, run, op, t, out)
+    assert torch.equal(arena, before)
+
+
+@pytest.mark.parametrize("alias", ["itself", "view", "reshaped_view", "as_strided"])
+@pytest.mark.parametrize("op", ["conv2d_out", "conv2d_grouped_out"])
+def test_conv_out_aliasing_x_is_refused(run, op, alias):
+    """The case of the report: conv2d_grouped(..., out=x) wrote wrong codes with no error."""
+    t = _conv_operands(op)
+    x = t["x"]
+    out = {"itself": x, "view": x[:], "reshaped_view": x.view(-1).view(x.shape),
+           "as_strided": x.as_strided(x.shape, x.stride())}[alias]
+    before = x.clone()
+    _expect(ValueError, "out: shares memory with x", _conv_out_call, run, op, t, out)
+    assert torch.equal(x, before)
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])
+@pytest.mark.parametrize("op", ["conv2d_out", "conv2d_grouped_out"])
+def test_conv_out_beside_its_inputs_in_one_buffer_is_accepted(run, op, dtype):
+    """Sharing a storage is not overlapping: inputs and out carved from one buffer, side by side,
+    give exactly what a separate out gets."""
+    t = _conv_operands(op)
+    expected = _conv_out(dtype)
+    _conv_out_call(run, op, t, expected)
+    arena = torch.zeros(8192, dtype=torch.uint8)
+    offset = 0
+    for name in t:
+        t[name] = _carve(arena, offset, t[name])
+        offset += -(-t[name].numel() * t[name].element_size() // 64) * 64
+    out = _carve(arena, offset, _conv_out(dtype))
+    _conv_out_call(run, op, t, out)
+    assert torch.equal(out, expected)
+
+
+def test_python_wrappers_refuse_out_aliasing_x():
+    from q2kernels.ops.grouped_conv import conv2d_grouped
+
+    for op, f in (("conv2d_out", ic.conv2d), ("conv2d_grouped_out", lambda *a, **kw: conv2d_grouped(*a[:4], 8, **kw))):
+        t = _conv_operands(op)
+        with pytest.raises(ValueError, match="out: shares memory with x"):
+            f(t["x"], t["weight"], t["epilogue"], 8, x_signed=False, w_signed=True, tap_sums=t["tap_sums"], out=t["x"])
+
+
+def _quantize_operands():
+    return dict(x=torch.randn(1, 8, 3, 3), qparams=torch.stack([torch.full((8,), 4.0), torch.zeros(8)]),
+                thresholds=torch.linspace(-20, 20, 15))
+
+
+@pytest.mark.parametrize("where", ["head", "tail"])
+@pytest.mark.parametrize("name", ["x", "qparams", "thresholds"])
+def test_quantize_pack_out_overlapping_an_input_is_refused(run, name, where):
+    t = _quantize_operands()
+    arena = torch.zeros(8192, dtype=torch.uint8)
+    out = _overlapping(arena, name, t, torch.zeros(1, 3, 3, 16, dtype=torch.uint8), where)
+    before = arena.clone()
+    _expect(ValueError, f"out: shares memory with {name}", run, "quantize_pack_out", t["x"], t["qparams"],
+            t["thresholds"], 0, 15, 0, out)
+    assert torch.equal(arena, before)
+
+
+def test_quantize_pack_out_over_a_strided_view_of_x_is_refused(run):
+    """x need not be contiguous for quantize_pack: its elements reach beyond numel*itemsize bytes from
+    its start, and an out over its last channels' rows (bytes 400..544 of its 560) is caught."""
+    arena = torch.zeros(8192, dtype=torch.uint8)
+    base = _carve(arena, 1024, torch.randn(1, 8, 6, 3))
+    x = base[:, :, ::2]  # every other row: 288 bytes of elements spread over 560
+    out = arena[1024 + 400:1024 + 400 + 144].view(1, 3, 3, 16)
+    _expect(ValueError, "out: shares memory with x", run, "quantize_pack_out", x, _quantize_operands()["qparams"],
+            None, 0, 15, 0, out)
 
 
 # ---------------------------------------------------------------- geometry
@@ -431,12 +562,13 @@ def test_meta_x_with_cpu_weight_and_all_meta():
 # ---------------------------------------------------------------- the converter's proof
 
 def _dorefa_pact_conv(cin):
-    """One 3x3 conv, DoReFa weights (codes 0..15, w_mul 2, w_add -15) on PACT codes (0..15): its
-    bound is 9*cin*(2*15 + 15)*15, which reaches 2^31 - 1 between cin = 353495 and 353496."""
+    """One 7x7 conv, DoReFa weights (codes 0..15, w_mul 2, w_add -15) on PACT codes (0..15): its
+    bound is 49*cin*(2*15 + 15)*15, which reaches 2^31 - 1 between cin = 64927 and 64928 (7x7, not
+    3x3: an integer layer holds at most 2^16 channels, int_modules.MAX_CHANNELS)."""
     from q2kernels.nn import DoReFaWeightQuantizer, PACTQuantizer, QConv2d
 
     torch.manual_seed(0)
-    conv = QConv2d(cin, 1, 3, padding=1, bias=False, weight_quantizer=DoReFaWeightQuantizer(4),
+    conv = QConv2d(cin, 1, 7, padding=3, bias=False, weight_quantizer=DoReFaWeightQuantizer(4),
                    act_quantizer=PACTQuantizer(4, alpha_init=1.0))
     return torch.nn.Sequential(conv).eval(), torch.rand(1, cin, 1, 1)
 
@@ -444,10 +576,10 @@ def _dorefa_pact_conv(cin):
 def test_converter_refuses_a_layer_whose_accumulator_can_overflow():
     from q2kernels.deploy import convert_to_int
 
-    model, x = _dorefa_pact_conv(353_496)
+    model, x = _dorefa_pact_conv(64_928)
     with pytest.warns(UserWarning, match="layer '0' is kept in float: its int32 accumulator is not proven"):
         report = convert_to_int(model, x).report
-    assert "3*3*353496*(2*15 + 15)*15 = 2147488200 > 2^31 - 1" in report["0"]
+    assert "7*7*64928*(2*15 + 15)*15 = 2147493600 > 2^31 - 1" in report["0"]
     with pytest.raises(ValueError, match="layer '0' kept in float: its int32 accumulator is not proven"):
         convert_to_int(model, x, strict=True)
 
@@ -455,10 +587,10 @@ def test_converter_refuses_a_layer_whose_accumulator_can_overflow():
 def test_converter_accepts_the_largest_layer_the_bound_admits():
     from q2kernels.deploy import convert_to_int
 
-    model, x = _dorefa_pact_conv(353_495)
+    model, x = _dorefa_pact_conv(64_927)
     int_model = convert_to_int(model, x, strict=True)
     assert int_model.report["0"].startswith("integer conv")
     with torch.no_grad():
         got, want = int_model(x), model(x)
-    # The integer sum is exact; the float conv sums 353495 fp32 products (rounding ~1e-5 relative).
+    # The integer sum is exact; the float conv sums 64927 fp32 products (rounding ~1e-5 relative).
     assert got.shape == want.shape and torch.allclose(got, want, rtol=1e-3, atol=1e-3)

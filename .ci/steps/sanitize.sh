@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The integer ops (csrc/) built with AddressSanitizer + UBSan (Q2K_SANITIZE=1, q2kernels/_ext.py: its own
-# extension name and build directory), running the integer-op tests and the hostile-input corpus.
+# extension name and build directory), running the integer-op tests and the hostile-input corpus
+# (tests/hostile_corpus/int_ops/, through tests/test_hostile_conv_geometry.py: every conv geometry of
+# the corpus and its property seeds, padding beyond the kernel's reach included).
 # The step fails on any sanitizer report: ASan and UBSan (-fno-sanitize-recover) abort the process at
 # the first one, and the output (pytest -s, so that a report is not lost in pytest's capture when the
 # process dies) must hold none.
@@ -36,7 +38,7 @@ status=0
 sanitized python -c "import q2kernels.ops.int_conv as ic; ic.load()" || status=$?
 echo "sanitize: build or load took $(( $(date +%s) - start )) s"
 [ "$status" = 0 ] && { sanitized python -m pytest -q -s -p no:cacheprovider tests/test_pack.py tests/test_int_conv.py tests/test_grouped_conv.py \
-  tests/test_hostile_int_ops.py -k "not cuda_glue" || status=$?; }
+  tests/test_hostile_int_ops.py tests/test_hostile_conv_geometry.py -k "not cuda_glue" || status=$?; }
 
 reports=$(grep -cE "runtime error:|ERROR: AddressSanitizer|AddressSanitizer: CHECK failed" "$log" || true)
 echo "sanitize: $reports sanitizer report(s), took $(( $(date +%s) - start )) s"

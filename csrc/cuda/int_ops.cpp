@@ -194,6 +194,7 @@ void conv2d_out(const Exec& ex, const at::Tensor& x, const at::Tensor& weight, c
                                       w_mul, w_add, stride, padding, dilation, act, qn, qp,
                                       out.scalar_type() == at::kByte);
   check_output(out, pr.n, pr.ho, pr.wo, pr.cout, c_offset, x);
+  check_conv_out_separate(out, x, weight, epilogue, tap_sums, thresholds);
   ConvParams p = conv_params(ex, pr, x, weight);
   set_epilogue(p, epilogue, tap_sums, thresholds, act, qn, qp);
   set_output(p, out, c_offset);
@@ -216,6 +217,7 @@ void quantize_pack_out(const Exec& ex, const at::Tensor& x, const at::Tensor& qp
   check_quantizer(thresholds, qn, qp, x);
   TORCH_CHECK_TYPE(out.scalar_type() == at::kByte, "out: expected a packed uint8 tensor, got ", out.scalar_type());
   check_output(out, x.size(0), x.size(2), x.size(3), x.size(1), c_offset, x);
+  check_quantize_out_separate(out, x, qparams, thresholds);
   run_quantize_pack(ex, x, qparams, thresholds, qn, qp, c_offset, out);
 }
 

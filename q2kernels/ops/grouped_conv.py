@@ -18,7 +18,8 @@ def conv2d_grouped(x: torch.Tensor, weight: torch.Tensor, epilogue: torch.Tensor
                    padding=0, dilation=1, act: str = "identity", qn: int = 0, qp: int = 15, thresholds=None,
                    out_dtype=torch.uint8, out=None, c_offset: int = 0) -> torch.Tensor:
     """int_conv.conv2d with `groups` groups (module docstring); tap_sums from the (C_out, C_in/groups,
-    KH, KW) weight codes (int_conv.weight_tap_sums)."""
+    KH, KW) weight codes (int_conv.weight_tap_sums). As there, `out` must share no memory with x or
+    any other input (an error names the input: the kernel reads x while it writes out)."""
     args = (x, weight, epilogue, tap_sums, thresholds, in_channels, groups, x_signed, w_signed, w_mul, w_add,
             ic._pair(stride, "stride"), ic._pair(padding, "padding"), ic._pair(dilation, "dilation"), ic._act(act),
             qn, qp)

@@ -28,6 +28,9 @@ The sums are int32 on every device, so conv2d accepts w_mul, w_add only where
 max|k|, max|q| = 8 for signed and 15 for unsigned codes: then no sum can overflow, whatever the codes
 (q2kernels/deploy/accumulator.py, which the converter checks per layer). tap_sums must be
 weight_tap_sums of the weight codes; other values give a J that wraps modulo 2^32, never a crash.
+An `out` (conv2d, quantize_pack, conv2d_grouped) must share no memory with any input the op reads
+(x, weight, epilogue, tap_sums, thresholds, qparams): the kernels read those while they write out, so
+an alias, a view or an overlapping slice is an error naming the input.
 """
 from __future__ import annotations
 
@@ -234,7 +237,8 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, epilogue: torch.Tensor, in_cha
     """The integer conv with its epilogue (module docstring). Output: packed codes of [qn, qp]
     (out_dtype uint8, (N, H_out, W_out, packed_bytes(C_out))) or float32/float16 (N, C_out, H_out,
     W_out) channels_last. With `out` (packed or float), the result goes to its channels c_offset..
-    (even for packed outputs), leaving the other channels alone, and out is returned."""
+    (even for packed outputs), leaving the other channels alone, and out is returned; out must not
+    overlap any input (module docstring)."""
     args = (x, weight, epilogue, tap_sums, thresholds, _int(in_channels, "in_channels"), x_signed, w_signed,
             _int(w_mul, "w_mul"), _int(w_add, "w_add"), _pair(stride, "stride"), _pair(padding, "padding"),
             _pair(dilation, "dilation"), _act(act), _int(qn, "qn"), _int(qp, "qp"))
