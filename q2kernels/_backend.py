@@ -8,18 +8,21 @@ TRITON_INTERPRET=1: that is how the test suite executes every kernel without a G
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import os
 import threading
 
-import torch
-
 BACKENDS = ("auto", "triton", "reference")
 
-_state = threading.local()
+_state = threading.local()  # .backend: this thread's scoped choice (None or absent: the process-wide one)
 _global_backend = "auto"
+_global_owner = None  # the use_backend call that set _global_backend last (None: nobody, or undone)
 
 
-def _check(name: str) -> str:
+def _check(name) -> str:
+    if not isinstance(name, str):
+        raise TypeError(f"backend: expected one of {BACKENDS} (a str), got {type(name).__name__}")
     if name not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {name!r}")
     return name
@@ -30,33 +33,88 @@ def get_backend() -> str:
     return getattr(_state, "backend", None) or _global_backend
 
 
-class use_backend(contextlib.ContextDecorator):
-    """Force a backend. As a call it sets the process-wide default; as a context manager it
-    applies to the enclosed block (and this thread) only::
+@contextlib.contextmanager
+def _scoped(name: str):
+    """`name` for this thread until the block ends, then whatever this thread had before, also when
+    the block raises."""
+    previous = getattr(_state, "backend", None)
+    _state.backend = name
+    try:
+        yield
+    finally:
+        _state.backend = previous
 
-        q2kernels.use_backend("reference")          # from now on
+
+class use_backend:
+    """Force a backend. As a call it sets the process-wide default; as a context manager or a
+    decorator it applies to the enclosed block or to each call of the function, in the thread that
+    runs it, and then restores what that thread had before (also on an exception)::
+
+        q2kernels.use_backend("reference")          # from now on, in every thread
         with q2kernels.use_backend("triton"):        # inside the block
             ...
+        @q2kernels.use_backend("reference")          # inside every call of f
+        def f(x): ...
+
+    Blocks and calls nest and re-enter (the same object may be entered again inside itself, or in
+    several threads at once). Generator and coroutine functions are refused as decorator targets:
+    their bodies run after the call returns, outside the scope a decorator could give them.
+    Python cannot tell a call from the start of a `with` or `@`, so the call sets the process-wide
+    default at once and entering or decorating undoes it: for that instant other threads see it.
     """
 
     def __init__(self, name: str):
-        global _global_backend
         self.name = _check(name)
+        self._entered = threading.local()  # .scopes: this thread's open `with` blocks of this object
+        self._set_global()
+
+    def _set_global(self):
+        global _global_backend, _global_owner
         self._previous_global = _global_backend
-        _global_backend = self.name
-        self._previous_local = None
+        _global_backend, _global_owner = self.name, self
+
+    def _withdraw_global(self):
+        """Used as a context manager or decorator: the call form's process-wide change was not meant,
+        so undo it, unless something has set the process-wide backend since (that setting stays)."""
+        global _global_backend, _global_owner
+        if _global_owner is self:
+            _global_backend, _global_owner = self._previous_global, None
 
     def __enter__(self):
-        global _global_backend
-        # Entered as a context manager: undo the global change made by __init__ and scope it.
-        _global_backend = self._previous_global
-        self._previous_local = getattr(_state, "backend", None)
-        _state.backend = self.name
+        self._withdraw_global()
+        scope = _scoped(self.name)
+        scope.__enter__()
+        self._scopes().append(scope)
         return self
 
     def __exit__(self, *exc):
-        _state.backend = self._previous_local
+        scopes = self._scopes()
+        if not scopes:
+            raise RuntimeError(f"use_backend({self.name!r}): __exit__ without a matching __enter__ in this thread")
+        scopes.pop().__exit__(*exc)
         return False
+
+    def _scopes(self) -> list:
+        if not hasattr(self._entered, "scopes"):
+            self._entered.scopes = []
+        return self._entered.scopes
+
+    def __call__(self, func):
+        self._withdraw_global()
+        if not callable(func):
+            raise TypeError(f"use_backend({self.name!r}): decorates a function, got {type(func).__name__}")
+        if (inspect.isgeneratorfunction(func) or inspect.iscoroutinefunction(func)
+                or inspect.isasyncgenfunction(func)):
+            raise TypeError(f"use_backend({self.name!r}): cannot decorate {func.__qualname__}, a generator or "
+                            "coroutine function (its body runs after the call returns); use "
+                            "`with use_backend(...):` inside it instead")
+
+        @functools.wraps(func)
+        def with_backend(*args, **kwargs):
+            with _scoped(self.name):
+                return func(*args, **kwargs)
+
+        return with_backend
 
 
 def triton_available() -> bool:
@@ -71,8 +129,9 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def resolve(x: torch.Tensor) -> str:
-    """The backend that runs for tensor `x`: "triton" or "reference"."""
+def resolve(x) -> str:
+    """The backend that runs for tensor `x` (a torch.Tensor: this module imports no torch, so that `q2k`
+    answers a bad flag without the seconds torch takes to import): "triton" or "reference"."""
     name = get_backend()
     if name == "auto":
         return "triton" if (x.is_cuda and triton_available()) else "reference"

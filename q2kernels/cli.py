@@ -3,8 +3,83 @@ extension ahead of time), `q2k bench`."""
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import sys
+from pathlib import Path
+
+# --steps: far above what any demo runs (300 QAT steps on a GPU); more is a typo that would run for days.
+MAX_STEPS = 100_000
+
+# The checks below serve the parser and the demos' own entry points. They live here, not in
+# q2kernels._validate, which imports torch: q2k refuses a bad flag before that import's seconds.
+
+
+def count_problem(value, lo: int, hi: int) -> str | None:
+    """What is wrong with `value` as a whole number in lo..hi, or None."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        return f"expected a whole number in {lo}..{hi}, got {value!r}"
+    if not lo <= value <= hi:
+        return f"expected a whole number in {lo}..{hi}, got {value}"
+    return None
+
+
+def folder_problem(path) -> str | None:
+    """What stops `path` from being (or becoming) a folder this process writes into, or None. Nothing
+    is created: a bad path is refused before any work, not after it."""
+    if not isinstance(path, (str, os.PathLike)) or not os.fspath(path).strip():
+        return f"expected a folder path, got {path!r}"
+    try:
+        folder = Path(path).expanduser()
+        if folder.exists() and not folder.is_dir():
+            return f"{os.fspath(path)!r} exists and is not a folder"
+        existing = next(p for p in (folder, *folder.parents) if p.exists())
+    except (OSError, ValueError) as e:  # a NUL byte, a name too long, a path it may not look into
+        return f"{os.fspath(path)!r} is not a usable path ({e})"
+    if not existing.is_dir():
+        return f"{os.fspath(path)!r} cannot be created: {existing} is a file"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{os.fspath(path)!r} cannot be written: {existing} is not writable"
+    return None
+
+
+def check_steps(steps, name: str = "steps") -> int | None:
+    """None (the demo's own number) or a whole number of steps in 1..MAX_STEPS."""
+    problem = None if steps is None else count_problem(steps, 1, MAX_STEPS)
+    if problem:
+        raise ValueError(f"{name}: {problem}")
+    return steps
+
+
+def check_folder(path, name: str = "out") -> Path:
+    problem = folder_problem(path)
+    if problem:
+        raise ValueError(f"{name}: {problem}")
+    return Path(path).expanduser()
+
+
+def check_flag(value, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name}: expected True or False, got {value!r}")
+    return value
+
+
+def _steps_argument(text: str) -> int:
+    try:
+        steps = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of steps, got {text!r}") from None
+    problem = count_problem(steps, 1, MAX_STEPS)
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
+    return steps
+
+
+def _folder_argument(text: str) -> str:
+    problem = folder_problem(text)
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
+    return text
 
 
 def doctor() -> int:
@@ -78,9 +153,6 @@ def _enable_interpreter_without_gpu() -> None:
 
 
 def _ultralytics_demo(args) -> int:
-    if args.steps is not None:
-        print("q2k demo --ultralytics: --steps does not apply (it trains by epochs)", file=sys.stderr)
-        return 2
     from q2kernels.integrations import ultralytics_offline
 
     ultralytics_offline()
@@ -100,9 +172,10 @@ def main(argv=None) -> int:
     sub.add_parser("build", help="compile the C++/CUDA extension q2kernels._C now instead of at the first integer op")
     demo = sub.add_parser("demo", help="the end-to-end demo (the README's first command)")
     demo.add_argument("--smoke", action="store_true", help="a run of under a minute, for CI")
-    demo.add_argument("--steps", type=int, default=None, help="QAT steps per run")
-    demo.add_argument("--out", default=None, help="directory for the plots (default q2k_demo_out), or with "
-                      "--ultralytics for the dataset, runs and integer model (default: a temp dir)")
+    demo.add_argument("--steps", type=_steps_argument, default=None, help=f"QAT steps per run (1..{MAX_STEPS})")
+    demo.add_argument("--out", type=_folder_argument, default=None,
+                      help="directory for the plots (default q2k_demo_out), or with --ultralytics for the "
+                      "dataset, runs and integer model (default q2k_yolo_out)")
     demo.add_argument("--ultralytics", action="store_true",
                       help="the Ultralytics YOLO demo instead (YOLO11n from YAML: trainer, LayerNorm removal, "
                            "integer model, mAP; needs pip install q2kernels[ultralytics])")
@@ -110,6 +183,8 @@ def main(argv=None) -> int:
     args, rest = parser.parse_known_args(argv)
     if rest and args.command != "bench":
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.command == "demo" and args.ultralytics and args.steps is not None:
+        demo.error("--steps does not apply with --ultralytics (it trains by epochs)")
     _enable_interpreter_without_gpu()
     if args.command == "doctor":
         return doctor()
@@ -120,7 +195,6 @@ def main(argv=None) -> int:
     if args.command == "demo":
         from q2kernels import demo as demo_mod
         return demo_mod.main(smoke=args.smoke, steps=args.steps, out=args.out or "q2k_demo_out")
-    from pathlib import Path
     import runpy
     script = Path(__file__).resolve().parent.parent / "benchmarks" / "run_all.py"
     if not script.exists():

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 import q2kernels
+from q2kernels.cli import check_flag, check_folder, check_steps
 from q2kernels.data import labels_at_stride, make_shapes, mean_iou
 from q2kernels.deploy import calibrate_fusion, convert_to_int, finetune_without_layernorm, freeze_fusion
 from q2kernels.models import YOLOv5
@@ -257,11 +258,15 @@ def deploy(student, cfg, train_data, calib, device, test_data) -> tuple[dict, nn
 
 
 def main(smoke: bool = False, steps: int | None = None, out: str = "q2k_demo_out") -> int:
+    # Checked before minutes of training, not by the step (or the plot) that would fail on them.
+    check_flag(smoke, "smoke")
+    check_steps(steps)
+    out = check_folder(out)
     started = time.perf_counter()
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
     cfg = _config(smoke, cuda)
-    if steps:
+    if steps is not None:
         cfg.qat_steps = steps
     torch.manual_seed(0)
     train_data = make_shapes(cfg.n_train, cfg.size, seed=0)
@@ -336,7 +341,7 @@ def main(smoke: bool = False, steps: int | None = None, out: str = "q2k_demo_out
     print(f"fused kernels vs reference ({recipe} W{bits}A{bits} + gated fusion, forward+backward): "
           f"|dloss| {dloss:.1e}, grad rel err {gerr:.1e}: {'agree' if agree else 'DISAGREE'}")
 
-    for f in plot(Path(out), floats[None][1] if None in floats else [], curves, fusion_logs):
+    for f in plot(out, floats[None][1] if None in floats else [], curves, fusion_logs):
         print(f"saved {f}")
     minutes, seconds = divmod(round(time.perf_counter() - started), 60)
     print(f"{'demo OK' if ok else 'demo FAILED: see the rows above'} ({minutes}:{seconds:02d} min)")

@@ -9,11 +9,13 @@ compares the two, and both with the fake-quant model.
 """
 from __future__ import annotations
 
+import copy
+import functools
 import math
 
 import torch
 import torch.nn.functional as F
-from torch import fx, nn
+from torch import nn
 
 from .int_modules import HEAD_CODES, IntConv2d, QuantizePack
 
@@ -164,45 +166,55 @@ def _reference_quantize(m: QuantizePack, x, out=None, c_offset=0, total_channels
     return _write(out, packed, m.channels, c_offset)
 
 
-class _Recorder(fx.Interpreter):
-    """Runs a converted model, recording each integer conv's input codes under its source layer."""
+def _record_input_codes(net: nn.Module, record: dict) -> list:
+    """Forward pre-hooks that record each integer conv's input codes under its source layer (its first
+    call's); returns their handles. Hooks, not an fx.Interpreter: a converted model's net is a
+    GraphModule, a loaded one's an int_graph.IntGraph, and both call their modules."""
+    def hook(m, args, kwargs):
+        x = args[0] if args else kwargs["x"]
+        if not x.is_meta:  # an IntGraph first runs itself on meta tensors, to check shapes: no codes there
+            record.setdefault(m.source, unpack_codes(x, m.in_channels, m.x_signed))
 
-    def __init__(self, net, record):
-        super().__init__(net)
-        self.record = record
+    return [m.register_forward_pre_hook(hook, with_kwargs=True) for m in net.modules() if isinstance(m, IntConv2d)]
 
-    def call_module(self, target, args, kwargs):
-        m = self.fetch_attr(target)
+
+def _run_recording(net: nn.Module, inputs) -> tuple:
+    codes = {}
+    handles = _record_input_codes(net, codes)
+    try:
+        with torch.no_grad():
+            out = net(*inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return out, codes
+
+
+def _as_reference(net: nn.Module) -> nn.Module:
+    """A copy of net whose integer modules compute by the plain-PyTorch reference mode (the model
+    itself is left as it is)."""
+    net = copy.deepcopy(net)
+    for m in net.modules():
         if isinstance(m, IntConv2d):
-            self.record.setdefault(m.source, unpack_codes(args[0], m.in_channels, m.x_signed))
-        return self.run_module(m, target, args, kwargs)
+            m.forward = functools.partial(_reference_conv, m)
+        elif isinstance(m, QuantizePack):
+            m.forward = functools.partial(_reference_quantize, m)
+    return net
 
-    def run_module(self, m, target, args, kwargs):
-        return super().call_module(target, args, kwargs)
 
-
-class _Reference(_Recorder):
-    """The same, with the integer modules run by the plain-PyTorch reference mode."""
-
-    def run_module(self, m, target, args, kwargs):
-        if isinstance(m, IntConv2d):
-            return _reference_conv(m, *args, **kwargs)
-        if isinstance(m, QuantizePack):
-            return _reference_quantize(m, *args, **kwargs)
-        return super().run_module(m, target, args, kwargs)
+def _net(int_model: nn.Module) -> nn.Module:
+    net = getattr(int_model, "net", None)
+    if not isinstance(net, nn.Module):
+        raise TypeError(f"int_model: expected an integer model (convert_to_int or load_int_model), got "
+                        f"{type(int_model).__name__}")
+    return net
 
 
 def reference_forward(int_model: nn.Module, *inputs):
     """(outputs, {QConv2d name: int64 input codes (N, C, H, W)}) of the reference mode."""
-    codes = {}
-    with torch.no_grad():
-        out = _Reference(int_model.net, codes).run(*inputs)
-    return out, codes
+    return _run_recording(_as_reference(_net(int_model)), inputs)
 
 
 def integer_codes(int_model: nn.Module, *inputs):
     """(outputs, {QConv2d name: int64 input codes}) of the integer model itself (q2kernels._C)."""
-    codes = {}
-    with torch.no_grad():
-        out = _Recorder(int_model.net, codes).run(*inputs)
-    return out, codes
+    return _run_recording(_net(int_model), inputs)

@@ -4,7 +4,10 @@ Teacher-forced: every QConv2d that became an integer layer consumes the codes th
 it, dequantised as its activation quantizer's forward dequantises them (the quantizer protocol's
 `dequantize`), so that each layer is compared with the integer model's on identical inputs; its
 activation quantizer still decides on its own input (`Forced.seen`). Weight quantizers run on fp32
-weights in fp32 whatever the model's dtype (`AsFloat32`): the fake-quant weights, in float64 too.
+weights in fp32 whatever the model's dtype (`AsFloat32`): the fake-quant weights, in float64 too. So
+do the other q2kernels modules that compute in fp32 only (the quantizers of layers kept in float, an
+uncalibrated GatedFusion): the float64 evaluation rounds their inputs to fp32, which the bounds of
+deploy.error_bounds allow for (a decision within fp32 rounding of its boundary counts as reachable).
 """
 from __future__ import annotations
 
@@ -36,9 +39,9 @@ class Forced(nn.Module):
     """In place of the activation quantizer q of an integer layer: records q's codes for its input
     (`seen`) and passes on the integer model's codes, dequantised by q."""
 
-    def __init__(self, q: Quantizer, codes: torch.Tensor):
+    def __init__(self, q: Quantizer, codes: torch.Tensor, name: str):
         super().__init__()
-        self.q, self.codes, self.form = q, codes, q.int_activation()
+        self.q, self.codes, self.form, self.name = q, codes, q.int_activation(), name
 
     def values(self) -> torch.Tensor:
         """The fake-quant model's values of the codes (fp32)."""
@@ -49,6 +52,10 @@ class Forced(nn.Module):
         return self.codes.double() * self.form.step + self.form.offset
 
     def forward(self, x):
+        if x.shape != self.codes.shape:
+            raise ValueError(f"int_model: its layer {self.name!r} received input codes of shape "
+                             f"{tuple(self.codes.shape)}, but the model's QConv2d {self.name!r} receives an input of "
+                             f"shape {tuple(x.shape)}: was int_model converted from this model?")
         self.seen = self.form.codes(x)
         # In x's dtype and memory layout, as the quantizer's own output: a conv's summation order
         # depends on its input's layout (the unpacked codes are channels last).
@@ -56,14 +63,21 @@ class Forced(nn.Module):
 
 
 class AsFloat32(nn.Module):
-    """A weight quantizer run on fp32 values, in fp32, inside a model of any dtype."""
+    """A module that computes in fp32 only (a weight or activation quantizer, a GatedFusion), run on
+    fp32 values inside a model of any dtype: its float inputs (also inside lists) are rounded to fp32
+    and its float outputs returned in the dtype of its first float input."""
 
-    def __init__(self, q: Quantizer):
+    def __init__(self, q: nn.Module):
         super().__init__()
         self.q = q
 
-    def forward(self, w):
-        return self.q(w.float()).to(w.dtype)
+    def forward(self, *args):
+        dtype = _first_float_dtype(args)
+        return _cast(self.q(*_cast(args, torch.float32)), dtype)
+
+    def int_activation(self):
+        """The wrapped activation quantizer's integer form (deploy.error_bounds asks a float layer's)."""
+        return self.q.int_activation()
 
     def grid(self, w: torch.Tensor) -> torch.Tensor:
         """The integer model's values of the fake-quant weight of w: step*(w_mul*k + w_add), float64."""
@@ -83,10 +97,39 @@ def forced(gm: fx.GraphModule, codes: dict[str, torch.Tensor], dtype: torch.dtyp
         if isinstance(m, QConv2d) and m.weight_quantizer is not None:
             m.weight_quantizer = AsFloat32(m.weight_quantizer)
             if name in codes:
-                m.act_quantizer = wrapped[name] = Forced(m.act_quantizer, codes[name])
+                m.act_quantizer = wrapped[name] = Forced(m.act_quantizer, codes[name], name)
+    _run_the_rest_in_float32(gm)
     gm.to(dtype)
     # The quantizers' parameters stay fp32 (a quantizer computes in fp32 from fp32 parameters).
     for m in gm.modules():
         if isinstance(m, (Forced, AsFloat32)):
             m.q.float()
     return gm, wrapped
+
+
+def _run_the_rest_in_float32(gm: nn.Module) -> None:
+    """Every quantizer and GatedFusion not yet wrapped (those of layers kept in float, or outside any
+    QConv2d) runs in fp32 (AsFloat32): their ops take no float64."""
+    slots = [(parent, attr, m) for parent in gm.modules() if not isinstance(parent, (Forced, AsFloat32))
+             for attr, m in parent.named_children() if isinstance(m, (Quantizer, GatedFusion))]
+    for parent, attr, m in slots:
+        setattr(parent, attr, AsFloat32(m))
+
+
+def _first_float_dtype(v):
+    if isinstance(v, torch.Tensor):
+        return v.dtype if v.is_floating_point() else None
+    if isinstance(v, (list, tuple)):
+        return next((d for d in map(_first_float_dtype, v) if d is not None), None)
+    return None
+
+
+def _cast(v, dtype):
+    """v with its float tensors (also inside lists and tuples) in dtype; v itself where dtype is None."""
+    if dtype is None:
+        return v
+    if isinstance(v, torch.Tensor):
+        return v.to(dtype) if v.is_floating_point() else v
+    if isinstance(v, (list, tuple)):
+        return type(v)(_cast(x, dtype) for x in v)
+    return v

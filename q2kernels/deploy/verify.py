@@ -29,6 +29,7 @@ from torch import nn
 
 from . import trace
 from .error_bounds import ErrorBounds, gamma
+from .int_model import IntModel
 from .reference_mode import integer_codes, reference_forward
 from .teacher_forcing import forced, traced
 
@@ -178,9 +179,28 @@ def _layer(name, q, got, want, fq, bound) -> LayerCheck:
     return check
 
 
+def _check_arguments(model, int_model, inputs) -> None:
+    if isinstance(model, IntModel):
+        raise TypeError("model: expected the fake-quant (QAT) model, got an integer model; the call is "
+                        "verify_int_model(model, int_model, *inputs)")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected the fake-quant (QAT) nn.Module, got {type(model).__name__}")
+    if not isinstance(int_model, IntModel):
+        inner = " (pass its .int_model)" if isinstance(getattr(int_model, "int_model", None), IntModel) else ""
+        raise TypeError(f"int_model: expected an IntModel (from convert_to_int or load_int_model), got "
+                        f"{type(int_model).__name__}{inner}")
+    if not inputs:
+        raise ValueError("inputs: expected the input tensor(s) to verify on, got none")
+    for i, x in enumerate(inputs):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"inputs[{i}]: expected a torch.Tensor, got {type(x).__name__}")
+
+
 def verify_int_model(model: nn.Module, int_model: nn.Module, *inputs) -> Verification:
-    """Compare `int_model` (convert_to_int(model, ...)) with the reference mode and with the QAT
-    `model` on `inputs` (module docstring). The model is not changed."""
+    """Compare `int_model` (convert_to_int(model, ...), or that model saved and read back by
+    load_int_model) with the reference mode and with the QAT `model` on `inputs` (module docstring).
+    The models are not changed."""
+    _check_arguments(model, int_model, inputs)
     gm = traced(trace.traceable(model))
     out, got = integer_codes(int_model, *inputs)
     ref_out, want = reference_forward(int_model, *inputs)

@@ -36,6 +36,26 @@ class _Point:
     def clear(self):
         self.teacher = self.student = self.sq = self.delta = self.quantizer = None
 
+    def where(self) -> str:
+        if self.teacher_name == self.student_name:
+            return f"point {self.teacher_name!r}"
+        return f"point (teacher {self.teacher_name!r}, student {self.student_name!r})"
+
+
+def _check_recorded(p: _Point) -> None:
+    """Both features recorded, tensors, of one shape: the loss compares them pixel by pixel."""
+    for which, feat, name in (("teacher", p.teacher, p.teacher_name), ("student", p.student, p.student_name)):
+        if feat is None:
+            raise RuntimeError(f"QADALoss: no {which} output recorded at {name!r}; run the teacher "
+                               "and the student forward before calling the loss")
+        if not isinstance(feat, torch.Tensor):
+            raise TypeError(f"QADALoss: the {which} module {name!r} returned {type(feat).__name__}, "
+                            "expected a (B, C, H, W) tensor")
+    if p.teacher.shape != p.student.shape:
+        raise ValueError(f"QADALoss at {p.where()}: the teacher output has shape {tuple(p.teacher.shape)} and the "
+                         f"student output {tuple(p.student.shape)}; Q-ADA compares features of one shape "
+                         "(the same batch through both models)")
+
 
 def _parse_points(points):
     if isinstance(points, str) or not points:
@@ -125,17 +145,14 @@ class QADALoss(nn.Module):
     def forward(self) -> torch.Tensor:
         total = None
         for p in self._points:
-            for which, feat in (("teacher", p.teacher), ("student", p.student)):
-                name = p.teacher_name if which == "teacher" else p.student_name
-                if feat is None:
-                    raise RuntimeError(f"QADALoss: no {which} output recorded at {name!r}; run the teacher "
-                                       "and the student forward before calling the loss")
-                if not isinstance(feat, torch.Tensor):
-                    raise TypeError(f"QADALoss: the {which} module {name!r} returned {type(feat).__name__}, "
-                                    "expected a (B, C, H, W) tensor")
-            loss = qF.q_ada_loss(p.teacher, p.student, p.sq, p.delta, Tq=self._teacher_quantized(p), form=self.form,
-                               lam=self.lam, kappa=self.kappa, gamma=self.gamma, divergence=self.divergence,
-                               reduction=self.reduction)
+            _check_recorded(p)
+            try:
+                loss = qF.q_ada_loss(p.teacher, p.student, p.sq, p.delta, Tq=self._teacher_quantized(p),
+                                     form=self.form, lam=self.lam, kappa=self.kappa, gamma=self.gamma,
+                                     divergence=self.divergence, reduction=self.reduction)
+            except (TypeError, ValueError) as e:
+                # The functional names its argument (T, S, ...); the user also needs the point.
+                raise type(e)(f"QADALoss at {p.where()}: {e}") from e
             total = loss if total is None else total + loss
             p.clear()
         return total * self.weight

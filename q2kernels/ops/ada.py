@@ -474,13 +474,18 @@ def q_ada(T: torch.Tensor, S: torch.Tensor, Sq: Optional[torch.Tensor], delta: O
     (needs Sq) gives the teacher its own distortion term; lam is SimAM's, kappa Q2's."""
     B, C, H, W = S.shape
     M, R = H * W, B * C
+    if R and not M:  # rows of no pixels have no attention distribution (q2kernels.functional refuses them too)
+        raise ValueError(f"S: expected a (B, C, H, W) tensor with H*W >= 1, got shape {tuple(S.shape)}")
     form_id = _form_id(form)
     T, S, q, tq, strides, int64 = _prepare(T, S, Sq, Tq)
     stats = torch.empty((NSTAT, R), device=S.device, dtype=torch.float32)
-    block_r, block_m, num_warps = _geometry(strides[3:6], C, M)
-    n_cb = triton.cdiv(C, block_r)
-    part = torch.empty((B * n_cb if R else 0,), device=S.device, dtype=torch.float32)
+    part = torch.zeros((0,), device=S.device, dtype=torch.float32)
+    # No rows (B or C is 0): nothing to launch, and no geometry (a 0-channel tile is 0 wide). The
+    # loss of no rows is 0 under either reduction, as the reference defines it.
     if R:
+        block_r, block_m, num_warps = _geometry(strides[3:6], C, M)
+        n_cb = triton.cdiv(C, block_r)
+        part = torch.empty((B * n_cb,), device=S.device, dtype=torch.float32)
         has_delta = delta is not None
         delta = delta.reshape(-1) if has_delta else stats
         _q_ada_fwd_kernel[(B * n_cb,)](
