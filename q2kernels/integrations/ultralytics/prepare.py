@@ -7,7 +7,12 @@
    its scale meant to be absorbed by the BatchNorm that follows) would shrink its outputs to ~1/|w|
    of the float model's (YOLO11s PACT: first cls loss 1932 instead of ~6). Every quantized conv
    without a following BatchNorm therefore gets a per-channel LSQ weight quantizer when the recipe's
-   weight quantizer is scale-free; its step is the learned per-channel scale.
+   weight quantizer is scale-free; its step is the learned per-channel scale. Where a BatchNorm
+   does follow a scale-free weight quantizer, its running statistics are rescaled by the conv's
+   weight gain (rescale_batchnorm_statistics): training-mode BatchNorm cancels the dropped scale,
+   eval mode (validation, the EMA, conversion) divides by the running statistics and would scale
+   each such conv's output by its gain g (~3-50) until momentum replaced them (YOLO11n PACT W4A4,
+   2 epochs at 64 px: validation cls loss 158.9 instead of LSQ's 0.34; docs/math.md §7).
 2. GatedFusion at every neck Concat ("balanced": Q-GBFusion, the default; "learned": GABFusion),
    keeping Ultralytics' routing attributes (`f`, `i`, `type`) so the layer loop runs unchanged.
    The branch channel counts and the convs that read each node's output (its LayerNorm-removal
@@ -190,6 +195,40 @@ def _unnormalized_qconv(conv: nn.Conv2d, recipe: str, w_bits: int, a_bits: int) 
     return QConv2d.from_float(conv, weight=weight, act=r.act(conv, a_bits))
 
 
+def rescale_batchnorm_statistics(model: nn.Module, names) -> dict[str, torch.Tensor]:
+    """For each QConv2d in `names` whose weight quantizer is scale-free (DoReFa: codes in [-1, 1])
+    and that a BatchNorm follows: the BatchNorm's running statistics multiplied by the conv's weight
+    gain, per output channel g = <w_q, w> / <w, w> (the least-squares factor in w_q ~ g*w), so that
+    running_mean *= g and running_var *= g^2 describe the quantized conv's outputs as they described
+    the float conv's (docs/math.md §7, "PACT's eval-mode blow-up").
+
+    Training-mode BatchNorm normalises with the batch's statistics and never sees the scale the
+    weight quantizer dropped (max|tanh w| of the tensor: DoReFa's outputs are ~1/max|w| times the
+    float weights, ~sqrt(fan_in) at a random init); eval mode (validation, the EMA, conversion)
+    divides by the running statistics, which would describe outputs that much smaller until
+    momentum (0.03 in Ultralytics) has replaced them, ~150 batches later. Returns {name: g}; channels
+    whose g is not positive and finite (an all-zero weight) keep their statistics."""
+    gains = {}
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        conv, bn = getattr(parent, child), getattr(parent, "bn", None)
+        quantizer = getattr(conv, "weight_quantizer", None)
+        if not (isinstance(quantizer, _SCALE_FREE_WEIGHTS) and _bn_follows(parent, child)
+                and bn.running_mean is not None and bn.running_var is not None):
+            continue
+        with torch.no_grad():
+            w = conv.weight.detach()
+            wq = quantizer.quantize(w).double().flatten(1)
+            w = w.double().flatten(1)
+            g = (wq * w).sum(1) / (w * w).sum(1)
+            g = torch.where(torch.isfinite(g) & (g > 0), g, torch.ones_like(g))
+            bn.running_mean.copy_((bn.running_mean.double() * g).to(bn.running_mean.dtype))
+            bn.running_var.copy_((bn.running_var.double() * g * g).to(bn.running_var.dtype))
+        gains[name] = g.float()
+    return gains
+
+
 def prepare(model, recipe: str = "lsq", w_bits: int = 4, a_bits: int = 4, head_bits: int | None = None,
             keep_float=None, fusion: str | None = "balanced", distill: bool = True) -> Prepared:
     """Prepare an Ultralytics DetectionModel (or a YOLO object's) for Q2 QAT, in place (module docstring).
@@ -236,6 +275,7 @@ def prepare(model, recipe: str = "lsq", w_bits: int = 4, a_bits: int = 4, head_b
     quantize_model(model, recipe, w_bits, a_bits, skip=keep + custom, keep_first_last=False)
     for name in custom:
         replace_module(model, name, _unnormalized_qconv(convs[name][0], recipe, *bits[name]))
+    rescale_batchnorm_statistics(model, [n for n in bits if n not in custom])
 
     model.__class__ = Q2DetectionModel
     feeds = {n: consumers[n] for n in nodes}
