@@ -487,7 +487,8 @@ def test_save_load_resumes_the_controller_exactly(tmp_path):
     steps(b, 3, 2)
     for name in ("theta", "grad_norm", "grad_norm_ema", "steps", "tau"):
         assert torch.equal(getattr(a, name), getattr(b, name)), name
-    assert {"theta", "grad_norm", "grad_norm_ema", "steps", "tau", "gamma", "beta", "mubar", "sigmabar"} \
+    assert {"theta", "grad_norm", "grad_norm_ema", "steps", "skipped_steps", "tau", "gamma", "beta", "mubar",
+            "sigmabar"} \
         == set(a.state_dict())
 
 

@@ -239,9 +239,10 @@ def test_state_dict_of_another_kind_or_mode_does_not_load():
         LSQQuantizer(4, "unsigned").load_state_dict(LSQQuantizer(4, "signed").state_dict())
     with pytest.raises(RuntimeError, match="holds a LSQQuantizer.*axis=None.*the module is a LSQQuantizer.*axis=0"):
         LSQQuantizer(4, axis=0, channels=1).load_state_dict(LSQQuantizer(4).state_dict())
-    # The settings travel in the state_dict's metadata, and every value stays a tensor (trainers'
-    # EMA and checkpoint transfer read .dtype and .shape of each); torch.save and a weights_only
-    # load keep them, so a saved file is checked too.
+    # The settings travel with the tensors (a uint8 entry, test_hostile_modules.py) and in the
+    # state_dict's metadata, and every value stays a tensor (trainers' EMA and checkpoint transfer
+    # read .dtype and .shape of each); torch.save and a weights_only load keep them, so a saved file
+    # is checked too.
     state = quantize_model(small_net(), "n2uq", 3, 3).state_dict()
     assert all(isinstance(v, torch.Tensor) for v in state.values())
     assert state._metadata["3.act_quantizer"]["q2kernels.quantizer"] == {"kind": "N2UQQuantizer", "bits": 3}
@@ -250,7 +251,8 @@ def test_state_dict_of_another_kind_or_mode_does_not_load():
     buffer.seek(0)
     with pytest.raises(RuntimeError, match="holds a LSQQuantizer.*the module is a PACTQuantizer"):
         quantize_model(small_net(), "pact").load_state_dict(torch.load(buffer, weights_only=True))
-    # A state_dict rebuilt without metadata (a trainer's filtered copy) loads by its tensors alone.
+    # A state_dict rebuilt without metadata (a trainer's filtered copy) keeps the settings entry and
+    # loads into a model of the same settings.
     plain = dict(quantize_model(small_net(), "lsq").state_dict())
     quantize_model(small_net(), "lsq").load_state_dict(plain)
 

@@ -5,7 +5,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .._validate import check_bool, check_choice, check_int, check_ints
 from .quantizers import Quantizer
+
+PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 
 
 def _check_quantizer(q, name):
@@ -43,8 +46,37 @@ class _Quantized:
         return q.to(layer.weight.device)
 
 
+def _check_conv_config(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+                       padding_mode) -> None:
+    """nn.Conv2d's arguments, checked rather than coerced (nn.Conv2d would take groups=2.5 or
+    kernel_size=True and fail, or compute something else, later)."""
+    check_int(in_channels, "in_channels", 1)
+    check_int(out_channels, "out_channels", 1)
+    check_ints(kernel_size, "kernel_size", 2, 1)
+    check_ints(stride, "stride", 2, 1)
+    if isinstance(padding, str):
+        check_choice(padding, "padding", ("valid", "same"))
+    else:
+        check_ints(padding, "padding", 2, 0)
+    check_ints(dilation, "dilation", 2, 1)
+    check_int(groups, "groups", 1)
+    if in_channels % groups or out_channels % groups:
+        raise ValueError(f"groups: {groups} must divide in_channels ({in_channels}) and out_channels ({out_channels})")
+    check_bool(bias, "bias")
+    check_choice(padding_mode, "padding_mode", PADDING_MODES)
+
+
 class QConv2d(_Quantized, nn.Conv2d):
     """nn.Conv2d whose input passes `act_quantizer` and whose weight passes `weight_quantizer`."""
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
+                 bias=True, padding_mode="zeros", device=None, dtype=None, *,
+                 weight_quantizer: Quantizer | None = None, act_quantizer: Quantizer | None = None):
+        _check_conv_config(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+                           padding_mode)
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+                         padding_mode, device, dtype, weight_quantizer=weight_quantizer,
+                         act_quantizer=act_quantizer)
 
     def forward(self, x):
         x, w = self._operands(x)
@@ -61,6 +93,14 @@ class QConv2d(_Quantized, nn.Conv2d):
 
 class QLinear(_Quantized, nn.Linear):
     """nn.Linear with an input quantizer and a weight quantizer (either may be None)."""
+
+    def __init__(self, in_features, out_features, bias=True, device=None, dtype=None, *,
+                 weight_quantizer: Quantizer | None = None, act_quantizer: Quantizer | None = None):
+        check_int(in_features, "in_features", 1)
+        check_int(out_features, "out_features", 1)
+        check_bool(bias, "bias")
+        super().__init__(in_features, out_features, bias, device, dtype, weight_quantizer=weight_quantizer,
+                         act_quantizer=act_quantizer)
 
     def forward(self, x):
         x, w = self._operands(x)

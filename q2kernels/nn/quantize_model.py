@@ -10,8 +10,20 @@ from typing import Iterable
 
 from torch import nn
 
+from .._validate import check_bits, check_bool, check_choice
 from .modules import QConv2d, QLinear
 from .protocol import RECIPES
+
+
+def _skip_names(skip) -> set[str]:
+    """skip as a set of module names; a single string is refused (its characters are not names)."""
+    if isinstance(skip, str) or not isinstance(skip, Iterable):
+        raise TypeError(f"skip: expected an iterable of module names (a list, not one string), got {skip!r}")
+    names = list(skip)
+    bad = [n for n in names if not isinstance(n, str)]
+    if bad:
+        raise TypeError(f"skip: expected module names (strings), got {bad[0]!r}")
+    return set(names)
 
 
 def quantize_model(model: nn.Module, recipe: str = "lsq", w_bits: int = 4, a_bits: int = 4,
@@ -22,10 +34,14 @@ def quantize_model(model: nn.Module, recipe: str = "lsq", w_bits: int = 4, a_bit
     the first and the last such layer in float (the usual QAT practice: the stem sees raw pixels,
     the head produces the outputs). Returns the model.
     """
-    if recipe not in RECIPES:
-        raise ValueError(f"recipe: expected one of {sorted(RECIPES)}, got {recipe!r}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+    check_choice(recipe, "recipe", sorted(RECIPES))
+    check_bits(w_bits, "w_bits")
+    check_bits(a_bits, "a_bits")
+    check_bool(keep_first_last, "keep_first_last")
     r = RECIPES[recipe]
-    skip = set(skip)
+    skip = _skip_names(skip)
     layers = [(name, m) for name, m in model.named_modules()
               if type(m) in (nn.Conv2d, nn.Linear)]
     unknown = skip - {name for name, _ in model.named_modules()}

@@ -16,16 +16,20 @@ all-reduced result guarantees. Every rank must therefore run the quantizer's fir
 """
 from __future__ import annotations
 
+import json
+
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from .. import functional as qF
 from .. import reference as ref
-from .._validate import check_bits
+from .._validate import check_bits, check_choice, check_int, check_number
 from .protocol import IntActivation, IntWeight, NoIntegerForm, Recipe, register_quantizer, register_recipe
 
-_SETTINGS = "q2kernels.quantizer"  # its key in a module's state_dict metadata
+_SETTINGS = "q2kernels.quantizer"  # its key in a module's state_dict metadata (older checkpoints)
+SETTINGS_KEY = "quantizer_settings"  # its key among the state_dict's tensors
+MAX_SETTINGS_BYTES = 4096  # a kind's settings are a few names and numbers
 
 
 class Quantizer(nn.Module):
@@ -38,6 +42,9 @@ class Quantizer(nn.Module):
 
     kind = "Quantizer"
     state_keys: tuple[str, ...] = ("bits",)
+    # Entries of its state_dict that a checkpoint written before they existed lacks, and that
+    # load_state_dict therefore does not require.
+    optional_state_keys: tuple[str, ...] = (SETTINGS_KEY,)
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -86,41 +93,128 @@ class Quantizer(nn.Module):
         f32 = dict(dtype=torch.float32, device=codes.device)
         return codes.to(torch.float32) * torch.tensor(form.step, **f32) + torch.tensor(form.offset, **f32)
 
-    # The kind and state_keys travel in the state_dict's metadata (state_dict._metadata, which torch.save
-    # keeps and weights_only loads), not as a value: trainers (Ultralytics' EMA and checkpoint transfer)
-    # take every value of a state_dict for a tensor.
+    # The kind and state_keys travel with the tensors, as the UTF-8 JSON bytes of settings() in a uint8
+    # tensor under SETTINGS_KEY: a plain dict copy of a state_dict keeps them, and trainers (Ultralytics'
+    # EMA and checkpoint transfer) that take every value for a tensor still can. They also go into the
+    # metadata (state_dict._metadata), where checkpoints from before SETTINGS_KEY hold them.
     def settings(self) -> dict:
         """What a state_dict must have been saved with to load into this quantizer."""
         return {"kind": self.kind, **{k: getattr(self, k) for k in self.state_keys}}
 
+    def _settings_json(self) -> str:
+        try:
+            return json.dumps(self.settings(), allow_nan=False)
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"quantizer kind {self.kind!r}: its state_keys {self.state_keys} must be plain "
+                            f"finite numbers, strings, booleans or None ({e})") from None
+
+    def _settings_tensor(self) -> torch.Tensor:
+        # On the CPU whatever the default device: settings are not data, and a meta tensor would hold none.
+        return torch.tensor(list(self._settings_json().encode("utf-8")), dtype=torch.uint8, device="cpu")
+
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination[prefix + SETTINGS_KEY] = self._settings_tensor()
         metadata = getattr(destination, "_metadata", None)
         if metadata is not None:
             metadata.setdefault(prefix[:-1], {})[_SETTINGS] = self.settings()
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        saved, mine = local_metadata.get(_SETTINGS), self.settings()
-        if saved is not None and saved != mine:
-            error_msgs.append(f"quantizer {prefix[:-1] or '(root)'!r}: the state_dict holds {_describe(saved)}, "
-                              f"the module is {_describe(mine)}")
+        where = f"quantizer {prefix[:-1] or '(root)'!r}"
+        errors = self._settings_errors(state_dict, prefix, local_metadata) or self._state_errors(state_dict, prefix)
+        if errors:
+            error_msgs.extend(f"{where}: {e}" for e in errors)
             return
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+        if prefix + SETTINGS_KEY in unexpected_keys:
+            unexpected_keys.remove(prefix + SETTINGS_KEY)
         flag = state_dict.get(prefix + "initialized")
         if flag is not None:
             self._initialized = bool(flag)
+
+    def _settings_errors(self, state_dict, prefix, local_metadata) -> list[str]:
+        """The settings the state_dict was saved with, from its tensor and from its metadata, against
+        this quantizer's. Either may be absent; a checkpoint without both is from before either
+        existed and loads by its tensors alone, as it always did."""
+        mine = json.loads(self._settings_json())
+        key = prefix + SETTINGS_KEY
+        given = []
+        if state_dict.get(key) is not None:
+            saved, error = _decoded_settings(state_dict[key], key)
+            if error:
+                return [error]
+            given.append((key, saved))
+        if _SETTINGS in local_metadata:
+            given.append((f"the metadata's {_SETTINGS!r}", local_metadata[_SETTINGS]))
+        for source, saved in given:
+            plain = _plain_settings(saved)
+            if plain is None:
+                return [f"{source}: expected a dict of plain settings with a 'kind', got {_describe_value(saved)}"]
+            if plain != mine:
+                return [f"the state_dict holds {_describe(plain)}, the module is {_describe(self.settings())}"]
+        return []
+
+    def _state_errors(self, state_dict, prefix) -> list[str]:
+        """Each of this quantizer's own tensors the state_dict gives: a tensor; `initialized` a 0-d
+        bool; a floating-point parameter or buffer floating-point and finite (a NaN step or clip
+        would make every output NaN). Shapes are load_state_dict's to check, except initialized's,
+        which is read here."""
+        errors = []
+        own = {**self._parameters, **{k: v for k, v in self._buffers.items()
+                                      if k not in self._non_persistent_buffers_set}}
+        for name, mine in own.items():
+            key = prefix + name
+            t = state_dict.get(key)
+            if t is None or mine is None:
+                continue
+            if not isinstance(t, torch.Tensor):
+                errors.append(f"{key}: expected a tensor, got {type(t).__name__}")
+            elif name == "initialized":
+                if t.dtype != torch.bool or t.dim() != 0:
+                    errors.append(f"{key}: expected a 0-d bool tensor, got a {t.dtype} tensor of shape "
+                                  f"{tuple(t.shape)}")
+            elif mine.is_floating_point():
+                if not t.is_floating_point():
+                    errors.append(f"{key}: expected a floating-point tensor, got {t.dtype}")
+                elif not bool(torch.isfinite(t.detach()).all()):
+                    errors.append(f"{key}: expected finite values, got a NaN or inf")
+        return errors
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}"
 
 
-def _describe(state) -> str:
-    if not isinstance(state, dict):
-        return f"a malformed quantizer state {state!r}"
+def _describe(state: dict) -> str:
     settings = ", ".join(f"{k}={v!r}" for k, v in state.items() if k != "kind")
     return f"a {state.get('kind')}({settings})"
+
+
+def _describe_value(v) -> str:
+    return f"a {type(v).__name__}" if isinstance(v, torch.Tensor) else repr(v)[:200]
+
+
+def _plain_settings(saved) -> dict | None:
+    """Settings as JSON would give them back (tuples as lists), or None if they are not a str-keyed dict
+    of plain values (a tensor among them would make comparing them ambiguous)."""
+    if not isinstance(saved, dict) or not isinstance(saved.get("kind"), str):
+        return None
+    try:
+        return json.loads(json.dumps(saved, allow_nan=False))
+    except (TypeError, ValueError):
+        return None
+
+
+def _decoded_settings(t, key: str) -> tuple[dict | None, str | None]:
+    """(the settings the tensor under SETTINGS_KEY holds, None), or (None, what is wrong with it)."""
+    if not isinstance(t, torch.Tensor) or t.dtype != torch.uint8 or t.dim() != 1 or t.numel() > MAX_SETTINGS_BYTES:
+        got = f"a {t.dtype} tensor of shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+        return None, f"{key}: expected a 1-d uint8 tensor of at most {MAX_SETTINGS_BYTES} bytes (JSON), got {got}"
+    try:
+        return json.loads(bytes(t.detach().cpu().tolist()).decode("utf-8")), None
+    except (UnicodeDecodeError, ValueError):
+        return None, f"{key}: does not hold the JSON text of a quantizer's settings"
 
 
 def _all_reduce(t: torch.Tensor, op: str) -> torch.Tensor:
@@ -135,9 +229,21 @@ def _channels_arg(axis, channels):
     if (axis is None) != (channels is None):
         raise ValueError(f"axis and channels: give both for a per-channel quantizer or neither, "
                          f"got axis={axis!r}, channels={channels!r}")
-    if channels is not None and (not isinstance(channels, int) or channels < 1):
-        raise ValueError(f"channels: expected a positive integer, got {channels!r}")
-    return 1 if channels is None else channels
+    if axis is None:
+        return 1
+    if isinstance(axis, bool) or not isinstance(axis, int):  # its range is checked against each input
+        raise ValueError(f"axis: expected an integer or None, got {axis!r}")
+    return check_int(channels, "channels", 1)
+
+
+def _grad_scale_arg(grad_scale):
+    """'auto', None (no scaling) or a positive finite number: LSQ's gradient scale."""
+    if grad_scale is None or (isinstance(grad_scale, str) and grad_scale == "auto"):
+        return grad_scale
+    try:
+        return check_number(grad_scale, "grad_scale", 0.0, lo_allowed=False)
+    except ValueError:
+        raise ValueError(f"grad_scale: expected 'auto', None or a finite number > 0, got {grad_scale!r}") from None
 
 
 def _usable(*values: torch.Tensor) -> torch.Tensor:
@@ -160,8 +266,8 @@ class LSQQuantizer(Quantizer):
     def __init__(self, bits: int = 4, mode: str = "signed", axis: int | None = None,
                  channels: int | None = None, grad_scale="auto"):
         super().__init__(bits)
-        ref.qrange(bits, mode)
-        self.mode, self.axis, self.grad_scale = mode, axis, grad_scale
+        check_choice(mode, "mode", ref.fake_quant.QRANGE_MODES)
+        self.mode, self.axis, self.grad_scale = mode, axis, _grad_scale_arg(grad_scale)
         self.s = nn.Parameter(torch.ones(_channels_arg(axis, channels)))
 
     def _dims(self, x):
@@ -265,10 +371,10 @@ class PACTQuantizer(Quantizer):
 
     def __init__(self, bits: int = 4, alpha_init: float | None = None):
         super().__init__(bits)
-        if alpha_init is not None and not alpha_init > 0:
-            raise ValueError(f"alpha_init: expected a positive number or None, got {alpha_init!r}")
+        if alpha_init is not None:
+            alpha_init = check_number(alpha_init, "alpha_init", 0.0, lo_allowed=False)
         self.alpha_init = alpha_init
-        self.alpha = nn.Parameter(torch.full((1,), 1.0 if alpha_init is None else float(alpha_init)))
+        self.alpha = nn.Parameter(torch.full((1,), 1.0 if alpha_init is None else alpha_init))
 
     def initialize(self, x):
         if self.alpha_init is not None:

@@ -518,7 +518,10 @@ def _setup_context(ctx, inputs, output):
     # The controller's buffers are targets the backward writes, not values it reads: kept on ctx
     # rather than saved, so that backpropagating twice through one forward (retain_graph) is two
     # controller steps instead of a version-counter error.
-    ctx.controller = GateController(*controller, ema_weight, eta, group) if controller else None
+    ctx.controller = GateController.from_op_arguments(controller, ema_weight, eta, group) if controller else None
+    # torch.library matches the grads' structure to the inputs': a list of tensors is one entry per
+    # tensor, while a list holding a None is a single (non-differentiable) leaf.
+    ctx.no_grad_ctrl = [None] * len(controller) if all(t is not None for t in controller) else None
     ctx.save_for_backward(*xs, gates, mean, rstd, *([gamma] if gamma is not None else []))
 
 
@@ -531,12 +534,8 @@ def _backward(ctx, dy, _dmean, _drstd):
         dy, xs, gates, gamma, mean, rstd, ctx.concat, ctx.has_beta)
     if ctx.controller is not None:
         ctx.controller.step(energies, gates)
-    # torch.library matches the grads' structure to the inputs': a list of tensors is one entry per
-    # tensor, while a list holding a None is a single (non-differentiable) leaf.
-    ctrl = ctx.controller.tensors() if ctx.controller is not None else []
-    no_grad_ctrl = [None] * len(ctrl) if all(t is not None for t in ctrl) else None
     return (dxs, dgates, dgamma if ctx.has_gamma else None, dbeta if ctx.has_beta else None,
-            None, None, no_grad_ctrl, None, None, None)
+            None, None, ctx.no_grad_ctrl, None, None, None)
 
 
 gated_fusion.register_autograd(_backward, setup_context=_setup_context)
