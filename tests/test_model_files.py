@@ -140,7 +140,7 @@ def test_empty_truncated_and_corrupt_files(saved, tmp_path):
     expect_load_refused(half, "is truncated or corrupt")
     junk = tmp_path / "junk.pt"
     junk.write_bytes(bytes(range(256)) * 8)
-    expect_load_refused(junk, "is corrupt or holds objects other than tensors and plain data")
+    expect_load_refused(junk, "not a model file: it is not a zip archive")
     objects = _write(tmp_path, {"format": "q2kernels.int_model", "payload": _Payload()}, "objects.pt")
     msg = expect_load_refused(objects, "is corrupt or holds objects other than tensors and plain data", "_Payload")
     assert "weights_only` set to `False`" not in msg
@@ -196,7 +196,9 @@ def _module_edits():
         r["modules"]["head"]["config"]["padding_mode"] = "evil"
 
     return [
-        (conv_huge, ["module 'head' (Conv2d)", "needs a tensor weight of shape (2, 1099511627776, 1, 1)"]),
+        (conv_huge, ["module 'head' (Conv2d)", "in_channels: expected an integer in 1..65536, got 1099511627776"]),
+        (lambda r: r["modules"]["head"]["config"].update(in_channels=16),
+         ["module 'head' (Conv2d)", "needs a tensor weight of shape (2, 16, 1, 1)"]),
         (int_weight_shape, ["module 'a' (IntConv2d)", "weight: expected uint8 (8, 3, 3, 16)"]),
         (int_heads, ["module 'a' (IntConv2d)", "heads: expected dicts"]),
         (lambda r: r["modules"]["a"]["config"].update(groups=0), ["module 'a' (IntConv2d)", "groups: expected"]),
@@ -243,6 +245,20 @@ def test_a_quantizer_state_holds_its_tensors_and_nothing_else(saved, tmp_path):
     expect_load_refused(_write(tmp_path, rec, "metadata.pt"), "module 'grouped' (QConv2d)", "metadata is not a dict")
     rec["modules"]["grouped"]["act_quantizer"]["state"]._metadata = {"": {"q2kernels.quantizer": torch.ones(1)}}
     expect_load_refused(_write(tmp_path, rec, "tensor.pt"), "module 'grouped' (QConv2d)", "a value of type Tensor")
+
+
+def test_a_file_from_before_the_quantizer_settings_entry_loads(saved, tmp_path):
+    """Quantizer states gained an entry (quantizer_settings) after files were written without it: such
+    a file, a layer kept in float with its quantizers, loads and computes the same."""
+    from q2kernels.nn.quantizers import SETTINGS_KEY
+
+    path, x, expected, _ = saved
+    rec = _record(saved)
+    for slot in ("weight_quantizer", "act_quantizer"):
+        state = rec["modules"]["grouped"][slot]["state"]
+        assert SETTINGS_KEY in state
+        del state[SETTINGS_KEY]
+    assert torch.equal(load_int_model(_write(tmp_path, rec, "older.pt"))(x), expected)
 
 
 def test_a_loaded_model_checks_its_inputs(saved):

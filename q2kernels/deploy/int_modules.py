@@ -22,10 +22,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._validate import check_bool, check_int
 from ..ops import grouped_conv as gc
 from ..ops import int_conv as ic
+from .accumulator import overflow_reason
 
 HEAD_CODES, HEAD_FLOAT = "codes", "float"
+# The largest channel count and kernel, stride, padding or dilation a converted layer (or a model
+# file) may declare: far above any detector's, far below what would overflow the ops' arithmetic.
+MAX_CHANNELS = 2**16
+MAX_GEOMETRY = 1024
 
 
 def _new_packed(like: torch.Tensor, n: int, h: int, w: int, channels: int) -> torch.Tensor:
@@ -46,12 +52,19 @@ class IntConv2d(nn.Module):
                  weight: torch.Tensor, epilogues: torch.Tensor, thresholds: torch.Tensor,
                  tap_sums: torch.Tensor | None = None, source: str = "", groups: int = 1):
         super().__init__()
-        self.groups = int(groups)
-        self.in_channels, self.out_channels = int(in_channels), int(out_channels)
-        self.kernel_size = tuple(int(k) for k in kernel_size)
-        self.stride, self.padding, self.dilation = (tuple(int(v) for v in t) for t in (stride, padding, dilation))
-        self.x_signed, self.w_signed, self.w_mul, self.w_add = bool(x_signed), bool(w_signed), int(w_mul), int(w_add)
-        self.act, self.heads, self.source = act, [dict(h) for h in heads], source
+        # Checked, never coerced (int(2.5) would be 2): a model file gives these values.
+        self.groups = check_int(groups, "groups", 1, MAX_CHANNELS)
+        self.in_channels = check_int(in_channels, "in_channels", 1, MAX_CHANNELS)
+        self.out_channels = check_int(out_channels, "out_channels", 1, MAX_CHANNELS)
+        self.kernel_size = _pair(kernel_size, "kernel_size", 1)
+        self.stride, self.dilation = _pair(stride, "stride", 1), _pair(dilation, "dilation", 1)
+        self.padding = _pair(padding, "padding", 0)
+        self.x_signed, self.w_signed = check_bool(x_signed, "x_signed"), check_bool(w_signed, "w_signed")
+        self.w_mul, self.w_add = check_int(w_mul, "w_mul", -ic.MAX_ARG), check_int(w_add, "w_add", -ic.MAX_ARG)
+        _expect(isinstance(act, str) and isinstance(source, str) and isinstance(heads, list),
+                f"act, source, heads: expected str, str, list, got {type(act).__name__}, {type(source).__name__}, "
+                f"{type(heads).__name__}")
+        self.act, self.heads, self.source = act, [dict(h) if isinstance(h, dict) else h for h in heads], source
         _check_int_conv(self, weight, epilogues, thresholds, tap_sums)
         self.register_buffer("weight", weight)
         self.register_buffer("epilogues", epilogues)
@@ -110,18 +123,39 @@ def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+MAX_THRESHOLDS = 15  # a 4-bit code has 16 levels
+
+
+def _fits_nibble(qn: int, qp: int) -> bool:
+    """Levels qn < qp of a 4-bit code: signed [-8, 7] or unsigned [0, 15]."""
+    return qn < qp and ((-8 <= qn and qp <= 7) if qn < 0 else qp <= 15)
+
+
+def _pair(v, name: str, lo: int) -> tuple[int, int]:
+    """A pair of integers in lo..MAX_GEOMETRY (a conv's kernel_size, stride, padding, dilation)."""
+    _expect(isinstance(v, (tuple, list)) and len(v) == 2, f"{name}: expected 2 integers, got {v!r}")
+    return tuple(check_int(x, name, lo, MAX_GEOMETRY) for x in v)
+
+
 def _check_int_conv(m: IntConv2d, weight, epilogues, thresholds, tap_sums) -> None:
-    """What the module itself indexes (heads, epilogue and threshold rows) and the shapes the op expects,
-    so that a bad model file fails here, naming the field, rather than inside the conv."""
+    """What the module itself indexes (heads, epilogue and threshold rows) and the shapes, dtypes and
+    accumulator bound the op expects, so that a bad model file fails here, naming the field, rather
+    than inside the conv."""
     _expect(m.act in ic.ACTIVATIONS, f"act: expected one of {sorted(ic.ACTIVATIONS)}, got {m.act!r}")
-    _expect(isinstance(m.heads, list) and len(m.heads) > 0, "heads: expected a non-empty list")
+    _expect(len(m.heads) > 0, "heads: expected a non-empty list")
+    _expect(isinstance(thresholds, torch.Tensor) and thresholds.dtype == torch.float32 and thresholds.dim() == 2
+            and thresholds.shape[0] == len(m.heads) and thresholds.shape[1] <= MAX_THRESHOLDS,
+            f"thresholds: expected float32 ({len(m.heads)}, T), T <= {MAX_THRESHOLDS}, got "
+            f"{getattr(thresholds, 'dtype', type(thresholds).__name__)} {tuple(getattr(thresholds, 'shape', ()))}")
     for h in m.heads:
-        _expect(set(h) == _HEAD_KEYS and h["kind"] in (HEAD_CODES, HEAD_FLOAT)
+        _expect(isinstance(h, dict) and set(h) == _HEAD_KEYS and h["kind"] in (HEAD_CODES, HEAD_FLOAT)
                 and all(_is_int(h[k]) for k in ("qn", "qp", "nthr")) and isinstance(h["signed"], bool)
-                and 0 <= h["nthr"] <= thresholds.shape[-1],
+                and 0 <= h["nthr"] <= thresholds.shape[-1] and _fits_nibble(h["qn"], h["qp"]),
                 f"heads: expected dicts with keys {sorted(_HEAD_KEYS)}, kind codes|float, 0 <= nthr <= "
-                f"{thresholds.shape[-1]}, got {h!r}")
-    _expect(m.groups > 0 and m.in_channels % m.groups == 0 and m.out_channels % m.groups == 0,
+                f"{thresholds.shape[-1]}, levels qn < qp of a 4-bit code, got {h!r}")
+    if why := overflow_reason(m.kernel_size, m.in_channels // m.groups, m.w_signed, m.x_signed, m.w_mul, m.w_add):
+        raise ValueError(f"w_mul, w_add: {why}")
+    _expect(m.in_channels % m.groups == 0 and m.out_channels % m.groups == 0,
             f"groups: expected a positive divisor of in_channels ({m.in_channels}) and out_channels "
             f"({m.out_channels}), got {m.groups}")
     kh, kw = m.kernel_size
@@ -130,15 +164,14 @@ def _check_int_conv(m: IntConv2d, weight, epilogues, thresholds, tap_sums) -> No
     _expect(isinstance(weight, torch.Tensor) and weight.dtype == torch.uint8 and tuple(weight.shape) == packed,
             f"weight: expected uint8 {packed}, got "
             f"{getattr(weight, 'dtype', type(weight).__name__)} {tuple(getattr(weight, 'shape', ()))}")
-    _expect(isinstance(epilogues, torch.Tensor) and tuple(epilogues.shape) == (nh, ic.EPILOGUE_ROWS, m.out_channels),
-            f"epilogues: expected shape {(nh, ic.EPILOGUE_ROWS, m.out_channels)}, got "
-            f"{tuple(getattr(epilogues, 'shape', ()))}")
-    _expect(isinstance(thresholds, torch.Tensor) and thresholds.dim() == 2 and thresholds.shape[0] == nh,
-            f"thresholds: expected shape ({nh}, T), got {tuple(getattr(thresholds, 'shape', ()))}")
-    _expect(tap_sums is None or (isinstance(tap_sums, torch.Tensor)
+    _expect(isinstance(epilogues, torch.Tensor) and epilogues.dtype == torch.float32
+            and tuple(epilogues.shape) == (nh, ic.EPILOGUE_ROWS, m.out_channels),
+            f"epilogues: expected float32 {(nh, ic.EPILOGUE_ROWS, m.out_channels)}, got "
+            f"{getattr(epilogues, 'dtype', type(epilogues).__name__)} {tuple(getattr(epilogues, 'shape', ()))}")
+    _expect(tap_sums is None or (isinstance(tap_sums, torch.Tensor) and tap_sums.dtype == torch.int32
                                  and tuple(tap_sums.shape) == (m.out_channels, kh + 1, kw + 1)),
-            f"tap_sums: expected None or shape {(m.out_channels, kh + 1, kw + 1)}, got "
-            f"{tuple(getattr(tap_sums, 'shape', ()))}")
+            f"tap_sums: expected None or int32 {(m.out_channels, kh + 1, kw + 1)}, got "
+            f"{getattr(tap_sums, 'dtype', type(tap_sums).__name__)} {tuple(getattr(tap_sums, 'shape', ()))}")
 
 
 class QuantizePack(nn.Module):
@@ -149,12 +182,25 @@ class QuantizePack(nn.Module):
     def __init__(self, channels: int, qn: int, qp: int, qparams: torch.Tensor, thresholds: torch.Tensor | None = None,
                  scale: torch.Tensor | None = None, shift: torch.Tensor | None = None, source: str = ""):
         super().__init__()
-        self.channels, self.qn, self.qp, self.source = int(channels), int(qn), int(qp), source
-        _expect(isinstance(qparams, torch.Tensor) and tuple(qparams.shape) == (2, self.channels),
-                f"qparams: expected shape (2, {self.channels}), got {tuple(getattr(qparams, 'shape', ()))}")
+        self.channels = check_int(channels, "channels", 1, MAX_CHANNELS)
+        self.qn, self.qp = check_int(qn, "qn", -8, 15), check_int(qp, "qp", -8, 15)
+        _expect(_fits_nibble(self.qn, self.qp), f"qn, qp: expected levels qn < qp of a 4-bit code, got {qn}, {qp}")
+        _expect(isinstance(source, str), f"source: expected a str, got {type(source).__name__}")
+        self.source = source
+        _expect(isinstance(qparams, torch.Tensor) and qparams.dtype == torch.float32
+                and tuple(qparams.shape) == (2, self.channels),
+                f"qparams: expected float32 (2, {self.channels}), got "
+                f"{getattr(qparams, 'dtype', type(qparams).__name__)} "
+                f"{tuple(getattr(qparams, 'shape', ()))}")
+        _expect(thresholds is None or (isinstance(thresholds, torch.Tensor) and thresholds.dtype == torch.float32
+                                       and thresholds.dim() == 1 and thresholds.numel() <= MAX_THRESHOLDS),
+                f"thresholds: expected None or float32 (T,), T <= {MAX_THRESHOLDS}, got "
+                f"{getattr(thresholds, 'dtype', type(thresholds).__name__)} {tuple(getattr(thresholds, 'shape', ()))}")
         for name, t in (("scale", scale), ("shift", shift)):
-            _expect(t is None or (isinstance(t, torch.Tensor) and tuple(t.shape) == (self.channels,)),
-                    f"{name}: expected None or shape ({self.channels},), got {tuple(getattr(t, 'shape', ()))}")
+            _expect(t is None or (isinstance(t, torch.Tensor) and t.is_floating_point()
+                                  and tuple(t.shape) == (self.channels,)),
+                    f"{name}: expected None or a float tensor ({self.channels},), got "
+                    f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}")
         _expect((scale is None) == (shift is None), "scale and shift: give both or neither")
         self.register_buffer("qparams", qparams)
         self.register_buffer("thresholds", thresholds)

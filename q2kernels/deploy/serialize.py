@@ -5,7 +5,15 @@ The file holds only what torch.load(weights_only=True) accepts: the graph as a l
 codes, scales, epilogues), the conversion report, the format version and the channel alignment, and,
 for a detector, optionally its head's decode as a detect_head record (deploy.detect_head.DetectHead).
 
-Loading never turns file content into code. The whole record is checked before anything is built:
+Loading never turns file content into code, and bounds its memory and time by what the file holds.
+Before torch.load, the archive's pickles are scanned (no object is built): a value may not expand
+to more than MAX_RECORD_ITEMS items (a shared reference counted at each use: nested shared lists
+or tuples would otherwise double the work per level) nor nest deeper than MAX_RECORD_DEPTH, and
+no entry may be compressed. The file is read onto the CPU whatever device it was saved from. Then
+every tensor is checked where it lies in the record: strided, on the CPU, at most
+MAX_TENSOR_ELEMENTS elements, no more elements than its storage holds (an expanded, stride-0
+tensor would otherwise turn a few bytes into gigabytes when a module copies it), and together no
+more bytes than the file holds. Then the whole record is checked before anything is built:
 its keys, version and alignment, every module record (a type from MODULE_KINDS, plain-data
 constructor arguments, tensors; quantizers by their registered kind), every node (int_graph.
 parse_graph: identifiers, references that resolve, calls from the allow-lists). Each module is
@@ -23,6 +31,8 @@ from __future__ import annotations
 import importlib
 import os
 import pickle
+import pickletools
+import zipfile
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable
@@ -31,17 +41,24 @@ import torch
 from torch import fx, nn
 from torch.fx.node import _get_qualified_name
 
+from .._validate import check_bool, check_choice, check_int, check_number
 from ..ops import int_conv as ic
 from .detect_head import DetectHead
 from .fixed_fusion import FixedFusion
 from .int_graph import DTYPES, FUNCTIONS, MAX_DEPTH, IntGraph, MalformedGraph, is_module_path, parse_graph
 from .int_model import IntModel
-from .int_modules import IntConv2d, QuantizePack
+from .int_modules import MAX_CHANNELS, MAX_GEOMETRY, IntConv2d, QuantizePack
 
 FORMAT = "q2kernels.int_model"
 FORMAT_VERSION = 1
 RECORD_KEYS = ("format", "format_version", "channel_align", "nodes", "modules", "attrs", "report")
 OPTIONAL_KEYS = ("detect_head",)  # a file without them is read as before they existed
+
+# What one file may declare (module docstring). A converted YOLO11s record is about 30 000 items and
+# nests 12 deep; its largest tensor has 2.4 million elements.
+MAX_RECORD_ITEMS = 2**20
+MAX_RECORD_DEPTH = MAX_DEPTH + 8
+MAX_TENSOR_ELEMENTS = 2**28
 
 
 def _conv_config(m: nn.Conv2d) -> dict:
@@ -184,6 +201,224 @@ def save_int_model(model: IntModel, path: str | os.PathLike, detect_head: Detect
     torch.save(rec, path)
 
 
+# Loading: bound what the file makes torch.load and the checks below do.
+class _Size:
+    """What a pickled value expands to: items (shared references counted at each use) and depth."""
+    __slots__ = ("items", "depth")
+
+    def __init__(self, items=1, depth=1):
+        self.items, self.depth = items, depth
+
+
+_MARK = object()
+_MUTATORS = {"APPEND", "APPENDS", "SETITEM", "SETITEMS", "ADDITEMS", "BUILD"}  # add to the object below them
+_PUTS, _GETS = {"PUT", "BINPUT", "LONG_BINPUT"}, {"GET", "BINGET", "LONG_BINGET"}
+
+
+def _pop_to_mark(stack) -> list:
+    k = len(stack) - 1 - stack[::-1].index(_MARK)
+    items = stack[k + 1:]
+    del stack[k:]
+    return items
+
+
+def _scan_pickle(data: bytes, entry: str) -> None:
+    """Simulate the pickle's stack with sizes instead of objects (pickletools: nothing is built) and
+    refuse a value that expands past MAX_RECORD_ITEMS items or MAX_RECORD_DEPTH levels: unpickling and
+    hashing it (a tuple as a dict key), and every check after, would take time and memory doubling
+    with each level of shared references."""
+    stack, memo = [], {}
+    for op, arg, _ in pickletools.genops(data):
+        name = op.name
+        if name == "MARK":
+            stack.append(_MARK)
+            continue
+        if name in _PUTS or name == "MEMOIZE":
+            memo[len(memo) if name == "MEMOIZE" else arg] = stack[-1]
+            continue
+        if name in _GETS:
+            stack.append(memo[arg])
+            continue
+        if name in ("STOP", "PROTO", "FRAME"):
+            continue
+        if name in _MUTATORS:
+            parts = _pop_to_mark(stack) if any(b.name == "mark" for b in op.stack_before) else \
+                [stack.pop() for _ in op.stack_before[1:]]
+            target = stack[-1]
+            target.items += sum(p.items for p in parts)
+            target.depth = max([target.depth, *(p.depth + 1 for p in parts)])
+            _check_size(target, entry)
+            continue
+        marked = any(b.name == "mark" for b in op.stack_before)
+        parts = _pop_to_mark(stack) if marked else [stack.pop() for b in op.stack_before]
+        for _ in op.stack_after:
+            size = _Size(1 + sum(p.items for p in parts), 1 + max((p.depth for p in parts), default=0))
+            _check_size(size, entry)
+            stack.append(size)
+
+
+def _check_size(size: _Size, entry: str) -> None:
+    if size.items > MAX_RECORD_ITEMS:
+        raise MalformedGraph(f"{entry}: holds a value of more than {MAX_RECORD_ITEMS} items (lists, dicts, tuples, "
+                             "numbers, strings; a shared reference counted at each use)")
+    if size.depth > MAX_RECORD_DEPTH:
+        raise MalformedGraph(f"{entry}: holds a value nested deeper than {MAX_RECORD_DEPTH} levels")
+
+
+def _check_archive(path) -> None:
+    """The file is torch.save's zip archive, its entries stored (a compressed entry could inflate past the
+    file's size), its pickles bounded (_scan_pickle)."""
+    if not zipfile.is_zipfile(path):
+        raise MalformedGraph("is truncated or corrupt, or not a model file: it is not a zip archive (the format "
+                             "torch.save and save_int_model write)")
+    with zipfile.ZipFile(path) as archive:
+        for info in archive.infolist():
+            if info.compress_type != zipfile.ZIP_STORED:
+                raise MalformedGraph(f"entry {info.filename!r} is compressed; torch.save stores every entry as is")
+            if info.filename.endswith(".pkl"):
+                _scan_pickle(archive.read(info), f"entry {info.filename!r}")
+
+
+def _record_tensors(rec):
+    """(where, tensor) for every tensor in the record, with the bounded nesting of _check_archive."""
+    stack = [(rec, ())]
+    while stack:
+        v, path = stack.pop()
+        if isinstance(v, torch.Tensor):
+            yield "".join(f"[{k!r}]" for k in path), v
+        elif isinstance(v, dict):
+            stack.extend((a, (*path, k)) for k, a in v.items())
+        elif isinstance(v, (list, tuple)):
+            stack.extend((a, (*path, k)) for k, a in enumerate(v))
+
+
+def _check_tensor(where: str, t: torch.Tensor) -> int:
+    """A tensor a module may copy: strided, on the CPU, and no larger than the storage the file gives
+    it; returns its bytes."""
+    if t.layout != torch.strided or t.is_quantized:
+        raise MalformedGraph(f"tensor {where}: has layout {t.layout}{' (quantized)' if t.is_quantized else ''}; "
+                             "a model file holds plain strided tensors")
+    if t.device.type != "cpu":
+        raise MalformedGraph(f"tensor {where}: is on {t.device}; a model file's tensors are read onto the CPU")
+    n = t.numel()
+    if n > MAX_TENSOR_ELEMENTS:
+        raise MalformedGraph(f"tensor {where}: has {n} elements, more than {MAX_TENSOR_ELEMENTS}")
+    stored = t.untyped_storage().nbytes() // t.element_size() - t.storage_offset()
+    if n > stored:
+        raise MalformedGraph(f"tensor {where}: declares {n} elements (shape {tuple(t.shape)}, stride {t.stride()}) "
+                             f"over a storage of {max(stored, 0)}: an expanded or overlapping tensor")
+    return n * t.element_size()
+
+
+def _check_tensors_bounded(rec, file_bytes: int | None) -> None:
+    """Every tensor (_check_tensor) and, for a file, all of them together (each reference counted: a
+    module copies what it is given) no larger than the file."""
+    total = sum(_check_tensor(where, t) for where, t in _record_tensors(rec))
+    if file_bytes is not None and total > file_bytes:
+        raise MalformedGraph(f"its tensors declare {total} bytes, more than the file's {file_bytes}: a tensor "
+                             "is referenced more than once")
+
+
+# The configuration values of the torch.nn and q2kernels.nn module kinds, checked (never coerced: a
+# constructor would turn groups=2.5 into 2 or bias="no" into True) and bounded before a module is
+# built. IntConv2d and QuantizePack check their own arguments the same way.
+MAX_BRANCHES = 64  # inputs of one fusion node
+MAX_MAP_SIZE = 2**14  # an upsampled map's height or width
+MAX_UPSAMPLE = 64  # an upsampling factor
+MAX_SLOPE = 1e6  # a leaky ReLU's negative slope
+
+
+def _geometry(lo, hi, words=()):
+    """An integer in lo..hi or a pair of them (a conv's kernel_size, stride, ...), or one of `words`."""
+    def check(v, name):
+        if isinstance(v, str) and v in words:
+            return
+        for x in v if isinstance(v, (list, tuple)) and len(v) == 2 else [v]:
+            check_int(x, name, lo, hi)
+    return check
+
+
+def _optional(check):
+    def optional(v, name):
+        if v is not None:
+            check(v, name)
+    return optional
+
+
+def _number(lo, lo_allowed, hi=None):
+    return lambda v, name: check_number(v, name, lo, lo_allowed, hi)
+
+
+def _upsample_scale(v, name):
+    for x in v if isinstance(v, (list, tuple)) and len(v) == 2 else [v]:
+        check_number(x, name, 0, False, MAX_UPSAMPLE)
+
+
+def _channel_list(v, name):
+    if not isinstance(v, (list, tuple)) or not 1 <= len(v) <= MAX_BRANCHES:
+        raise ValueError(f"{name}: expected a list of 1 to {MAX_BRANCHES} channel counts, got {v!r}")
+    for c in v:
+        check_int(c, name, 1, MAX_CHANNELS)
+
+
+_CHANNELS = _geometry(1, MAX_CHANNELS)
+_CONV_CONFIG = {"in_channels": _CHANNELS, "out_channels": _CHANNELS, "kernel_size": _geometry(1, MAX_GEOMETRY),
+                "stride": _geometry(1, MAX_GEOMETRY), "padding": _geometry(0, MAX_GEOMETRY, ("same", "valid")),
+                "dilation": _geometry(1, MAX_GEOMETRY), "groups": _CHANNELS, "bias": check_bool,
+                "padding_mode": lambda v, name: check_choice(v, name, ("zeros", "reflect", "replicate", "circular"))}
+CONFIG_CHECKS = {
+    "Conv2d": _CONV_CONFIG,
+    "QConv2d": _CONV_CONFIG,
+    "BatchNorm2d": {"num_features": _CHANNELS, "eps": _number(0, False), "momentum": _optional(_number(0, True, 1)),
+                    "affine": check_bool, "track_running_stats": check_bool},
+    "GatedFusion": {"channels": _channel_list, "mode": lambda v, name: check_choice(v, name, ("learned", "balanced")),
+                    "fuse": lambda v, name: check_choice(v, name, ("concat", "sum")), "affine": check_bool,
+                    "eps": _number(0, False)},
+    "FixedFusion": {"channels": _channel_list, "fuse": lambda v, name: check_choice(v, name, ("concat", "sum"))},
+    "Upsample": {"size": _optional(_geometry(1, MAX_MAP_SIZE)), "scale_factor": _optional(_upsample_scale),
+                 "mode": lambda v, name: check_choice(v, name, ("nearest", "nearest-exact", "bilinear", "bicubic")),
+                 "align_corners": _optional(check_bool)},
+    "MaxPool2d": {"kernel_size": _geometry(1, MAX_GEOMETRY), "stride": _optional(_geometry(1, MAX_GEOMETRY)),
+                  "padding": _geometry(0, MAX_GEOMETRY), "dilation": _geometry(1, MAX_GEOMETRY),
+                  "ceil_mode": check_bool},
+    "LeakyReLU": {"negative_slope": _number(-MAX_SLOPE, True, MAX_SLOPE)},
+    **{t: {} for t in ("SiLU", "ReLU", "Identity", "Sigmoid", "Hardswish")},
+}
+
+
+def _check_config_values(kind: str, cfg: dict, where: str) -> None:
+    """The record's config against CONFIG_CHECKS (a kind without an entry checks its own arguments)."""
+    checks = CONFIG_CHECKS.get(kind)
+    if checks is None:
+        return
+    if set(cfg) != set(checks):
+        raise MalformedGraph(f"{where} config: expected the keys {sorted(checks)}, got {sorted(cfg)}")
+    for key, check in checks.items():
+        try:
+            check(cfg[key], key)
+        except (TypeError, ValueError) as e:
+            raise MalformedGraph(f"{where} config {e}") from None
+
+
+def _check_fixed_fusion(cfg: dict, tensors: dict, where: str) -> None:
+    """FixedFusion's buffers fit its channels: gates (K,) for fuse="sum" only, scale and shift together,
+    one per output channel (FixedFusion itself does not check them)."""
+    channels, fuse = cfg["channels"], cfg["fuse"]
+    out = sum(channels) if fuse == "concat" else channels[0]
+    if fuse == "sum" and len(set(channels)) != 1:
+        raise MalformedGraph(f"{where} config channels: fuse='sum' needs equal channel counts, got {channels}")
+    expected = {"gates": (len(channels),) if fuse == "sum" else None, "scale": (out,), "shift": (out,)}
+    if set(tensors) != set(expected):
+        raise MalformedGraph(f"{where}: expected the tensors {sorted(expected)}, got {sorted(tensors)}")
+    if (tensors["scale"] is None) != (tensors["shift"] is None):
+        raise MalformedGraph(f"{where}: scale and shift: give both or neither")
+    for key, shape in expected.items():
+        t = tensors[key]
+        if t is not None and (shape is None or tuple(t.shape) != shape or not t.is_floating_point()):
+            raise MalformedGraph(f"{where}: {key}: expected {'none' if shape is None else f'a float tensor {shape}'}"
+                                 f" for fuse={fuse!r}, got {t.dtype} {tuple(t.shape)}")
+
+
 # Loading: check everything, then build.
 def _check_plain(v, where, depth=0):
     """Constructor arguments: None, bool, int, float, str, and lists/tuples/str-keyed dicts of them."""
@@ -232,8 +467,11 @@ def _check_module_record(name, r):
     if set(r) != expected:
         raise MalformedGraph(f"{where}: expected the keys {sorted(expected)}, got {sorted(r, key=str)}")
     _check_config(r["config"], where)
+    _check_config_values(r["type"], r["config"], where)
     if kind.tensors == "buffers":
         _check_tensors(r["tensors"], where, allow_none=True)
+    if r["type"] == "FixedFusion":
+        _check_fixed_fusion(r["config"], r["tensors"], where)
     elif kind.tensors == "state":
         _check_tensors(r["state"], where)
     for slot in _QUANTIZER_SLOTS if qconv else ():
@@ -249,8 +487,9 @@ def _check_module_record(name, r):
         _check_tensors(q["state"], f"{where} {slot}")
 
 
-def check_record(rec) -> None:
-    """Check a whole file record (module docstring); MalformedGraph says what is wrong."""
+def check_record(rec, file_bytes: int | None = None) -> None:
+    """Check a whole file record (module docstring), read from a file of `file_bytes` bytes if given;
+    MalformedGraph says what is wrong."""
     if not isinstance(rec, dict) or not isinstance(rec.get("format"), str) or rec["format"] != FORMAT:
         raise MalformedGraph("is not a q2kernels integer model (save_int_model) file")
     if "format_version" not in rec:
@@ -263,6 +502,7 @@ def check_record(rec) -> None:
     if type(rec["channel_align"]) is not int or rec["channel_align"] != ic.CHANNEL_ALIGN:
         raise MalformedGraph(f"packs channels in multiples of {rec['channel_align']!r}, this build of "
                              f"q2kernels._C in multiples of {ic.CHANNEL_ALIGN}")
+    _check_tensors_bounded(rec, file_bytes)
     if not set(RECORD_KEYS) <= set(rec) <= {*RECORD_KEYS, *OPTIONAL_KEYS}:
         raise MalformedGraph(f"has the keys {sorted(rec, key=str)}; expected {sorted(RECORD_KEYS)} and optionally "
                              f"{sorted(OPTIONAL_KEYS)}")
@@ -320,6 +560,13 @@ def _saved_metadata(state) -> dict:
     return local
 
 
+def _optional_entry(module: nn.Module, key: str) -> bool:
+    """Whether state entry `key` of `module` is one its owner declares optional (`optional_state_keys`:
+    added after files were written without it)."""
+    owner, _, leaf = key.rpartition(".")
+    return leaf in getattr(module.get_submodule(owner) if owner else module, "optional_state_keys", ())
+
+
 def _build_module(name: str, r: dict) -> nn.Module:
     try:
         state = _state(r)
@@ -327,6 +574,8 @@ def _build_module(name: str, r: dict) -> nn.Module:
             probe = _construct(r)
         for k, v in probe.state_dict().items():
             given = state.get(k)
+            if given is None and _optional_entry(probe, k):
+                continue  # an entry newer than the file (e.g. a quantizer's settings): the module's default
             if isinstance(v, torch.Tensor) and (not isinstance(given, torch.Tensor) or given.shape != v.shape):
                 got = tuple(given.shape) if isinstance(given, torch.Tensor) else "none"
                 raise MalformedGraph(f"its configuration needs a tensor {k} of shape {tuple(v.shape)}, the file "
@@ -343,12 +592,21 @@ def _build_module(name: str, r: dict) -> nn.Module:
 
 
 def load_int_model(path: str | os.PathLike, map_location=None) -> IntModel:
-    """Read a model written by save_int_model (torch.load with weights_only=True; module docstring)."""
+    """Read a model written by save_int_model (torch.load with weights_only=True; module docstring) onto
+    the CPU, whatever device it was saved from, then move it to `map_location` (a device) if given."""
     where = f"load_int_model: {os.fspath(path)!r}"
-    if os.path.getsize(path) == 0:
+    device = _device(map_location)
+    size = os.path.getsize(path)
+    if size == 0:
         raise ValueError(f"{where} is empty (0 bytes), not a q2kernels integer model file")
     try:
-        rec = torch.load(path, map_location=map_location, weights_only=True)
+        _check_archive(path)
+    except MalformedGraph as e:
+        raise ValueError(f"{where}: {e}") from None
+    except (ValueError, IndexError, KeyError, EOFError, zipfile.BadZipFile) as e:  # pickletools on a damaged pickle
+        raise ValueError(f"{where} is truncated or corrupt: {type(e).__name__}: {e}") from None
+    try:
+        rec = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:  # torch's message suggests weights_only=False: not for a model file
         detail = str(e).split("WeightsUnpickler error:")[-1].split("Check the documentation")[0].strip()
         raise ValueError(f"{where} is corrupt or holds objects other than tensors and plain data "
@@ -356,10 +614,25 @@ def load_int_model(path: str | os.PathLike, map_location=None) -> IntModel:
     except Exception as e:  # torch.load's errors on a damaged file are of many types
         raise ValueError(f"{where} is truncated or corrupt: torch.load failed with {type(e).__name__}: {e}") from None
     try:
-        check_record(rec)
+        check_record(rec, size)
         modules = {name: _build_module(name, r) for name, r in rec["modules"].items()}
         net = IntGraph(rec["nodes"], modules, rec["attrs"])
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         raise ValueError(f"{where}: {e}") from None
     head = DetectHead.from_record(rec["detect_head"]) if "detect_head" in rec else None  # checked above
-    return IntModel(net, rec["report"], head).eval()
+    model = IntModel(net, rec["report"], head).eval()
+    return model if device is None else model.to(device)
+
+
+def _device(map_location) -> torch.device | None:
+    """map_location as a device (torch.load's dict and callable forms do not apply: the file is always
+    read onto the CPU)."""
+    if map_location is None:
+        return None
+    if not isinstance(map_location, (str, torch.device)):
+        raise TypeError(f"map_location: expected a device (a str or torch.device) or None, got "
+                        f"{type(map_location).__name__}")
+    try:
+        return torch.device(map_location)
+    except RuntimeError as e:
+        raise ValueError(f"map_location: {e}") from None
