@@ -390,3 +390,19 @@ def test_a_loaded_initialized_flag_is_honoured():
     dst(torch.randn(100) * 50)
     assert dst._initialized and torch.equal(dst.s.detach(), s)
     assert math.isfinite(float(s))
+
+
+@pytest.mark.parametrize("channels,fuse,message", [
+    ([4, 2.5], "concat", "channels[1]: expected an integer >= 1, got 2.5"),
+    ([4, True], "concat", "channels[1]: expected an integer >= 1, got True"),
+    ([4, 0], "concat", "channels[1]: expected an integer >= 1, got 0"),
+    ([4], "concat", "channels: expected a list of at least 2"),
+    ("48", "concat", "channels: expected a list of at least 2"),
+    ([4, 4], "mean", "fuse: expected one of"),
+])
+def test_fixed_fusion_arguments_are_checked(channels, fuse, message):
+    from q2kernels.deploy.fixed_fusion import FixedFusion
+
+    with pytest.raises(ValueError) as e:
+        FixedFusion(channels, fuse)
+    assert str(e.value).startswith(message)

@@ -8,6 +8,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .._validate import check_int
+
+FUSE_MODES = ("concat", "sum")
+
 
 class FixedFusion(nn.Module):
     """A deployed fusion node: h = concat_k(x_k) (or sum_k gates_k*x_k), then y = scale*h + shift per
@@ -15,7 +19,12 @@ class FixedFusion(nn.Module):
 
     def __init__(self, channels, fuse: str, gates=None, scale=None, shift=None):
         super().__init__()
-        self.channels, self.fuse = [int(c) for c in channels], fuse
+        if not isinstance(channels, (list, tuple)) or len(channels) < 2:
+            raise ValueError(f"channels: expected a list of at least 2 channel counts, got {channels!r}")
+        if fuse not in FUSE_MODES:
+            raise ValueError(f"fuse: expected one of {FUSE_MODES}, got {fuse!r}")
+        self.channels = [check_int(c, f"channels[{k}]", 1) for k, c in enumerate(channels)]
+        self.fuse = fuse
         self.register_buffer("gates", gates)
         self.register_buffer("scale", scale)
         self.register_buffer("shift", shift)
