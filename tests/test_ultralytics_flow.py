@@ -19,6 +19,7 @@ from ultralytics.utils.torch_utils import unwrap_model  # noqa: E402
 
 from q2kernels.deploy import calibrate_fusion, layernorm_affine  # noqa: E402
 from q2kernels.deploy.fusion import FixedFusion  # noqa: E402
+from q2kernels.deploy.fusion_blend import BlendedFusion  # noqa: E402
 from q2kernels.integrations.ultralytics import Q2DetectionTrainer, Q2Options, prepare, write_synthetic_dataset  # noqa: E402
 from q2kernels.integrations.ultralytics.prepare import init_fusion_as_identity  # noqa: E402
 from q2kernels.integrations.ultralytics.deploy import load_q2_checkpoint, predict, to_int, validate  # noqa: E402
@@ -78,6 +79,58 @@ def test_layernorm_free_epochs_remove_it_in_model_and_ema(layernorm_free_run):
     assert model.q2["layernorm"] == "removed" and not any(isinstance(m, GatedFusion) for m in model.modules())
 
 
+def test_blend_epochs_move_t_batch_by_batch_then_freeze(tmp_path):
+    """layernorm_blend_epochs=1 of 2 LayerNorm-free epochs in 3: epoch 0 with LayerNorm, epoch 1 blends
+    (t = 1/2, 2/2 over its 2 batches, in the live model and the EMA alike), epoch 2 trains the
+    FixedFusion the blend ended in, and the best fitness restarts there, not at the blend."""
+    data = write_synthetic_dataset(tmp_path / "ds", train=4, val=2, imgsz=IMGSZ)
+    trainer = Q2DetectionTrainer(overrides=_run_args(tmp_path, data, "blend", 3), q2=Q2Options(
+        distill_weight=0.0, layernorm_free_epochs=2, layernorm_blend_epochs=1, calibration_batches=2))
+    seen = {"t": [], "types": {}, "best": {}}
+
+    def at_batch(tr):  # after the trainer's own _step_blend of the same event
+        live = [m for m in unwrap_model(tr.model).modules() if isinstance(m, BlendedFusion)]
+        ema = [m for m in tr.ema.ema.modules() if isinstance(m, BlendedFusion)]
+        seen["t"].append((tr.epoch, sorted({m.blend.item() for m in live}), sorted({m.blend.item() for m in ema})))
+
+    def at_epoch(tr):
+        kinds = {type(m).__name__ for m in unwrap_model(tr.model).modules()
+                 if isinstance(m, (GatedFusion, BlendedFusion, FixedFusion))}
+        seen["types"][tr.epoch] = kinds | {"ema:" + type(m).__name__ for m in tr.ema.ema.modules()
+                                           if isinstance(m, (GatedFusion, BlendedFusion, FixedFusion))}
+        seen["best"][tr.epoch] = tr.best_fitness
+
+    def observe(tr):  # an observer's hook on the live nodes (a closure) must not reach the EMA's pickle
+        for m in unwrap_model(tr.model).modules():
+            if isinstance(m, GatedFusion):
+                m.register_forward_hook(lambda *args: None)
+
+    trainer.add_callback("on_train_start", observe)
+    trainer.add_callback("on_train_batch_start", at_batch)
+    trainer.add_callback("on_train_epoch_start", at_epoch)
+    trainer.train()
+    assert seen["types"] == {0: {"GatedFusion", "ema:GatedFusion"},
+                             1: {"BlendedFusion", "GatedFusion", "ema:BlendedFusion", "ema:GatedFusion"},
+                             2: {"FixedFusion", "ema:FixedFusion"}}
+    assert [t for t in seen["t"] if t[0] == 1] == [(1, [0.5], [0.5]), (1, [1.0], [1.0])]
+    assert all(live == [] for epoch, live, _ in seen["t"] if epoch != 1)
+    assert seen["best"][1] is not None and seen["best"][2] is None
+    model = unwrap_model(trainer.model)
+    assert model.q2["layernorm"] == "removed"
+    assert all(type(m) is FixedFusion and m.scale is not None for m in model.modules()
+               if isinstance(m, (GatedFusion, BlendedFusion, FixedFusion)))
+
+
+def test_options_refuse_a_blend_that_cannot_end_in_the_fixed_affine():
+    with pytest.raises(ValueError, match="layernorm_blend_epochs: 2 must be less than layernorm_free_epochs"):
+        Q2Options(layernorm_free_epochs=2, layernorm_blend_epochs=2)
+    with pytest.raises(ValueError, match="needs layernorm_removal='mean'"):
+        Q2Options(layernorm_free_epochs=3, layernorm_blend_epochs=1, layernorm_removal="fit")
+    with pytest.raises(ValueError, match="layernorm_blend_epochs: expected an integer >= 0"):
+        Q2Options(layernorm_free_epochs=3, layernorm_blend_epochs=-1)
+    assert Q2Options(layernorm_free_epochs=3, layernorm_blend_epochs=2).layernorm_blend_epochs == 2
+
+
 def test_removal_affine_is_the_calibrated_layernorm():
     """The trainer's removal is calibrate_fusion + the fixed affine of docs/math.md §5: on a prepared
     model, the FixedFusion's scale/shift equal layernorm_affine of the calibrated node (oracle: the
@@ -123,6 +176,30 @@ def test_checkpoint_converts_validates_predicts(layernorm_free_run, tmp_path):
         [n for n, m in model.named_modules() if isinstance(m, FixedFusion)]
     for (k, a), (k2, b) in zip(model.state_dict().items(), rebuilt.state_dict().items()):
         assert k == k2 and torch.equal(a, b), k
+
+
+def test_to_int_verifies_each_image_set_once(layernorm_free_run, monkeypatch):
+    """to_int's images are verified once (the conversion's self-check is the verification returned);
+    verify_images, when given, once more, and that verification is returned."""
+    import q2kernels.deploy.convert as convert_module
+    import q2kernels.integrations.ultralytics.deploy as deploy_module
+
+    model = load_q2_checkpoint(layernorm_free_run[0].best)
+    seen = []
+
+    def counting(real):
+        def verify(fq, int_model, x):
+            seen.append(x.shape[0])
+            return real(fq, int_model, x)
+        return verify
+
+    monkeypatch.setattr(convert_module, "verify_int_model", counting(convert_module.verify_int_model))
+    monkeypatch.setattr(deploy_module, "verify_int_model", counting(deploy_module.verify_int_model))
+    _, check = to_int(model, torch.rand(2, 3, IMGSZ, IMGSZ))
+    assert seen == [2] and check.exact, check.failures()
+    seen.clear()
+    _, check = to_int(model, torch.rand(2, 3, IMGSZ, IMGSZ), verify_images=torch.rand(3, 3, IMGSZ, IMGSZ))
+    assert seen == [2, 3]
 
 
 def test_to_int_refuses_layernorm():

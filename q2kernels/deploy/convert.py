@@ -48,7 +48,7 @@ from .int_model import IntModel
 from .int_modules import (HEAD_CODES, HEAD_FLOAT, IntConv2d, QuantizePack, packed_maxpool2d,
                           packed_upsample_nearest, packed_write)
 from .units import Unit, find_units
-from .verify import verify_int_model
+from .verify import Verification, verify_int_model
 
 MAX_THRESHOLDS = 15
 
@@ -322,23 +322,28 @@ def _refuser(strict: bool, report: dict[str, str]):
     return refuse
 
 
-def _check_example(model: nn.Module, int_model: IntModel, inputs: tuple, strict: bool) -> None:
-    """verify_int_model on the example input: a difference from the fake-quant model that is not a
-    rounding flip (or a kernel that is not the reference mode) warns, naming the layers, or raises."""
-    problems = verify_int_model(model, int_model, *inputs).failures()
-    if not problems:
-        return
-    msg = "convert_to_int: on example_input, " + "; ".join(problems)
-    if strict:
-        raise ValueError(msg)
-    warnings.warn(msg, stacklevel=3)
+def check_example(model: nn.Module, int_model: IntModel, example_input, strict: bool = False) -> Verification:
+    """convert_to_int's self-check: verify_int_model on the example input, where a difference from the
+    fake-quant model that is not a rounding flip (or a kernel that is not the reference mode) warns,
+    naming the layers, or raises (strict). Returns the verification."""
+    inputs = example_input if isinstance(example_input, tuple) else (example_input,)
+    check = verify_int_model(model, int_model, *inputs)
+    problems = check.failures()
+    if problems:
+        msg = "convert_to_int: on example_input, " + "; ".join(problems)
+        if strict:
+            raise ValueError(msg)
+        warnings.warn(msg, stacklevel=3)
+    return check
 
 
-def convert_to_int(model: nn.Module, example_input, strict: bool = False) -> IntModel:
+def convert_to_int(model: nn.Module, example_input, strict: bool = False, check: bool = True) -> IntModel:
     """The integer model of a trained QAT `model` (module docstring). example_input: a tensor (or a
     tuple of the model's inputs) it runs on, for the shapes, and on which the result is checked
-    against the fake-quant model (deploy.verify). The model is not changed. strict=True raises,
-    naming the layer, where a layer would be kept in float or the check fails; otherwise both warn."""
+    against the fake-quant model (check_example). The model is not changed. strict=True raises,
+    naming the layer, where a layer would be kept in float or the check fails; otherwise both warn.
+    check=False leaves out the self-check, for a caller that runs check_example itself and keeps
+    its verification (so the example is not verified twice)."""
     model = copy.deepcopy(model).eval()
     gm = trace.symbolic_trace(model, is_leaf=lambda m: isinstance(m, (QConv2d, Quantizer, GatedFusion, FixedFusion)))
     inputs = example_input if isinstance(example_input, tuple) else (example_input,)
@@ -347,5 +352,6 @@ def convert_to_int(model: nn.Module, example_input, strict: bool = False) -> Int
     report = {}
     units = find_units(gm, _refuser(strict, report), report)
     int_model = IntModel(_GraphBuilder(gm, units, report).build(), report).eval()
-    _check_example(model, int_model, inputs, strict)
+    if check:
+        check_example(model, int_model, inputs, strict)
     return int_model

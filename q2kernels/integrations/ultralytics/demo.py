@@ -12,14 +12,16 @@ q2kernels.integrations.ultralytics_offline() before Ultralytics is imported.
    - qada:   + Q-ADA distillation from the float checkpoint;
    - fusion: + GatedFusion with Q-GBFusion at the neck's fusion nodes, no distillation;
    - q2:     both (the Q2 recipe).
-   The fusion runs' last `layernorm_free_epochs` epochs train without LayerNorm (its calibrated affine
-   in place: Q2's removal and fine-tuning), so plain QAT trains exactly as many steps as Q2 plus its
-   fine-tuning.
+   The fusion runs' last `layernorm_free_epochs` epochs train without LayerNorm (Q2's removal and
+   fine-tuning), the first `layernorm_blend_epochs` of them moving each node's statistics from the
+   per-pixel ones to the calibrated ones (deploy.fusion_blend), the rest with the calibrated affine in
+   place; so plain QAT trains exactly as many steps as Q2 plus its fine-tuning.
 4. Each run's best checkpoint: Ultralytics' validator on the fake-quant model, then to_int
    (convert_to_int + verify_int_model) and the validator on the integer model; the integer model is
    saved. The table has, per run, mAP50 / mAP50-95 of the float model, the fake-quant model with
    LayerNorm (the last epoch before removal), right after the removal, the final fake-quant model,
-   the integer model, the training time and verify's verdict.
+   the integer model, the training time and verify's verdict ("LN removed": the EMA model when the
+   fixed affine takes over, after the blend epochs, before any step with it).
 5. The papers' diagnostic: per fusion node, the ratio of the branches' gradient norms during QAT
    without (plain) and with (q2) Q-GBFusion, next to each run's loss and mAP curves (diagnostics.png).
 6. results.json and results.md (the table), the integer models, and the wall time.
@@ -38,11 +40,14 @@ from ultralytics import YOLO
 from ultralytics.nn.tasks import load_checkpoint
 from ultralytics.utils.torch_utils import unwrap_model
 
+from ..._validate import check_bits
+from ...cli import check_flag, check_folder, count_problem
 from ...deploy import load_detector, verify_int_model
+from ...nn import RECIPES
 from .data import write_synthetic_dataset
 from .deploy import load_q2_checkpoint, predict, to_int, validate
 from .diagnostics import BranchGradients, imbalance
-from .trainer import Q2DetectionTrainer
+from .trainer import Q2DetectionTrainer, Q2Options
 
 VARIANTS = {  # name: (gated fusion at the neck's fusion nodes, Q-ADA distillation, LayerNorm removed)
     "plain": (False, False, False),
@@ -70,15 +75,16 @@ class Config:
     val_images: int = 96
     float_epochs: int = 30
     qat_epochs: int = 6
-    layernorm_free_epochs: int = 2
+    layernorm_free_epochs: int = 3
     layernorm_removal: str = "mean"
+    layernorm_blend_epochs: int = 1
     distill_weight: float = 0.01
     batch: int = 16
     verify_images: int = 8
 
 
 SMOKE = Config(imgsz=64, train_images=8, val_images=4, float_epochs=1, qat_epochs=2, layernorm_free_epochs=1,
-               batch=4, verify_images=2)
+               layernorm_blend_epochs=0, batch=4, verify_images=2)
 
 
 def _train_args(cfg: Config, out: Path, name: str, epochs: int) -> dict:
@@ -153,7 +159,8 @@ def _qat_run(cfg: Config, out: Path, float_pt: Path, recipe: str, variant: str, 
     trainer = Q2DetectionTrainer.with_options(
         recipe=recipe, w_bits=cfg.bits, a_bits=cfg.bits, fusion="balanced" if fusion else None,
         distill_weight=cfg.distill_weight if distill else 0.0,
-        layernorm_free_epochs=cfg.layernorm_free_epochs if removed else 0, layernorm_removal=cfg.layernorm_removal)
+        layernorm_free_epochs=cfg.layernorm_free_epochs if removed else 0, layernorm_removal=cfg.layernorm_removal,
+        layernorm_blend_epochs=cfg.layernorm_blend_epochs if removed else 0)
     yolo = YOLO(str(float_pt))
     recorder = _RunRecorder(cfg, out / "dataset" / "data.yaml")
     recorder.attach(yolo)
@@ -251,7 +258,8 @@ def findings(rows: list[dict]) -> list[str]:
 def markdown(rows: list[dict], cfg: Config, wall: float) -> str:
     lines = [f"YOLO11n on the generated shapes task ({cfg.train_images} train / {cfg.val_images} val images, "
              f"{cfg.imgsz} px), W{cfg.bits}A{cfg.bits}, {cfg.qat_epochs} QAT epochs per run "
-             f"(fusion runs with removal: the last {cfg.layernorm_free_epochs} without LayerNorm). "
+             f"(fusion runs with removal: the last {cfg.layernorm_free_epochs} without LayerNorm, the first "
+             f"{cfg.layernorm_blend_epochs} of them blending its statistics into the fixed affine). "
              "mAP50 / mAP50-95.", "",
              "| recipe | run | float | fake-quant with LN | LN removed | fake-quant | integer | train s | verify |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -323,15 +331,52 @@ def _mean_imbalance(norms: dict) -> dict:
             for (recipe, variant), per in norms.items()}
 
 
+def _check_names(values, name: str, known, at_least_one: str = "") -> None:
+    if isinstance(values, str) or not isinstance(values, tuple) or not values or any(v not in known for v in values):
+        raise ValueError(f"{name}: expected a tuple of some of {list(known)}{at_least_one}, got {values!r}")
+
+
+def check_config(cfg: Config) -> Config:
+    """Every setting of the demo, checked before anything runs: a bad one would otherwise surface after
+    minutes of training, in whichever step first uses it."""
+    if not isinstance(cfg.model, str) or not cfg.model.strip():
+        raise ValueError(f"model: expected a model YAML or checkpoint name, got {cfg.model!r}")
+    _check_names(cfg.recipes, "recipes", sorted(RECIPES))
+    _check_names(cfg.variants, "variants", VARIANTS)
+    if all(v == "q2_layernorm" for v in cfg.variants):
+        raise ValueError(f"variants: at least one must be converted to integers (not only q2_layernorm), "
+                         f"got {cfg.variants!r}")
+    check_bits(cfg.bits, "bits", 2, 4)  # each run becomes an integer model, whose codes are 4-bit
+    limits = {"imgsz": (32, 2048), "train_images": (1, 100_000), "val_images": (1, 100_000),
+              "float_epochs": (1, 10_000), "qat_epochs": (1, 10_000), "batch": (1, 4096),
+              "verify_images": (1, 4096), "layernorm_free_epochs": (0, cfg.qat_epochs),
+              "layernorm_blend_epochs": (0, cfg.qat_epochs)}
+    for name, (lo, hi) in limits.items():
+        problem = count_problem(getattr(cfg, name), lo, hi)
+        if problem:
+            raise ValueError(f"{name}: {problem}")
+    if cfg.imgsz % 32:
+        raise ValueError(f"imgsz: expected a multiple of 32 (YOLO's largest stride), got {cfg.imgsz}")
+    # The trainer's own checks of the LayerNorm phases and the distillation weight, as the fusion runs use them.
+    Q2Options(layernorm_free_epochs=cfg.layernorm_free_epochs, layernorm_removal=cfg.layernorm_removal,
+              layernorm_blend_epochs=cfg.layernorm_blend_epochs, distill_weight=cfg.distill_weight)
+    return cfg
+
+
+def _config(smoke: bool, overrides: dict) -> Config:
+    check_flag(smoke, "smoke")
+    unknown = sorted(set(overrides) - set(Config.__dataclass_fields__))
+    if unknown:
+        raise TypeError(f"{', '.join(unknown)}: not a setting of the demo (those are "
+                        f"{', '.join(Config.__dataclass_fields__)})")
+    return check_config(replace(SMOKE if smoke else Config(), **overrides))
+
+
 def run(out: str = "q2k_yolo_out", smoke: bool = False, **overrides) -> dict:
     """The demo (module docstring); returns its measurements, also written to out/results.json."""
     start = time.perf_counter()
-    cfg = replace(SMOKE if smoke else Config(), **overrides)
-    unknown = [v for v in cfg.variants if v not in VARIANTS]
-    if unknown or not cfg.variants or all(v == "q2_layernorm" for v in cfg.variants):
-        raise ValueError(f"variants: expected some of {list(VARIANTS)}, at least one converted to integers, "
-                         f"got {list(cfg.variants)}")
-    out = Path(out).resolve()
+    cfg = _config(smoke, overrides)
+    out = check_folder(out).resolve()
     data = out / "dataset" / "data.yaml"
     if not data.exists():
         write_synthetic_dataset(out / "dataset", train=cfg.train_images, val=cfg.val_images, imgsz=cfg.imgsz)

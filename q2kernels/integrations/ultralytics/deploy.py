@@ -22,6 +22,7 @@ from ultralytics.models.yolo.detect import DetectionPredictor, DetectionValidato
 from ultralytics.nn.tasks import load_checkpoint
 
 from ...deploy import convert_to_int, verify_int_model
+from ...deploy.convert import check_example
 from ...deploy.verify import Verification
 from ...nn import GatedFusion
 from .int_detector import IntDetector
@@ -43,15 +44,18 @@ def load_q2_checkpoint(path: str | os.PathLike, device: str | torch.device = "cp
 def to_int(model: nn.Module, images: torch.Tensor, verify_images: torch.Tensor | None = None,
            strict: bool = False) -> tuple[IntDetector, Verification]:
     """convert_to_int(model, images), checked by verify_int_model on `verify_images` (default `images`):
-    the integer detector and the verification. The model is not changed."""
+    the integer detector and the verification. The model is not changed. `images` are verified once:
+    the conversion's own self-check is the verification returned when verify_images is None."""
     nodes = [n for n, m in model.named_modules() if isinstance(m, GatedFusion)]
     if nodes:
         raise ValueError(f"model: the fusion nodes {nodes} still apply LayerNorm; remove it first (train with "
                          "Q2DetectionTrainer's layernorm_free_epochs, or q2kernels.deploy.calibrate_fusion then "
                          "freeze_fusion)")
     model = copy.deepcopy(model).float().eval()
-    int_model = convert_to_int(model, images, strict=strict)
-    check = verify_int_model(model, int_model, images if verify_images is None else verify_images)
+    int_model = convert_to_int(model, images, strict=strict, check=False)
+    check = check_example(model, int_model, images, strict)
+    if verify_images is not None:
+        check = verify_int_model(model, int_model, verify_images)
     return IntDetector(int_model, model), check
 
 

@@ -29,6 +29,10 @@ Ultralytics keeps its data, loss, optimiser, EMA, checkpoints and validation; th
   model that converts to integers, and the best checkpoint is chosen among the LayerNorm-free epochs
   only (the best fitness restarts at the removal). A checkpoint whose LayerNorms are removed rebuilds
   its FixedFusion nodes when training continues from it.
+  With `layernorm_blend_epochs=M` (M < N) the removal is gradual: the first M LayerNorm-free epochs
+  replace each node by a BlendedFusion (deploy.fusion_blend) whose statistics move batch by batch
+  from the per-pixel ones to the calibrated ones; at the end of them the node equals its fixed
+  affine and becomes that FixedFusion, and the best fitness restarts there.
 - The EMA's quantizers: the EMA is copied before the first batch initialises the quantizers, and
   ModelEMA averages floating-point state only, so the copy would average from the placeholder
   values, never learn that its quantizers were initialised (a bool buffer), and re-initialise them
@@ -51,6 +55,7 @@ from ultralytics.utils.torch_utils import unwrap_model
 
 from ...deploy import calibrate_fusion, freeze_fusion
 from ...deploy.fusion import FixedFusion
+from ...deploy.fusion_blend import BlendedFusion
 from ...deploy.fusion_fit import fitted_fusion
 from ...nn import GatedFusion, QADALoss, Quantizer
 from .model import Q2DetectionModel
@@ -76,6 +81,9 @@ class Q2Options:
     layernorm_removal: the fixed affine that replaces each LayerNorm: "mean" (the Q2 paper's, from
         the mean per-pixel statistics: deploy.calibrate_fusion) or "fit" (per channel, the least-squares
         fit to the LayerNorm's output on the calibration batches: deploy.fusion_fit).
+    layernorm_blend_epochs: the first that many LayerNorm-free epochs blend each node's per-pixel
+        statistics into the calibrated ones (deploy.fusion_blend; "mean" removal only); must leave at
+        least one epoch of the fixed affine after them.
     """
     recipe: str = "lsq"
     w_bits: int = 4
@@ -89,6 +97,7 @@ class Q2Options:
     calibration_batches: int = 8
     fusion_init: str = "identity"
     layernorm_removal: str = "mean"
+    layernorm_blend_epochs: int = 0
 
     def __post_init__(self):
         w = self.distill_weight
@@ -96,7 +105,7 @@ class Q2Options:
             raise ValueError(f"distill_weight: expected a finite number >= 0, got {w!r}")
         if not isinstance(self.random_teacher, bool):
             raise ValueError(f"random_teacher: expected True or False, got {self.random_teacher!r}")
-        for name, lo in (("layernorm_free_epochs", 0), ("calibration_batches", 1)):
+        for name, lo in (("layernorm_free_epochs", 0), ("calibration_batches", 1), ("layernorm_blend_epochs", 0)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise ValueError(f"{name}: expected an integer >= {lo}, got {v!r}")
@@ -107,11 +116,18 @@ class Q2Options:
         if self.layernorm_free_epochs and self.fusion is None:
             raise ValueError("layernorm_free_epochs: the model has no fusion node (fusion=None), so no LayerNorm "
                              "to remove")
+        if self.layernorm_blend_epochs and self.layernorm_blend_epochs >= self.layernorm_free_epochs:
+            raise ValueError(f"layernorm_blend_epochs: {self.layernorm_blend_epochs} must be less than "
+                             f"layernorm_free_epochs ({self.layernorm_free_epochs}): the blend ends in the fixed "
+                             "affine, which the last epochs train")
+        if self.layernorm_blend_epochs and self.layernorm_removal != "mean":
+            raise ValueError(f"layernorm_blend_epochs: the blend moves towards the calibrated mean statistics, "
+                             f"so it needs layernorm_removal='mean', got {self.layernorm_removal!r}")
 
     def prepare_kwargs(self) -> dict:
         kw = asdict(self)
         for phase in ("random_teacher", "layernorm_free_epochs", "calibration_batches", "fusion_init",
-                      "layernorm_removal"):
+                      "layernorm_removal", "layernorm_blend_epochs"):
             kw.pop(phase)
         weight = kw.pop("distill_weight")
         return {**kw, "distill": weight > 0}
@@ -179,6 +195,7 @@ class Q2DetectionTrainer(DetectionTrainer):
         self._float_start = None  # the float model before prepare(), until the fusion nodes are initialised
         self._distilled = None    # (model, base criterion, QADALoss) while an epoch trains
         self._ema_synced = False  # the EMA's quantizers have taken the live ones' first-batch initialisation
+        self._blend_at = (-1, 0)  # (epoch, batches trained in it) while the LayerNorm statistics blend
         super().__init__(cfg, overrides, _callbacks)
         if self.args.quantize == 8:
             raise ValueError("quantize: 8 (Ultralytics' ModelOpt INT8 QAT) would quantize the model a second "
@@ -188,6 +205,8 @@ class Q2DetectionTrainer(DetectionTrainer):
                              f"{self.epochs} epochs")
         self.add_callback("on_train_start", Q2DetectionTrainer._init_fusion)
         self.add_callback("on_train_epoch_start", Q2DetectionTrainer._remove_layernorm)
+        self.add_callback("on_train_epoch_start", Q2DetectionTrainer._freeze_blended)
+        self.add_callback("on_train_batch_start", Q2DetectionTrainer._step_blend)
         self.add_callback("on_train_epoch_start", Q2DetectionTrainer._attach_distillation)
         self.add_callback("on_train_epoch_end", Q2DetectionTrainer._detach_distillation)
         self.add_callback("on_train_batch_end", Q2DetectionTrainer._sync_ema_quantizers)
@@ -205,8 +224,8 @@ class Q2DetectionTrainer(DetectionTrainer):
             record = weights.q2
             prepare(model, record["recipe"], record["w_bits"], record["a_bits"], record["head_bits"],
                     record["keep_float"], record["fusion"], distill=False)
-            for name, node in weights.named_modules():  # LayerNorms removed before: the same fixed nodes
-                if isinstance(node, FixedFusion):
+            for name, node in weights.named_modules():  # LayerNorms removed or blending: the same nodes
+                if isinstance(node, (FixedFusion, BlendedFusion)):
                     replace_module(model, name, copy.deepcopy(node).float())
             model.load_state_dict(weights.float().state_dict())
             model.q2["teacher"] = record.get("teacher")
@@ -306,11 +325,12 @@ class Q2DetectionTrainer(DetectionTrainer):
 
     def _remove_layernorm(self):
         """At the first LayerNorm-free epoch: calibrate the live model's fusion nodes, then freeze them
-        to their fixed affines in the live model and the EMA (the same values in both)."""
+        to their fixed affines (or start their blend) in the live model and the EMA (the same values in
+        both)."""
         free = self.q2.layernorm_free_epochs
         model = unwrap_model(self.model)
         nodes = [n for n, m in model.named_modules() if isinstance(m, GatedFusion)]
-        if not free or self.epoch < self.epochs - free or not nodes:
+        if not free or self.epoch < self.epochs - free or not nodes or model.q2.get("layernorm") == "blending":
             return
         batches = _training_batches(self, self.q2.calibration_batches)
         forward = lambda m, b: m(b["img"])  # noqa: E731
@@ -326,18 +346,69 @@ class Q2DetectionTrainer(DetectionTrainer):
             for name in nodes:
                 node = model.get_submodule(name)
                 _broadcast(node.mubar, node.sigmabar)
-            freeze_fusion(model)
+                if self.q2.layernorm_blend_epochs:
+                    replace_module(model, name, BlendedFusion(node))
+            if not self.q2.layernorm_blend_epochs:
+                freeze_fusion(model)
+        self._mirror_in_ema(nodes, "blending" if self.q2.layernorm_blend_epochs else "removed")
+        how = (f"blended into its calibrated affine over {self.q2.layernorm_blend_epochs} epoch(s), then removed"
+               if self.q2.layernorm_blend_epochs else "removed")
+        LOGGER.info(f"Q2: LayerNorm {how} at {len(nodes)} fusion nodes (calibrated on {len(batches)} batches); "
+                    f"the last {self.epochs - self.epoch} epochs train without it")
+
+    def _freeze_blended(self):
+        """At the first epoch after the blend: each BlendedFusion (now its fixed affine) becomes that
+        FixedFusion, in the live model and the EMA."""
+        model = unwrap_model(self.model)
+        nodes = [n for n, m in model.named_modules() if isinstance(m, BlendedFusion)]
+        if not nodes or self.epoch < self.epochs - self.q2.layernorm_free_epochs + self.q2.layernorm_blend_epochs:
+            return
+        for name in nodes:
+            replace_module(model, name, model.get_submodule(name).freeze())
+        self._mirror_in_ema(nodes, "removed")
+
+    def _mirror_in_ema(self, names, state: str):
+        """The live model's nodes `names` copied into the EMA, and both records' LayerNorm state set.
+        When the LayerNorm is gone for good the best fitness restarts: the best checkpoint is a
+        LayerNorm-free one."""
+        model = unwrap_model(self.model)
         if self.ema is not None:
-            for name in nodes:
-                replace_module(self.ema.ema, name, copy.deepcopy(model.get_submodule(name)))
+            for name in names:
+                replace_module(self.ema.ema, name, self._ema_twin(model.get_submodule(name), name))
             if hasattr(self.ema, "_pairs"):
                 self.ema._pairs = None  # ModelEMA caches its (ema, model) tensor pairs: the nodes changed
-            self.ema.ema.q2["layernorm"] = "removed"  # the EMA's record is its own copy (checkpoints save it)
-        model.q2["layernorm"] = "removed"
-        self.best_fitness = None  # the best checkpoint is a LayerNorm-free one
-        self.stopper.best_fitness, self.stopper.best_epoch = 0.0, self.epoch
-        LOGGER.info(f"Q2: LayerNorm removed at {len(nodes)} fusion nodes (calibrated on {len(batches)} batches); "
-                    f"the last {self.epochs - self.epoch} epochs train without it")
+            self.ema.ema.q2["layernorm"] = state  # the EMA's record is its own copy (checkpoints save it)
+        model.q2["layernorm"] = state
+        if state == "removed":
+            self.best_fitness = None
+            self.stopper.best_fitness, self.stopper.best_epoch = 0.0, self.epoch
+
+    def _ema_twin(self, node, name: str):
+        """The EMA's copy of the live model's new node `name`. A BlendedFusion wraps the EMA's own
+        GatedFusion, given the live one's values: a copy of the live node would carry the hooks that
+        observers (e.g. BranchGradients) put on it, and the EMA must stay picklable for checkpoints."""
+        if not isinstance(node, BlendedFusion):
+            return copy.deepcopy(node)
+        twin = self.ema.ema.get_submodule(name)
+        twin.load_state_dict(node.node.state_dict())
+        return BlendedFusion(twin, blend=node.blend.item())
+
+    def _step_blend(self):
+        """Before each batch of the blend epochs: t = (batches trained in the blend + 1) / (all of them),
+        so the last batch trains at t = 1 and a resumed run goes on from its epoch."""
+        model = unwrap_model(self.model)
+        nodes = [m for m in model.modules() if isinstance(m, BlendedFusion)]
+        if not nodes:
+            return
+        if self.ema is not None:
+            nodes += [m for m in self.ema.ema.modules() if isinstance(m, BlendedFusion)]
+        epoch, batch = self._blend_at if self._blend_at[0] == self.epoch else (self.epoch, 0)
+        per_epoch = len(self.train_loader)
+        done = (epoch - (self.epochs - self.q2.layernorm_free_epochs)) * per_epoch + batch
+        t = min(1.0, (done + 1) / (self.q2.layernorm_blend_epochs * per_epoch))
+        for node in nodes:
+            node.set_blend(t)
+        self._blend_at = (epoch, batch + 1)
 
     def _attach_distillation(self):
         if self._distilled is not None or self.q2.distill_weight == 0:
