@@ -12,6 +12,13 @@
 # tables.md and extra.tar.gz. Copy that folder, unedited, to benchmarks/results/ and commit it: the
 # next `next` call goes on from there. `python benchmarks/run_all.py --summarize
 # benchmarks/results/<device>-<commit>/campaign.json` updates the README's table.
+#
+# The extension comes prebuilt: `q2k build --prebuilt prebuilt` on the CPU machine, in a venv with the
+# device's torch (benchmarks/NOTES.md, "The plan for a drawn device"), and the device call carries the
+# folder (run's carry: ["prebuilt"]). Every process that needs q2kernels._C then loads it instead of
+# compiling, and says in the log, in one line, that it loaded it or why it built instead (a missing
+# folder too: Q2K_PREBUILT is set).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+export Q2K_PREBUILT="${Q2K_PREBUILT:-$PWD/prebuilt}"
 exec python benchmarks/campaign.py "$@"

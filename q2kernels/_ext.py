@@ -9,6 +9,9 @@ there from the checkout's csrc/ by setup.py), so every kind of install builds th
 The CUDA sources (csrc/cuda/*.cu) are compiled where torch sees a GPU and a CUDA toolkit
 (cuda_home()), or wherever Q2K_BUILD_CUDA=1 forces them (CI builds and registers the CUDA kernels on a
 machine without a GPU); otherwise the library holds the CPU kernels alone.
+A plain ops library built ahead for this torch (`q2k build --prebuilt DIR`, then Q2K_PREBUILT=DIR, or
+the checkout's prebuilt/) is loaded instead of a build where its stamp fits this process (the end of
+this file): a GPU machine then spends no time compiling.
 
 Builds and loads run under q2kernels' build lock (build_lock), which records its owner, so that a
 build killed mid-way (a killed job, a crash) never makes later processes wait on it in silence.
@@ -16,12 +19,15 @@ build killed mid-way (a killed job, a crash) never makes later processes wait on
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
+import hashlib
 import json
 import os
 import re
 import shutil
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -64,9 +70,17 @@ _SANITIZE = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-
 # explicit __f*_rn operations (tests/test_cuda_compile.py builds with these same flags). --threads:
 # the four targets of a .cu file compile in parallel.
 CUDA_ARCHS = ("80", "86", "89", "90")
-CUDA_FLAGS = ["-O3", "-std=c++17", "--fmad=false", "--threads=4", "-DQ2K_WITH_CUDA"] + [
-    f"-gencode=arch=compute_{a},code=sm_{a}" for a in CUDA_ARCHS[:-1]
-] + ["-gencode=arch=compute_90,code=[sm_90,compute_90]"]
+
+
+def cuda_flags(archs) -> list[str]:
+    """nvcc's flags: machine code for each arch ("90"), the last one's PTX riding along."""
+    *machine_only, last = archs
+    return ["-O3", "-std=c++17", "--fmad=false", "--threads=4", "-DQ2K_WITH_CUDA"] + [
+        f"-gencode=arch=compute_{a},code=sm_{a}" for a in machine_only
+    ] + [f"-gencode=arch=compute_{last},code=[sm_{last},compute_{last}]"]
+
+
+CUDA_FLAGS = cuda_flags(CUDA_ARCHS)
 
 
 def _is_toolkit(home: Path) -> bool:
@@ -142,12 +156,21 @@ def sources(with_cuda: bool) -> list[str]:
     return [str(p) for p in cpp + cu]
 
 
+def torch_build_tag() -> str:
+    """The build folder of this torch version, e.g. torch-2.14.1_cu130."""
+    return "torch-" + re.sub(r"[^0-9A-Za-z.]+", "_", torch.__version__)
+
+
 @functools.lru_cache(maxsize=None)
 def load():
     """The extension module (compiled on the first call in a process, from the cache afterwards).
     Loading it registers the ops torch.ops.q2kernels_int.*; the module holds the format constants.
-    Callers use q2kernels.ops.int_conv.load(), which also registers the ops' fake implementations."""
+    Callers use q2kernels.ops.int_conv.load(), which also registers the ops' fake implementations.
+    A prebuilt ops library whose stamp fits this process (prebuilt_library) is loaded instead of a build."""
     sanitize = os.environ.get("Q2K_SANITIZE") == "1"
+    prebuilt = None if sanitize else prebuilt_library()
+    if prebuilt is not None:
+        return prebuilt
     with_cuda = cuda_enabled() and not sanitize
     flags = _CFLAGS + (["-DQ2K_WITH_CUDA"] if with_cuda else []) + (_SANITIZE if sanitize else [])
     if with_cuda:
@@ -155,9 +178,12 @@ def load():
         # the CUDA include/library paths.
         cpp_extension.CUDA_HOME = cuda_home()
     name = ("q2kernels_C_cuda" if with_cuda else "q2kernels_C") + ("_sanitize" if sanitize else "")
-    # torch's own choice of directory (TORCH_EXTENSIONS_DIR or its per-user cache), so the build lock
-    # sits beside torch's and earlier builds stay cached.
-    build_dir = Path(cpp_extension._get_build_directory(name, verbose=False))
+    # Under torch's own choice of directory (TORCH_EXTENSIONS_DIR or its per-user cache), one folder
+    # per torch version: torch's is per Python and CUDA version only (py311_cu130), so environments
+    # with different torches would share it, and one would load the library another built against a
+    # different ABI (an undefined symbol at load, or worse).
+    build_dir = Path(cpp_extension._get_build_directory(name, verbose=False)) / torch_build_tag()
+    build_dir.mkdir(exist_ok=True)
     with build_lock(build_dir):
         return cpp_extension.load(
             name=name,
@@ -377,3 +403,202 @@ def build_lock(build_dir: Path, report: Callable[[str], None] = _report_stderr, 
         yield
     finally:
         _remove_if_unchanged(build_dir / BUILD_LOCK, me)
+
+
+# The prebuilt ops library. A GPU machine's time is too dear to compile on: `q2k build --prebuilt DIR`
+# builds the ops ahead, on any machine with the same torch build (and, for the CUDA kernels, a
+# toolkit), as a plain ops library: csrc/ops.cpp's TORCH_LIBRARY without its Python module
+# (Q2K_OPS_LIBRARY). It needs no Python C-API symbol, so torch.ops.load_library loads it under any
+# Python version of that torch build (the device runs 3.12, the machine that builds it 3.11). Its stamp
+# records what it was built for and from; load() uses it only where that fits this process.
+PREBUILT_ENV = "Q2K_PREBUILT"
+PREBUILT_DIR = Path(__file__).resolve().parent.parent / "prebuilt"  # in a checkout; .gitignore'd
+PREBUILT_LIB = "q2kernels_ops.so"
+PREBUILT_STAMP = "q2kernels_ops.json"
+# Machine code for sm_90 alone (the H100/H200 device machines) halves the library (2.0 MiB; 4.2 with
+# sm_80/86/89) and its CUDA compile; a device call carries at most 64 MiB. TORCH_CUDA_ARCH_LIST overrides.
+PREBUILT_ARCHS = "9.0"
+_SOURCE_SUFFIXES = (".cpp", ".h", ".cu", ".cuh")
+_STAMP_KEYS = ("torch", "cuda", "archs", "csrc_sha256", "flags", "ops")
+# torch's builder links libtorch_python into every extension; --as-needed drops it (the ops library
+# uses none of it), leaving only torch's C++ libraries as dependencies.
+_AS_NEEDED = ["-Wl,--as-needed"] if sys.platform.startswith("linux") else []
+
+
+@dataclass(frozen=True)
+class OpsLibrary:
+    """A loaded prebuilt ops library: what callers read of the extension module, from its C symbols."""
+    path: str
+    CHANNEL_ALIGN: int
+    FORMAT_VERSION: int
+    EPILOGUE_ROWS: int
+    WITH_CUDA: bool
+
+    @property
+    def __file__(self) -> str:
+        return self.path
+
+
+def csrc_hash() -> str:
+    """sha256 over every source file under CSRC, its path and its bytes."""
+    h = hashlib.sha256()
+    for path in sorted(p for p in CSRC.rglob("*") if p.suffix in _SOURCE_SUFFIXES and p.is_file()):
+        h.update(path.relative_to(CSRC).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def _nvcc_arch(arch: str) -> str:
+    """TORCH_CUDA_ARCH_LIST's form of an arch ("9.0") -> nvcc's ("90")."""
+    m = re.fullmatch(r"(\d+)\.(\d)", arch)
+    if m is None:
+        raise ValueError(f"TORCH_CUDA_ARCH_LIST: expected versions such as 9.0 (no +PTX, no names), got {arch!r}")
+    return m[1] + m[2]
+
+
+def _sm(archs: list[str]) -> str:
+    return ", ".join(f"sm_{_nvcc_arch(a)}" for a in archs)
+
+
+def _prebuilt_flags(archs: list[str]) -> dict:
+    """The flags of an ops library with machine code for archs ("9.0"; none: the CPU kernels alone)."""
+    return {"cflags": _CFLAGS + ["-DQ2K_OPS_LIBRARY"] + (["-DQ2K_WITH_CUDA"] if archs else []),
+            "cuda_cflags": cuda_flags([_nvcc_arch(a) for a in archs]) if archs else [],
+            "ldflags": _AS_NEEDED + _LDFLAGS}
+
+
+def _version(argv: list[str], marker: str = "") -> str:
+    """The first line of a compiler's --version output that holds marker."""
+    out = subprocess.run([*argv, "--version"], capture_output=True, text=True, check=True).stdout
+    return next(line for line in out.splitlines() if marker in line and line.strip())
+
+
+def python_symbols(library: Path) -> list[str]:
+    """The Python C-API symbols (Py*, _Py*) a library needs from its process (nm -D --undefined-only)."""
+    out = subprocess.run(["nm", "-D", "--undefined-only", str(library)], capture_output=True, text=True,
+                         check=True).stdout
+    return [name for name in (line.split()[-1] for line in out.splitlines() if line.strip())
+            if re.match(r"_?Py", name)]
+
+
+def build_prebuilt(out_dir: Path) -> dict:
+    """Builds the ops library for this torch (with CUDA kernels for TORCH_CUDA_ARCH_LIST, default
+    PREBUILT_ARCHS, where cuda_enabled()) into out_dir/PREBUILT_LIB, its stamp beside it; returns the stamp."""
+    archs = re.split(r"[;\s]+", (os.environ.get("TORCH_CUDA_ARCH_LIST") or PREBUILT_ARCHS).strip()) \
+        if cuda_enabled() else []
+    flags = _prebuilt_flags(archs)
+    compilers = {"cxx": _version([cpp_extension.get_cxx_compiler()])}
+    if archs:
+        cpp_extension.CUDA_HOME = cuda_home()
+        compilers["nvcc"] = _version([str(Path(cuda_home()) / "bin" / "nvcc")], marker="release")
+    name = "q2kernels_ops_cuda" if archs else "q2kernels_ops"
+    build_dir = Path(cpp_extension._get_build_directory(name, verbose=False))
+    started = time.monotonic()
+    with build_lock(build_dir):
+        # Copies: torch's builder appends its own flags to the lists it is given, and the stamp keeps ours.
+        cpp_extension.load(name=name, sources=sources(bool(archs)), extra_cflags=list(flags["cflags"]),
+                           extra_cuda_cflags=list(flags["cuda_cflags"]), extra_ldflags=list(flags["ldflags"]),
+                           extra_include_paths=[str(CSRC)], build_directory=str(build_dir),
+                           with_cuda=bool(archs), is_python_module=False, verbose=False)
+    library = build_dir / f"{name}.so"
+    needed = python_symbols(library)
+    if needed:
+        raise RuntimeError(f"q2kernels: the ops library {library} needs Python symbols ({', '.join(needed[:5])}), "
+                           "so it would load under one Python version only")
+    stamp = {"torch": torch.__version__, "cuda": torch.version.cuda, "archs": archs, "csrc_sha256": csrc_hash(),
+             "flags": flags, "compilers": compilers,
+             # What the library registered when it was built and loaded here: load() checks it again.
+             "ops": {op: sorted(keys) for op, keys in registered_kernels().items()},
+             "build_s": round(time.monotonic() - started, 1), "size_bytes": library.stat().st_size}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _replace(out_dir / PREBUILT_LIB, library.read_bytes())
+    _replace(out_dir / PREBUILT_STAMP, json.dumps(stamp, indent=1).encode())
+    return stamp
+
+
+def _replace(path: Path, data: bytes) -> None:
+    """Writes path whole or not at all: a reader never sees half a library or stamp."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _read_stamp(folder: Path) -> dict:
+    stamp = json.loads((folder / PREBUILT_STAMP).read_text())
+    missing = [k for k in _STAMP_KEYS if not isinstance(stamp, dict) or k not in stamp]
+    if missing or not isinstance(stamp["archs"], list) or not isinstance(stamp["ops"], dict):
+        raise ValueError(f"not a stamp of `q2k build --prebuilt` (missing or malformed: {missing or 'archs, ops'})")
+    _sm(stamp["archs"])  # a ValueError for an arch that is no "9.0"
+    return stamp
+
+
+def _cuda_mismatch(archs: list[str]) -> str | None:
+    """Why a library with machine code for archs (none: CPU alone) does not fit here, or None."""
+    if not archs:
+        return "it holds no CUDA kernels, and a build here would" if cuda_enabled() else None
+    if os.environ.get("Q2K_BUILD_CUDA") == "0":
+        return "it holds CUDA kernels, and Q2K_BUILD_CUDA=0 leaves them out"
+    if torch.cuda.is_available():
+        gpu = "%d.%d" % torch.cuda.get_device_capability()
+        if gpu not in archs:
+            return f"it holds machine code for {_sm(archs)} only, this GPU is {_sm([gpu])}"
+    return None
+
+
+def _stamp_mismatch(stamp: dict) -> str | None:
+    """Why a library with this stamp does not fit this process, or None."""
+    if stamp["torch"] != torch.__version__:
+        return f"it is for torch {stamp['torch']}, this is torch {torch.__version__}"
+    if stamp["cuda"] != torch.version.cuda:
+        return f"it is for CUDA {stamp['cuda']}, this torch has CUDA {torch.version.cuda}"
+    here = csrc_hash()
+    if stamp["csrc_sha256"] != here:
+        return f"it was built from other sources (csrc sha256 {str(stamp['csrc_sha256'])[:12]}, here {here[:12]})"
+    if stamp["flags"] != _prebuilt_flags(stamp["archs"]):
+        return "it was built with other flags than q2kernels/_ext.py's"
+    return _cuda_mismatch(stamp["archs"])
+
+
+def _opened(folder: Path, stamp: dict) -> OpsLibrary:
+    """The library torch.ops.load_library has just loaded, checked against its stamp. It cannot be
+    unloaded, so a library that registers other kernels than it did when built is an error, not a build."""
+    library = folder / PREBUILT_LIB
+    registered = {op: sorted(keys) for op, keys in registered_kernels().items()}
+    if registered != stamp["ops"]:
+        raise RuntimeError(f"q2kernels._C: the prebuilt library {library} registers {registered}, its stamp says "
+                           f"{stamp['ops']}: delete {folder} and rerun (a build is then used)")
+    handle = ctypes.CDLL(str(library))  # the one torch.ops.load_library opened
+
+    def constant(symbol: str) -> int:
+        return ctypes.c_int64.in_dll(handle, symbol).value
+
+    return OpsLibrary(str(library), constant("q2k_channel_align"), constant("q2k_format_version"),
+                      constant("q2k_epilogue_rows"), bool(constant("q2k_with_cuda")))
+
+
+def prebuilt_library() -> OpsLibrary | None:
+    """The prebuilt ops library of $Q2K_PREBUILT (else PREBUILT_DIR), loaded, where its stamp fits this
+    process (torch, its CUDA, the csrc sources, the flags, the GPU's arch); else None. One line on stderr
+    says that it was loaded, or why not (nothing where there is none and none was asked for)."""
+    folder = Path(os.environ.get(PREBUILT_ENV) or PREBUILT_DIR).absolute()  # the process may change its cwd
+    if not (folder / PREBUILT_STAMP).is_file():
+        if os.environ.get(PREBUILT_ENV):
+            _report_stderr(f"q2kernels._C: {PREBUILT_ENV}={folder} holds no {PREBUILT_STAMP}; building instead")
+        return None
+    try:
+        stamp = _read_stamp(folder)
+    except (OSError, ValueError) as e:
+        reason = f"its stamp is unreadable ({type(e).__name__}: {e})"
+    else:
+        reason = _stamp_mismatch(stamp)
+    if reason is None:
+        try:
+            torch.ops.load_library(str(folder / PREBUILT_LIB))
+        except Exception as e:  # noqa: BLE001  (whatever stops it loading, a build replaces it)
+            reason = f"it does not load ({type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]})"
+    if reason is not None:
+        _report_stderr(f"q2kernels._C: not using the prebuilt library in {folder}: {reason}; building instead")
+        return None
+    lib = _opened(folder, stamp)
+    cuda = f"CUDA kernels for {_sm(stamp['archs'])}" if stamp["archs"] else "no CUDA kernels"
+    _report_stderr(f"q2kernels._C: loaded the prebuilt library {lib.path} (torch {stamp['torch']}, {cuda}); no build")
+    return lib

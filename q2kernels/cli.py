@@ -131,13 +131,29 @@ def doctor() -> int:
     return 0
 
 
-def build() -> int:
-    """Compile (or find in the cache) q2kernels._C and say where it is."""
+def build(prebuilt: str | None = None) -> int:
+    """Compile (or find in the cache) q2kernels._C and say where it is; with prebuilt, the plain ops
+    library for this torch into that folder instead, for a machine with the same torch to load."""
+    if prebuilt is not None:
+        return _build_prebuilt(Path(prebuilt).expanduser())
     from q2kernels.ops import int_conv
 
     print("building q2kernels._C (minutes the first time, with the CUDA kernels; then cached)", flush=True)
     lib = int_conv.load()
     print(f"q2kernels._C: {lib.__file__} (CUDA kernels: {'yes' if lib.WITH_CUDA else 'no'})")
+    return 0
+
+
+def _build_prebuilt(folder: Path) -> int:
+    import torch
+
+    from q2kernels import _ext
+
+    print(f"building the q2kernels ops library for torch {torch.__version__} into {folder}", flush=True)
+    stamp = _ext.build_prebuilt(folder)
+    archs = f"CUDA kernels for {', '.join(stamp['archs'])}" if stamp["archs"] else "no CUDA kernels"
+    print(f"{folder / _ext.PREBUILT_LIB}: {stamp['size_bytes'] / 2**20:.1f} MiB, {archs}, {len(stamp['ops'])} ops, "
+          f"no Python symbols, built in {stamp['build_s']} s; stamp {folder / _ext.PREBUILT_STAMP}")
     return 0
 
 
@@ -169,7 +185,13 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="q2k", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("doctor", help="versions, GPU, the backend each op uses, the C++ extension")
-    sub.add_parser("build", help="compile the C++/CUDA extension q2kernels._C now instead of at the first integer op")
+    build_cmd = sub.add_parser("build", help="compile the C++/CUDA extension q2kernels._C now instead of at the first "
+                               "integer op")
+    build_cmd.add_argument("--prebuilt", metavar="DIR", type=_folder_argument, default=None,
+                           help="build the plain ops library for this torch into DIR, with its stamp, for another "
+                                "machine with the same torch (any Python) to load: Q2K_PREBUILT=DIR there (default: "
+                                "the checkout's prebuilt/); CUDA kernels for TORCH_CUDA_ARCH_LIST (default 9.0) "
+                                "where a build here includes them (Q2K_BUILD_CUDA=1 forces)")
     demo = sub.add_parser("demo", help="the end-to-end demo (the README's first command)")
     demo.add_argument("--smoke", action="store_true", help="a run of under a minute, for CI")
     demo.add_argument("--steps", type=_steps_argument, default=None, help=f"QAT steps per run (1..{MAX_STEPS})")
@@ -189,7 +211,7 @@ def main(argv=None) -> int:
     if args.command == "doctor":
         return doctor()
     if args.command == "build":
-        return build()
+        return build(args.prebuilt)
     if args.command == "demo" and args.ultralytics:
         return _ultralytics_demo(args)
     if args.command == "demo":

@@ -207,8 +207,8 @@ def test_load_builds_under_the_lock_after_taking_over_a_stale_one(tmp_path, monk
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     monkeypatch.setenv("Q2K_BUILD_CUDA", "0")
     monkeypatch.delenv("Q2K_SANITIZE", raising=False)
-    build_dir = tmp_path / "q2kernels_C"
-    build_dir.mkdir()
+    build_dir = tmp_path / "q2kernels_C" / _ext.torch_build_tag()
+    build_dir.mkdir(parents=True)
     (build_dir / _ext.BUILD_LOCK).write_text(_record(_dead_pid()))
     (build_dir / _ext.TORCH_LOCK).write_text("")
     seen = {}
