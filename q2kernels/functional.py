@@ -8,7 +8,7 @@ import torch
 
 from . import _backend
 from . import reference as ref
-from ._validate import check_axis, check_bits, check_float_tensor, check_param
+from ._validate import check_axis, check_bits, check_choice, check_float_tensor, check_number, check_param
 from .gate_controller import GateController, op_arguments
 from .ops import ada as _ada  # noqa: F401  (registers q2kernels::q_ada)
 from .ops import dorefa as _dorefa  # noqa: F401  (registers q2kernels::dorefa_weight)
@@ -17,13 +17,18 @@ from .ops import fusion as _fusion  # noqa: F401  (registers q2kernels::gated_fu
 from .ops import n2uq as _n2uq  # noqa: F401  (registers q2kernels::n2uq_act, q2kernels::n2uq_weight)
 
 
-def _check_scale_param(p, name, x, axis):
-    """p checked and made contiguous (check_param): use the returned tensor."""
-    numel = 1 if axis is None else x.size(axis)
-    p = check_param(p, name, x, numel)
+def _check_f32_param(p, name, like, numel):
+    """A learnable fp32 parameter of `numel` elements on like's device, checked and made contiguous
+    (check_param): use the returned tensor."""
+    p = check_param(p, name, like, numel)
     if p.dtype != torch.float32:
         raise TypeError(f"{name}: expected a float32 parameter, got {p.dtype}")
     return p
+
+
+def _check_scale_param(p, name, x, axis):
+    """A quantizer parameter: 1 element, or one per channel of `axis` (_check_f32_param)."""
+    return _check_f32_param(p, name, x, 1 if axis is None else x.size(axis))
 
 
 def _grad_scale(grad_scale, x, axis, qp):
@@ -108,9 +113,7 @@ def n2uq_act_quantize(x, start, a, alpha1, alpha2, bits: int = 4):
     n = 2**bits - 1
     if isinstance(a, torch.Tensor) and a.numel() != n:
         raise ValueError(f"a: expected 2^bits - 1 = {n} intervals for bits={bits}, got shape {tuple(a.shape)}")
-    a = check_param(a, "a", x, n)
-    if a.dtype != torch.float32:
-        raise TypeError(f"a: expected a float32 parameter, got {a.dtype}")
+    a = _check_f32_param(a, "a", x, n)
     if _backend.resolve(x) == "triton":
         return torch.ops.q2kernels.n2uq_act(x, start, a, alpha1, alpha2, bits)[0]
     return ref.n2uq_act_fake_quant(x, start, a, alpha1, alpha2, bits=bits)
@@ -139,21 +142,6 @@ def _check_feature(x, name, like=None):
     elif x.device != like.device:
         raise ValueError(f"{name}: is on {x.device} but S is on {like.device}")
     return x
-
-
-def _check_number(v, name, lo, lo_allowed):
-    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-    if not ok or v < lo or (v == lo and not lo_allowed):
-        raise ValueError(f"{name}: expected a finite number {'>=' if lo_allowed else '>'} {lo}, got {v!r}")
-    return float(v)
-
-
-def _check_fusion_param(p, name, like, numel):
-    """p checked and made contiguous (check_param): use the returned tensor."""
-    p = check_param(p, name, like, numel)
-    if p.dtype != torch.float32:
-        raise TypeError(f"{name}: expected a float32 parameter, got {p.dtype}")
-    return p
 
 
 def gated_fusion(xs, theta, gamma=None, beta=None, fuse: str = "concat", eps: float = ref.fusion.EPS,
@@ -186,18 +174,17 @@ def gated_fusion(xs, theta, gamma=None, beta=None, fuse: str = "concat", eps: fl
                              f"from xs[0]'s {(x0.size(0), x0.size(2), x0.size(3))}")
         if x.size(1) == 0:
             raise ValueError(f"xs[{k}]: has 0 channels")
-    if fuse not in ref.fusion.FUSE_MODES:
-        raise ValueError(f"fuse: expected one of {ref.fusion.FUSE_MODES}, got {fuse!r}")
+    check_choice(fuse, "fuse", ref.fusion.FUSE_MODES)
     channels = [x.size(1) for x in xs]
     if fuse == "sum" and len(set(channels)) != 1:
         raise ValueError(f"xs: fuse='sum' needs equal channel counts, got {channels}")
     C = sum(channels) if fuse == "concat" else channels[0]
-    theta = _check_fusion_param(theta, "theta", x0, len(xs))
+    theta = _check_f32_param(theta, "theta", x0, len(xs))
     if gamma is not None:
-        gamma = _check_fusion_param(gamma, "gamma", x0, C)
+        gamma = _check_f32_param(gamma, "gamma", x0, C)
     if beta is not None:
-        beta = _check_fusion_param(beta, "beta", x0, C)
-    eps = _check_number(eps, "eps", 0.0, lo_allowed=False)
+        beta = _check_f32_param(beta, "beta", x0, C)
+    eps = check_number(eps, "eps", 0.0, lo_allowed=False)
     if controller is not None:
         if not isinstance(controller, GateController):
             raise TypeError(f"controller: expected a q2kernels.gate_controller.GateController, "
@@ -235,15 +222,12 @@ def q_ada_loss(T, S, Sq=None, delta=None, *, Tq=None, form: str = "q2", lam: flo
         if Sq is None:
             raise ValueError("Tq: given without Sq; the teacher's distortion term needs the student's")
         _check_feature(Tq, "Tq", like=S)
-    if form not in ref.ada.FORMS:
-        raise ValueError(f"form: expected one of {ref.ada.FORMS}, got {form!r}")
-    lam = _check_number(lam, "lam", 0.0, lo_allowed=False)
-    kappa = _check_number(kappa, "kappa", 0.0, lo_allowed=False)
-    gamma = _check_number(gamma, "gamma", 0.0, lo_allowed=True)
-    if divergence not in ref.ada.DIVERGENCES:
-        raise ValueError(f"divergence: expected one of {ref.ada.DIVERGENCES}, got {divergence!r}")
-    if reduction not in ref.ada.REDUCTIONS:
-        raise ValueError(f"reduction: expected one of {ref.ada.REDUCTIONS}, got {reduction!r}")
+    check_choice(form, "form", ref.ada.FORMS)
+    lam = check_number(lam, "lam", 0.0, lo_allowed=False)
+    kappa = check_number(kappa, "kappa", 0.0, lo_allowed=False)
+    gamma = check_number(gamma, "gamma", 0.0, lo_allowed=True)
+    check_choice(divergence, "divergence", ref.ada.DIVERGENCES)
+    check_choice(reduction, "reduction", ref.ada.REDUCTIONS)
     if delta is not None:
         if Sq is None:
             raise ValueError("delta: given without Sq; the distortion term it scales needs Sq")
@@ -253,7 +237,7 @@ def q_ada_loss(T, S, Sq=None, delta=None, *, Tq=None, form: str = "q2", lam: flo
                 raise ValueError(f"delta: expected 1 or C = {S.shape[1]} elements, got shape {tuple(delta.shape)}")
             delta = delta.detach().reshape(-1)
         else:
-            delta = torch.full((1,), _check_number(delta, "delta", 0.0, lo_allowed=False), device=S.device)
+            delta = torch.full((1,), check_number(delta, "delta", 0.0, lo_allowed=False), device=S.device)
     T = T.detach()
     Sq = None if Sq is None else Sq.detach()
     Tq = None if Tq is None else Tq.detach()

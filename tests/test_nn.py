@@ -70,8 +70,9 @@ def _lsq_plus_init64(x, qn, qp, dims=None):
 def test_lsq_plus_init_on_every_grid(mode, bits, axis):
     """The signed and symmetric grids put Qn < 0, where beta = min - Qn*s is not min (the unsigned
     grid's answer) and, on the symmetric grid, Qp - Qn is 2^b - 2, not 2^b - 1. Checked on the
-    module's first-batch init (per tensor and per channel) and on reference.lsq_plus_init, against the
-    formula in float64, and by what it means: the batch's min lands on level Qn and its max on Qp."""
+    module's first-batch init (per tensor and per channel) and on reference.lsq_plus_init (the formula
+    the module calls on the batch's all-reduced min and max), against the formula in float64, and by
+    what it means: the batch's min lands on level Qn and its max on Qp."""
     qn, qp = GRIDS[mode](bits)
     torch.manual_seed(bits)
     x = torch.randn(2, 5, 4, 4) * 1.5 + torch.tensor([0.7, -0.4, 2.0, 0.0, -3.0]).view(1, 5, 1, 1)
@@ -80,7 +81,7 @@ def test_lsq_plus_init_on_every_grid(mode, bits, axis):
     q = LSQPlusQuantizer(bits, mode) if axis is None else LSQPlusQuantizer(bits, mode, axis=1, channels=5)
     q(x)
     assert q._initialized
-    ref_s, ref_beta = ref.lsq_plus_init(x, bits, mode, axis)
+    ref_s, ref_beta = ref.lsq_plus_init(lo.float(), hi.float(), bits, mode)  # the formula the module calls
     scale = lo.abs() + hi.abs()  # beta's terms are of this size: fp32 rounding of them, no more
     for name, s, beta in [("module", q.s.detach(), q.beta.detach()), ("reference.lsq_plus_init", ref_s, ref_beta)]:
         assert s.dtype == beta.dtype == torch.float32 and s.shape == beta.shape == s64.shape, name

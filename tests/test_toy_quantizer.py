@@ -3,23 +3,32 @@ q2kernels/deploy/: it trains, converts (convert_to_int), verifies (verify_int_mo
 difference from the fake-quant model a certified rounding flip), saves and loads.
 
 ToyUniformQuantizer is a uniform quantizer with a learned per-tensor step, in plain torch ops with a
-straight-through estimator. It answers the quantizer protocol (q2kernels/nn/protocol.py) like
+straight-through estimator. It is the worked example of docs/extending.md, "A quantizer": the
+comments "# Step n" are that section's steps, in its order (tests/test_docs_extending.py holds the
+two together). It answers the quantizer protocol (q2kernels/nn/protocol.py) like
 tests/test_quantizer_protocol.py's kind: config, state_keys, int_activation, int_weight; verify needs
-nothing more (its dequantize and decisions come from its integer form).
+nothing more (its dequantize and decisions come from its integer form). Its first-batch
+initialisation is LSQ's formula, taken from the reference, and its step_size() feeds the Q-ADA term
+it trains with.
 """
+import copy
 import warnings
 
 import torch
 from torch import nn
 
+from q2kernels import reference as ref
 from q2kernels.deploy import IntConv2d, convert_to_int, load_int_model, save_int_model, verify_int_model
-from q2kernels.nn import IntActivation, IntWeight, QConv2d, Quantizer, Recipe, quantize_model, register_recipe
+from q2kernels.nn import (QUANTIZER_KINDS, IntActivation, IntWeight, QADALoss, QConv2d, Quantizer, Recipe,
+                          quantize_model, register_recipe)
+from q2kernels.nn.quantizers import _all_reduce
 
 
+# Step 1: a subclass of Quantizer, registered under its kind ("ToyUniformQuantizer") when defined.
 class ToyUniformQuantizer(Quantizer):
     """q = clip(R(x*(1/s)), qn, qp), y = q*s with a learned step s > 0 (signed 4-bit: -8..7).
     Forward in fp32: y is exactly fp32(q*s); the gradient passes x where it is not clipped (STE) and
-    reaches s as q."""
+    reaches s as q. s starts at `step` and is set from the first usable batch."""
 
     state_keys = ("bits",)
 
@@ -32,6 +41,7 @@ class ToyUniformQuantizer(Quantizer):
     def _step(self):
         return self.s.float().abs().clamp_min(1e-8)
 
+    # Step 2: the forward.
     def quantize(self, x):
         x = x.float()
         s = self._step()
@@ -40,6 +50,17 @@ class ToyUniformQuantizer(Quantizer):
         inside = ((v >= self.qn) & (v <= self.qp)).float()
         return q.detach() * s + (x - x.detach()) * inside  # the second term is 0 forward, x's STE backward
 
+    # Step 3: the first-batch initialisation: statistics all-reduced across ranks, the reference's
+    # formula (LSQ's s = 2*mean|x|/sqrt(Qp)), applied where usable (an all-zero batch is skipped).
+    def initialize(self, x):
+        a = x.detach().float().abs()
+        stats = _all_reduce(torch.stack([a.sum(), a.new_tensor(float(a.numel()))]), "SUM")
+        s = ref.lsq_init_scale(stats[0] / stats[1], self.bits, "signed")
+        usable = torch.isfinite(s) & (s > 0)
+        self.s.copy_(torch.where(usable, s, self.s))
+        return usable
+
+    # Step 4: the deployment protocol.
     def config(self):
         return {"bits": self.bits, "step": self.init_step}
 
@@ -52,7 +73,12 @@ class ToyUniformQuantizer(Quantizer):
         step = torch.full((w.size(0),), s, dtype=torch.float64, device=w.device)
         return IntWeight(torch.round(wq / s), self.qn, self.qp, w_mul=1, w_add=0, step=step)
 
+    # Step 5: the quantisation step Q-ADA's distortion term divides by.
+    def step_size(self):
+        return self._step().detach().reshape(1)
 
+
+# Step 6: a recipe for quantize_model.
 register_recipe("toy_uniform", Recipe(weight=lambda layer, bits: ToyUniformQuantizer(bits, 0.05),
                                       act=lambda layer, bits: ToyUniformQuantizer(bits, 0.25)))
 
@@ -73,27 +99,37 @@ class _Net(nn.Module):
 
 
 def _trained(steps=5):
+    """QAT as the Q2 recipe runs it: the task loss plus Q-ADA against the float model at body.5, the
+    input of body.6, whose activation quantizer supplies the distortion term (its step_size)."""
     torch.manual_seed(0)
     net = _Net()
+    teacher = copy.deepcopy(net).eval().requires_grad_(False)
     quantize_model(net.body, "toy_uniform", 4, 4, keep_first_last=False)
     g = torch.Generator().manual_seed(0)
     opt = torch.optim.Adam(net.parameters(), lr=1e-2)
     net.train()
     losses = []
-    for _ in range(steps):
-        x = torch.randn(4, 3, 12, 12, generator=g)
-        loss = (net(x) - 0.5).square().mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    with QADALoss(teacher, net, points=["body.5"], weight=0.01) as distill:
+        for _ in range(steps):
+            x = torch.randn(4, 3, 12, 12, generator=g)
+            with torch.no_grad():
+                teacher(x)
+            task = (net(x) - 0.5).square().mean()
+            loss = task + distill()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(task.item())
     return net.eval(), losses
 
 
 def test_a_kind_defined_in_a_test_file_trains_converts_verifies_and_round_trips(tmp_path):
+    assert QUANTIZER_KINDS["ToyUniformQuantizer"] is ToyUniformQuantizer
     net, losses = _trained()
     assert losses[-1] < losses[0]  # its gradients train the model
-    assert all(m.s.item() != m.init_step for m in net.modules() if isinstance(m, ToyUniformQuantizer))
+    toys = [m for m in net.modules() if isinstance(m, ToyUniformQuantizer)]
+    assert all(m._initialized and bool(m.initialized) for m in toys)
+    assert all(m.s.item() != m.init_step for m in toys)
     x = torch.randn(2, 3, 12, 12, generator=torch.Generator().manual_seed(1))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # nothing refused, and its own check on x passes

@@ -20,7 +20,7 @@ from torch import nn
 
 from .. import functional as qF
 from .. import reference as ref
-from .._validate import check_number
+from .._validate import check_choice, check_number
 from .quantizers import Quantizer
 
 DISTORTIONS = ("own", "shared")
@@ -109,14 +109,10 @@ class QADALoss(nn.Module):
                  reduction: str = "mean", form: str = "q2", distortion: str = "own",
                  kappa: float = ref.ada.KAPPA):
         super().__init__()
-        if form not in ref.ada.FORMS:
-            raise ValueError(f"form: expected one of {ref.ada.FORMS}, got {form!r}")
-        if distortion not in DISTORTIONS:
-            raise ValueError(f"distortion: expected one of {DISTORTIONS}, got {distortion!r}")
-        if divergence not in ref.ada.DIVERGENCES:
-            raise ValueError(f"divergence: expected one of {ref.ada.DIVERGENCES}, got {divergence!r}")
-        if reduction not in ref.ada.REDUCTIONS:
-            raise ValueError(f"reduction: expected one of {ref.ada.REDUCTIONS}, got {reduction!r}")
+        check_choice(form, "form", ref.ada.FORMS)
+        check_choice(distortion, "distortion", DISTORTIONS)
+        check_choice(divergence, "divergence", ref.ada.DIVERGENCES)
+        check_choice(reduction, "reduction", ref.ada.REDUCTIONS)
         self.weight = check_number(weight, "weight", 0.0, lo_allowed=True)
         self.gamma = check_number(gamma, "gamma", 0.0, lo_allowed=True)
         self.lam = check_number(lam, "lam", 0.0, lo_allowed=False)

@@ -285,8 +285,7 @@ class LSQQuantizer(Quantizer):
         total = (a.sum() if dims is None else a.sum(dim=dims)).reshape(-1)
         count = a.numel() // total.numel()  # elements per step
         stats = _all_reduce(torch.cat([total, total.new_full((1,), float(count))]), "SUM")
-        _, qp = ref.qrange(self.bits, self.mode)
-        s = 2.0 * (stats[:-1] / stats[-1]) / qp**0.5
+        s = ref.lsq_init_scale(stats[:-1] / stats[-1], self.bits, self.mode)
         ok = _usable(s)
         self.s.copy_(torch.where(ok, s, self.s))
         return ok.any()
@@ -346,9 +345,7 @@ class LSQPlusQuantizer(LSQQuantizer):
             hi = (xf.amax() if dims is None else xf.amax(dim=dims)).reshape(-1)
         stats = _all_reduce(torch.cat([neg_lo, hi]), "MAX")
         lo, hi = -stats[:neg_lo.numel()], stats[neg_lo.numel():]
-        qn, qp = ref.qrange(self.bits, self.mode)
-        s = (hi - lo) / (qp - qn)
-        beta = lo - qn * s
+        s, beta = ref.lsq_plus_init(lo, hi, self.bits, self.mode)
         ok = _usable(s, beta)
         self.s.copy_(torch.where(ok, s, self.s))
         self.beta.copy_(torch.where(ok, beta, self.beta))

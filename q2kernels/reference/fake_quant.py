@@ -100,11 +100,6 @@ def lsq_fake_quant(x, s, bits=4, mode="signed", axis=None, grad_scale="auto", be
     return _LSQ.apply(x, s, beta, qn, qp, axis, float(grad_scale))
 
 
-def lsq_plus_fake_quant(x, s, beta, bits=4, mode="unsigned", axis=None, grad_scale="auto"):
-    """LSQ+ (docs/math.md §2): v = (x - beta)/s on an (unsigned by default) grid, y = q*s + beta."""
-    return lsq_fake_quant(x, s, bits=bits, mode=mode, axis=axis, grad_scale=grad_scale, beta=beta)
-
-
 class _PACT(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, alpha, n):
@@ -178,22 +173,19 @@ def dorefa_weight_fake_quant(w, bits=4):
     return _DoReFaWeight.apply(w, float(2**bits - 1))
 
 
-def lsq_init_scale(x: torch.Tensor, bits: int, mode: str, axis: int | None = None) -> torch.Tensor:
-    """LSQ init s = 2*mean|x|/sqrt(Qp), per tensor or per channel of `axis` (fp32)."""
+# The first-batch initialisations (docs/math.md §1-§2), from a batch's statistics: the quantizer
+# modules (q2kernels.nn) gather the statistics, all-reduced across ranks, and call these.
+def lsq_init_scale(mean_abs: torch.Tensor, bits: int, mode: str) -> torch.Tensor:
+    """LSQ's initial step s = 2*mean|x|/sqrt(Qp), from mean|x| (one value per step: per tensor or per
+    channel)."""
     _, qp = qrange(bits, mode)
-    a = x.detach().float().abs()
-    mean = a.mean() if axis is None else a.mean(dim=[d for d in range(x.dim()) if d != axis])
-    return (2.0 * mean / math.sqrt(qp)).reshape(-1)
+    return 2.0 * mean_abs / math.sqrt(qp)
 
 
-def lsq_plus_init(x: torch.Tensor, bits: int, mode: str = "unsigned",
-                  axis: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """LSQ+ init from a batch: s = (max-min)/(Qp-Qn), beta = min - Qn*s (fp32; per tensor, or per
-    channel of `axis`)."""
+def lsq_plus_init(lo: torch.Tensor, hi: torch.Tensor, bits: int,
+                  mode: str = "unsigned") -> tuple[torch.Tensor, torch.Tensor]:
+    """LSQ+'s initial (s, beta) from the batch's min `lo` and max `hi` (per tensor or per channel):
+    s = (max - min)/(Qp - Qn), beta = min - Qn*s, so that min lands on level Qn and max on Qp."""
     qn, qp = qrange(bits, mode)
-    xf = x.detach().float()
-    dims = None if axis is None else [d for d in range(x.dim()) if d != axis]
-    lo = xf.amin() if dims is None else xf.amin(dim=dims)
-    hi = xf.amax() if dims is None else xf.amax(dim=dims)
     s = (hi - lo) / (qp - qn)
-    return s.reshape(-1), (lo - qn * s).reshape(-1)
+    return s, lo - qn * s
