@@ -198,9 +198,12 @@ def load():
         )
 
 
-# The build lock. torch's cpp_extension guards a build with an empty file, <build dir>/lock, created
-# with O_EXCL and removed in a `finally`: a process killed during the build (SIGKILL, a killed job, a
-# crash) leaves it, and every later load waits for it to vanish, forever and printing nothing.
+# The build lock. torch's cpp_extension (up to 2.13) guards a build with an empty file, <build dir>/lock,
+# created with O_EXCL and removed in a `finally`: a process killed during the build (SIGKILL, a killed
+# job, a crash) leaves it, and every later load waits for it to vanish, forever and printing nothing.
+# Later torch (2.14) holds an OS advisory lock on that file instead (filelock), which the kernel
+# releases when its holder dies: the file stays after every build and its presence means nothing, so
+# it is looked at only where torch's builder uses the file's presence (torch_lock_is_presence).
 # q2kernels takes its own lock around the whole build-or-load, a file that records its owner (pid,
 # host, the process's start time against pid reuse). A waiter says within seconds which file it
 # waits on and who holds it; an owner that no longer runs on this host has its lock and torch's
@@ -371,15 +374,24 @@ def _acquire(build_dir: Path, me: str, waiter: _Waiter, limit_s: float) -> None:
             continue  # released meanwhile
         if owner is not None and owner.host == host and not is_running(owner):
             if _remove_if_unchanged(lock, text):
-                (build_dir / TORCH_LOCK).unlink(missing_ok=True)
+                if torch_lock_is_presence():
+                    (build_dir / TORCH_LOCK).unlink(missing_ok=True)
                 waiter.report(f"q2kernels._C: removed the build lock {lock} (and torch's {build_dir / TORCH_LOCK}) "
                               f"of pid {owner.pid} on {host}, which no longer runs (an interrupted build)")
             continue
         waiter.wait(lambda: _waiting_message(lock, owner, age, limit_s))
 
 
+def torch_lock_is_presence() -> bool:
+    """Whether torch's builder locks by the lock file's presence (FileBaton, torch <= 2.13), not by an
+    OS lock on it (FileLock, torch 2.14), which needs no care from q2kernels."""
+    return hasattr(cpp_extension, "FileBaton") and not hasattr(cpp_extension, "FileLock")
+
+
 def _wait_for_torch_lock(build_dir: Path, waiter: _Waiter, limit_s: float) -> None:
     """Waits, bounded, for a torch build lock that no q2kernels process owns (we hold ours)."""
+    if not torch_lock_is_presence():
+        return
     lock = build_dir / TORCH_LOCK
     while True:
         try:

@@ -6,6 +6,9 @@ within seconds which file it waits on and who holds it; the lock of an owner tha
 this host (and torch's lock it left) is taken over; a lock that records no owner is waited on for a
 bounded time, then reported as an error naming the file to delete. No test builds anything: the
 locks are faked in a temporary build directory, and _ext.load runs with torch's builder stubbed.
+torch 2.14's builder locks its file with an OS lock instead, whose file stays after every build and
+blocks nothing: there q2kernels ignores it (the last test); the others fake the older, presence-based
+builder, whatever the installed torch.
 """
 import json
 import os
@@ -27,6 +30,12 @@ REPORT_AFTER_S = 0.2
 POLL_S = 0.02
 # The longest any test waits for something that should happen within a second.
 PATIENCE_S = 20.0
+
+
+@pytest.fixture(autouse=True)
+def presence_lock(monkeypatch):
+    """torch's builder as up to 2.13: its lock file's presence blocks (FileBaton)."""
+    monkeypatch.setattr(_ext, "torch_lock_is_presence", lambda: True)
 
 
 def _record(pid, host=None, start=None, since=None):
@@ -223,3 +232,25 @@ def test_load_builds_under_the_lock_after_taking_over_a_stale_one(tmp_path, monk
     assert _ext.load.__wrapped__() == "module"
     assert seen == {"build_directory": str(build_dir), "owner": os.getpid(), "torch_lock": False}
     assert not (build_dir / _ext.BUILD_LOCK).exists()
+
+
+@pytest.mark.parametrize("age_s", [0.0, 10 * _ext.UNOWNED_LOCK_LIMIT_S])
+def test_an_os_locked_torch_lock_file_is_ignored(tmp_path, monkeypatch, age_s):
+    """torch 2.14 (FileLock): the lock file stays after every build and locks nothing by its presence.
+    A load with that file present neither waits, nor errs, nor removes torch's file."""
+    monkeypatch.setattr(_ext, "torch_lock_is_presence", lambda: False)
+    torch_lock = tmp_path / _ext.TORCH_LOCK
+    torch_lock.write_text("")
+    old = time.time() - age_s
+    os.utime(torch_lock, (old, old))
+    messages = []
+    started = time.monotonic()
+    with _lock(tmp_path, messages.append):
+        pass
+    assert time.monotonic() - started < 1.0 and messages == [] and torch_lock.exists()
+
+
+def test_the_installed_torch_is_classified():
+    """The installed torch's builder is one of the two kinds the lock logic knows."""
+    has_baton, has_filelock = hasattr(cpp_extension, "FileBaton"), hasattr(cpp_extension, "FileLock")
+    assert has_baton != has_filelock, "torch's builder changed its lock again: review q2kernels/_ext.py"
