@@ -139,6 +139,11 @@ def cuda_enabled() -> bool:
     return torch.cuda.is_available() and torch.version.cuda is not None and cuda_home() is not None
 
 
+# The CPU fast path's ops (csrc/fast_conv_cpu.cpp: fp32 unpacking and the epilogue on oneDNN's sums):
+# a GPU computes the whole conv in one kernel, so they have no CUDA kernel by design.
+CPU_ONLY_OPS = frozenset({"unpack_float", "conv2d_epilogue", "conv2d_epilogue_out"})
+
+
 def registered_kernels() -> dict[str, set[str]]:
     """Every op of torch.ops.q2kernels_int -> the dispatch keys (of CPU, CUDA, Meta) with a kernel for it,
     read from torch's dispatcher: needs no GPU, only the loaded library."""

@@ -38,7 +38,7 @@ status=0
 sanitized python -c "import q2kernels.ops.int_conv as ic; ic.load()" || status=$?
 echo "sanitize: build or load took $(( $(date +%s) - start )) s"
 [ "$status" = 0 ] && { sanitized python -m pytest -q -s -p no:cacheprovider tests/test_pack.py tests/test_int_conv.py tests/test_grouped_conv.py \
-  tests/test_hostile_int_ops.py tests/test_hostile_conv_geometry.py -k "not cuda_glue" || status=$?; }
+  tests/test_hostile_int_ops.py tests/test_hostile_conv_geometry.py tests/test_int_conv_fast_cpu.py -k "not cuda_glue" || status=$?; }
 
 reports=$(grep -cE "runtime error:|ERROR: AddressSanitizer|AddressSanitizer: CHECK failed" "$log" || true)
 echo "sanitize: $reports sanitizer report(s), took $(( $(date +%s) - start )) s"

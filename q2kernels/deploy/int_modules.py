@@ -16,7 +16,6 @@ shared tensor at their channel offsets (`out`, `c_offset`, `total_channels`).
 """
 from __future__ import annotations
 
-import functools
 
 import torch
 import torch.nn.functional as F
@@ -70,6 +69,21 @@ class IntConv2d(nn.Module):
         self.register_buffer("epilogues", epilogues)
         self.register_buffer("thresholds", thresholds)
         self.register_buffer("tap_sums", tap_sums)
+        # The CPU fast path (ops.int_conv.conv2d_fast_cpu): whether this layer's bound proves its
+        # float32 sums exact, decided from the configuration alone (so for a loaded model as for a
+        # converted one; nothing about it is stored in a model file), and the weight's float levels,
+        # unpacked on the first CPU call and kept until the weight changes.
+        self.fast_cpu = ic.fp32_exact(self.kernel_size, self.in_channels // self.groups, self.x_signed,
+                                      self.w_signed, self.w_mul, self.w_add)
+        self._levels, self._levels_key = None, None
+
+    def _weight_levels(self) -> torch.Tensor:
+        w = self.weight
+        key = (w.data_ptr(), w._version, tuple(w.shape))
+        if self._levels is None or self._levels_key != key:
+            self._levels = ic.unpack_float(w, self.in_channels // self.groups, self.w_signed, self.w_mul, self.w_add)
+            self._levels_key = key
+        return self._levels
 
     def _apply(self, fn, recurse=True):
         # The packed weight's layout is the op's contract: a memory format asked of the whole model
@@ -96,13 +110,19 @@ class IntConv2d(nn.Module):
         if h["kind"] == HEAD_CODES and out is None and total_channels is not None:
             out = _new_packed(x, x.shape[0], *self.output_size(x), total_channels)
         thr = self.thresholds[head, :h["nthr"]] if h["nthr"] else None
-        conv = ic.conv2d if self.groups == 1 else functools.partial(gc.conv2d_grouped, groups=self.groups)
-        return conv(x, self.weight, self.epilogues[head], self.in_channels, x_signed=self.x_signed,
-                    w_signed=self.w_signed, w_mul=self.w_mul, w_add=self.w_add, tap_sums=self.tap_sums,
-                    stride=self.stride, padding=self.padding, dilation=self.dilation, act=self.act,
-                    qn=h["qn"], qp=h["qp"], thresholds=thr,
-                    out_dtype=torch.uint8 if h["kind"] == HEAD_CODES else torch.float32,
-                    out=out, c_offset=c_offset)
+        args = dict(x_signed=self.x_signed, w_signed=self.w_signed, w_mul=self.w_mul, w_add=self.w_add,
+                    tap_sums=self.tap_sums, stride=self.stride, padding=self.padding, dilation=self.dilation,
+                    act=self.act, qn=h["qn"], qp=h["qp"], thresholds=thr,
+                    out_dtype=torch.uint8 if h["kind"] == HEAD_CODES else torch.float32, out=out, c_offset=c_offset)
+        # The one dispatch of the CPU fast path: CPU tensors (not meta, not CUDA) of a layer whose bound
+        # holds (self.fast_cpu) run oneDNN's fp32 conv of the codes and the same epilogue, bit for bit the
+        # int32 kernels' result; every other call runs the int32 kernels.
+        if x.device.type == "cpu" and self.weight.device.type == "cpu" and self.fast_cpu and ic.fast_cpu_available():
+            return ic.conv2d_fast_cpu(x, self._weight_levels(), self.epilogues[head], self.in_channels, self.groups,
+                                      **args)
+        if self.groups == 1:
+            return ic.conv2d(x, self.weight, self.epilogues[head], self.in_channels, **args)
+        return gc.conv2d_grouped(x, self.weight, self.epilogues[head], self.in_channels, self.groups, **args)
 
     def extra_repr(self) -> str:
         kinds = ", ".join(h["kind"] for h in self.heads)

@@ -34,6 +34,7 @@ an alias, a view or an overlapping slice is an error naming the input.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -169,11 +170,32 @@ def _fake_conv2d_grouped_out(x, weight, epilogue, tap_sums, thresholds, in_chann
                             stride, padding, dilation, act, qn, qp, c_offset, out)
 
 
+def _fake_unpack_float(packed, channels, signed, w_mul, w_add):
+    a, b1, b2, _ = packed.shape
+    return packed.new_empty((a, channels, b1, b2), dtype=torch.float32).contiguous(memory_format=torch.channels_last)
+
+
+def _fake_conv2d_epilogue(sums, epilogue, tap_sums, thresholds, in_size, kernel_size, in_channels, x_signed, w_signed,
+                          w_mul, w_add, stride, padding, dilation, act, qn, qp, out_dtype):
+    _same_device(sums, epilogue=epilogue, tap_sums=tap_sums, thresholds=thresholds)
+    n, cout, ho, wo = sums.shape
+    if out_dtype == torch.uint8:
+        return sums.new_empty((n, ho, wo, packed_bytes(cout)), dtype=torch.uint8)
+    return sums.new_empty((n, cout, ho, wo), dtype=out_dtype).contiguous(memory_format=torch.channels_last)
+
+
+def _fake_conv2d_epilogue_out(sums, epilogue, tap_sums, thresholds, in_size, kernel_size, in_channels, x_signed,
+                              w_signed, w_mul, w_add, stride, padding, dilation, act, qn, qp, c_offset, out):
+    _same_device(sums, epilogue=epilogue, tap_sums=tap_sums, thresholds=thresholds, out=out)
+    return None
+
+
 # Output shapes of the ops for tracing (torch.compile, opcheck), registered by load().
 _FAKES = {"pack": _fake_pack, "unpack": _fake_unpack, "quantize_pack": _fake_quantize_pack,
           "quantize_pack_out": _fake_quantize_pack_out, "conv2d_acc": _fake_conv2d_acc, "conv2d": _fake_conv2d,
           "conv2d_out": _fake_conv2d_out, "conv2d_grouped": _fake_conv2d_grouped,
-          "conv2d_grouped_out": _fake_conv2d_grouped_out}
+          "conv2d_grouped_out": _fake_conv2d_grouped_out, "unpack_float": _fake_unpack_float,
+          "conv2d_epilogue": _fake_conv2d_epilogue, "conv2d_epilogue_out": _fake_conv2d_epilogue_out}
 
 
 def _int(v, name):
@@ -264,3 +286,95 @@ def epilogue_params(cout: int, alpha, gamma=0.0, bias=0.0, aff_mul=1.0, aff_add=
     rows = [alpha, gamma, bias, aff_mul, aff_add, q_mul, q_off]
     return torch.stack([torch.as_tensor(r, dtype=torch.float64, device=device).reshape(-1).expand(cout)
                         for r in rows]).to(torch.float32).contiguous()
+
+
+# ---------------------------------------------------------------------------------------------------
+# The CPU fast path (docs/integer-format.md, "The CPU fast path").
+#
+# Where every partial sum of a conv's integer sum I = sum of levels*codes is an integer of magnitude
+# <= 2^24, float32 represents each of them exactly, so a float32 convolution of the levels and the codes
+# that only multiplies and adds them (in any order, with or without fma) returns I exactly. oneDNN's
+# direct convolution (aten.mkldnn_convolution: ideep's algorithm::convolution_direct, never Winograd)
+# is such a convolution, and runs at float speed. Then conv2d_epilogue applies the same epilogue as
+# the int32 path to those sums: the same codes and floats, bit for bit. The bound is a function of the
+# layer's configuration only (fp32_exact), so a model decides it when it is built or loaded.
+
+FP32_EXACT = 2**24  # every integer of magnitude <= 2^24 is a float32
+MAX_LEVEL = 256  # unpack_float's largest |level| (csrc/fast_conv_cpu.cpp): also exact in bfloat16
+
+_fast_cpu = True
+
+
+def fp32_bound(kernel_size, in_channels: int, x_signed: bool, w_signed: bool, w_mul: int, w_add: int) -> int:
+    """The largest |partial sum| of the conv's I = sum over K = KH*KW*in_channels terms of
+    (w_mul*k + w_add)*q, for any codes the 4-bit containers hold (|k| <= 8 signed, 15 unsigned; same
+    for |q|): sum |level|*|q| <= K*(|w_mul|*max|k| + |w_add|)*max|q|, whatever the summation order.
+    in_channels: per group."""
+    kh, kw = kernel_size
+    max_w, max_x = (8 if w_signed else 15), (8 if x_signed else 15)
+    return kh * kw * in_channels * (abs(w_mul) * max_w + abs(w_add)) * max_x
+
+
+def fp32_exact(kernel_size, in_channels: int, x_signed: bool, w_signed: bool, w_mul: int, w_add: int) -> bool:
+    """Whether the CPU fast path computes this conv exactly: fp32_bound <= 2^24 and every level
+    |w_mul*k + w_add| <= MAX_LEVEL (module section above). in_channels: per group."""
+    max_w = 8 if w_signed else 15
+    return (abs(w_mul) * max_w + abs(w_add) <= MAX_LEVEL
+            and fp32_bound(kernel_size, in_channels, x_signed, w_signed, w_mul, w_add) <= FP32_EXACT)
+
+
+def fast_cpu_available() -> bool:
+    """Whether this torch has oneDNN (mkldnn) and the fast path is enabled (use_fast_cpu)."""
+    return _fast_cpu and torch.backends.mkldnn.is_available()
+
+
+@contextlib.contextmanager
+def use_fast_cpu(enabled: bool):
+    """Turn the CPU fast path on or off (it is on by default) within a `with` block: off, every CPU
+    integer conv runs the int32 kernels (the benchmark's "old path", and the tests' comparison)."""
+    global _fast_cpu
+    before, _fast_cpu = _fast_cpu, bool(enabled)
+    try:
+        yield
+    finally:
+        _fast_cpu = before
+
+
+def unpack_float(packed: torch.Tensor, channels: int, signed: bool, w_mul: int = 1, w_add: int = 0) -> torch.Tensor:
+    """Packed uint8 (N, H, W, packed_bytes(channels)) -> float32 (N, channels, H, W), channels_last,
+    each code k as w_mul*k + w_add (|w_mul|*max|k| + |w_add| <= MAX_LEVEL). Of packed weights
+    (C_out, KH, KW, bytes): their float levels (C_out, C_in/groups, KH, KW)."""
+    return _ops.unpack_float(packed, _int(channels, "channels"), signed, _int(w_mul, "w_mul"), _int(w_add, "w_add"))
+
+
+def conv2d_fast_cpu(x: torch.Tensor, weight_levels: torch.Tensor, epilogue: torch.Tensor, in_channels: int,
+                    groups: int = 1, *, x_signed: bool, w_signed: bool, w_mul: int = 1, w_add: int = 0, tap_sums=None,
+                    stride=1, padding=0, dilation=1, act: str = "identity", qn: int = 0, qp: int = 15,
+                    thresholds=None, out_dtype=torch.uint8, out=None, c_offset: int = 0) -> torch.Tensor:
+    """conv2d / conv2d_grouped on CPU tensors, by oneDNN's fp32 direct convolution of the codes:
+    the same result bit for bit, where fp32_exact holds for the layer (else ValueError).
+    weight_levels: unpack_float(weight, in_channels // groups, w_signed, w_mul, w_add) of the packed
+    weight (IntConv2d caches it); every other argument as conv2d's."""
+    in_channels, groups = _int(in_channels, "in_channels"), _int(groups, "groups")
+    if groups < 1 or in_channels % groups:
+        raise ValueError(f"groups: expected a positive divisor of in_channels ({in_channels}), got {groups}")
+    cin_g = in_channels // groups
+    if weight_levels.dtype != torch.float32 or weight_levels.dim() != 4 or weight_levels.shape[1] != cin_g:
+        raise ValueError(f"weight_levels: expected float32 (C_out, {cin_g}, KH, KW), got {weight_levels.dtype} "
+                         f"{tuple(weight_levels.shape)}")
+    kernel = tuple(weight_levels.shape[2:])
+    if not fp32_exact(kernel, cin_g, x_signed, w_signed, w_mul, w_add):
+        raise ValueError(f"conv2d_fast_cpu: this layer's partial sums are not proven exact in float32 "
+                         f"(bound {fp32_bound(kernel, cin_g, x_signed, w_signed, w_mul, w_add)} > 2^24, or a "
+                         f"level above {MAX_LEVEL}): use conv2d")
+    stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
+    xf = _ops.unpack_float(x, in_channels, x_signed, 1, 0)
+    sums = torch.ops.aten.mkldnn_convolution(xf, weight_levels, None, padding, stride, dilation, groups)
+    sums = sums.contiguous(memory_format=torch.channels_last)
+    args = (sums, epilogue, tap_sums, thresholds, [x.shape[1], x.shape[2]], list(kernel), cin_g, x_signed, w_signed,
+            _int(w_mul, "w_mul"), _int(w_add, "w_add"), stride, padding, dilation, _act(act), _int(qn, "qn"),
+            _int(qp, "qp"))
+    if out is None:
+        return _ops.conv2d_epilogue(*args, out_dtype)
+    _ops.conv2d_epilogue_out(*args, _int(c_offset, "c_offset"), out)
+    return out
