@@ -33,22 +33,48 @@ def spread_activation_quantizers(model, x):
                 q.alpha1.fill_(2.0 / hi.clamp_min(1e-2))
 
 
+def reestimate_batchnorm(model, x):
+    """Every BatchNorm's running statistics: those of x alone (one train-mode forward, no gradient);
+    the model is left in eval mode."""
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.reset_running_stats()
+            m.momentum = None
+    model.train()
+    with torch.no_grad():
+        model(x)
+    model.eval()
+
+
 def settle(model, batch):
     """Initialise the quantizers and re-estimate BatchNorm on batch-normalised activations (random init
     leaves the statistics meaningless), spread the activation ranges over data, then re-estimate
     BatchNorm under those ranges. batch() draws an input."""
-    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
-
-    def reestimate_batchnorm():
-        for m in bns:
-            m.reset_running_stats()
-            m.momentum = None
-        model.train()
-        with torch.no_grad():
-            model(batch())
-        model.eval()
-
-    reestimate_batchnorm()
+    reestimate_batchnorm(model, batch())
     spread_activation_quantizers(model, batch())
-    reestimate_batchnorm()
+    reestimate_batchnorm(model, batch())
     return model
+
+
+def qat_steps(model, loss, steps, lr):
+    """`steps` Adam steps on every parameter (weights, BatchNorm, quantizer parameters) against loss(model),
+    in train mode with BatchNorm's settled statistics frozen; the losses, and the model is left in eval
+    mode. Adam moves each parameter that has a gradient by about lr per step whatever the gradient's
+    scale, so a few steps move step sizes and thresholds off the values settle() gave them, as training
+    does. Frozen BatchNorm, because the tests' images are tiny: at 32 px a detector's stride-32 maps
+    are 1x1, a training-mode BatchNorm there normalises over the batch's 2 values, and its backward
+    multiplies the gradient by up to 1/sqrt(eps) (YOLO11s PACT W3A3: 3.6e36 by model.8, inf after)."""
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.eval()
+    losses = []
+    for _ in range(steps):
+        value = loss(model)
+        opt.zero_grad()
+        value.backward()
+        opt.step()
+        losses.append(float(value.detach()))
+    model.eval()
+    return losses
