@@ -18,29 +18,15 @@ import zipfile
 import pytest
 import torch
 
-from q2kernels.deploy import convert_to_int, load_int_model, save_int_model
+from q2kernels.deploy import load_int_model, save_int_model
 from q2kernels.deploy import serialize
 from q2kernels.deploy.int_graph import FORWARD_LIVE_FACTOR
 from refusals import expect_load_refused
-from test_model_files import _Net
+from test_model_files import saved  # noqa: F401  (the fixture: a small converted model, saved)
 
 CORPUS = pathlib.Path(__file__).parent / "hostile_corpus" / "model_files"
 SEEDS = sorted(CORPUS.glob("*.json"))
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "uint8": torch.uint8}
-
-
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    torch.manual_seed(0)
-    net = _Net()
-    x = torch.randn(2, 3, 8, 8)
-    net(x)  # initialise the quantizers
-    net.eval()
-    with pytest.warns(UserWarning, match="padding_mode='reflect'"):
-        model = convert_to_int(net, x)
-    path = tmp_path_factory.mktemp("files") / "model.pt"
-    save_int_model(model, path)
-    return path, x, model(x)
 
 
 def _record(saved):
@@ -155,7 +141,7 @@ def test_the_corpus_covers_every_class():
 
 # What the checks must still let through.
 def test_a_saved_model_loads_runs_and_resaves_exactly(saved, tmp_path):
-    path, x, expected = saved
+    path, x, expected, _ = saved
     model = load_int_model(path)
     assert torch.equal(model(x), expected)
     assert torch.equal(model(x), expected)  # the second call skips the shape run: same result

@@ -218,18 +218,23 @@ def _check_paths(modules, attributes) -> None:
                 raise MalformedGraph(f"{kind} {path!r}: lies inside {owners[parent]} {parent!r}, which it would modify")
 
 
-def _refs(v):
-    """The node indices an argument value refers to."""
-    if isinstance(v, _Ref):
-        yield v.index
+def _leaves(v, kind):
+    """The values of type `kind` inside an argument value (nested lists, tuples, dicts, slices)."""
+    if isinstance(v, kind):
+        yield v
     elif isinstance(v, (list, tuple)):
         for a in v:
-            yield from _refs(a)
+            yield from _leaves(a, kind)
     elif isinstance(v, dict):
         for a in v.values():
-            yield from _refs(a)
+            yield from _leaves(a, kind)
     elif isinstance(v, slice):
-        yield from _refs([v.start, v.stop, v.step])
+        yield from _leaves([v.start, v.stop, v.step], kind)
+
+
+def _refs(v):
+    """The node indices an argument value refers to."""
+    return (r.index for r in _leaves(v, _Ref))
 
 
 def _release_after(nodes) -> list[list[int]]:
@@ -256,14 +261,7 @@ def _map_tensors(v, fn):
 
 
 def _tensors(v):
-    if isinstance(v, torch.Tensor):
-        yield v
-    elif isinstance(v, (list, tuple)):
-        for a in v:
-            yield from _tensors(a)
-    elif isinstance(v, dict):
-        for a in v.values():
-            yield from _tensors(a)
+    return _leaves(v, torch.Tensor)
 
 
 def _to_meta(t: torch.Tensor) -> torch.Tensor:
