@@ -84,10 +84,12 @@ def _all_finite(*tensors: Optional[torch.Tensor]) -> torch.Tensor:
 def gate_controller(energy: torch.Tensor, gates: torch.Tensor, grad_norm: torch.Tensor,
                     grad_norm_ema: torch.Tensor, steps: torch.Tensor, history: torch.Tensor,
                     theta: Optional[torch.Tensor], tau: Optional[torch.Tensor], ema_weight: float,
-                    eta: float, group: Optional[str], skipped: Optional[torch.Tensor] = None) -> None:
+                    eta: float, group: Optional[str], skipped: Optional[torch.Tensor]) -> None:
     """Record this backward's branch energies `energy` (K) as norms and, when `theta` is given,
     move it, or skip the step when it is not finite (module docstring; GateController documents the
-    other arguments; `gates` are those the forward used)."""
+    other arguments; `gates` are those the forward used). `skipped` has no default on purpose: torch
+    (2.11) drops a trailing argument equal to its default from the boxed call, and its in-place
+    bookkeeping then indexes past the end of the arguments for the mutated `skipped`."""
     e = energy.detach().float().clone()
     pg = _resolve_group(group) if theta is not None else None
     if pg is not None:
@@ -111,7 +113,7 @@ def gate_controller(energy: torch.Tensor, gates: torch.Tensor, grad_norm: torch.
 
 
 @gate_controller.register_fake
-def _(energy, gates, grad_norm, grad_norm_ema, steps, history, theta, tau, ema_weight, eta, group, skipped=None):
+def _(energy, gates, grad_norm, grad_norm_ema, steps, history, theta, tau, ema_weight, eta, group, skipped):
     return None
 
 

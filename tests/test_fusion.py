@@ -511,7 +511,7 @@ def test_opcheck():
                           (torch.randn_like(y), [x.detach() for x in xs], gates.detach(), gamma.detach(),
                            mean.detach(), rstd.detach(), True, True))
     torch.library.opcheck(torch.ops.q2kernels.gate_controller.default,
-                          (torch.rand(2), gates.detach(), *ctrl, 0.1, 0.05, None))
+                          (torch.rand(2), gates.detach(), *ctrl, 0.1, 0.05, None, torch.zeros((), dtype=torch.int64)))
 
 
 class _TinyNeck(nn.Module):

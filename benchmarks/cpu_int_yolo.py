@@ -2,9 +2,10 @@
 path and on the fast path (oneDNN's fp32 direct conv of the codes where the bound proves it exact,
 docs/integer-format.md "The CPU fast path"), side by side in one run, at 320 and 640 px.
 
-    /work/venv-ul/bin/python benchmarks/bench_cpu_int.py [--sizes 320 640] [--reps 5] [--threads 1] [--out results.json]
+    python benchmarks/cpu_int_yolo.py [--sizes 320 640] [--reps 5] [--threads 1] [--out results.json]
 
-Needs Ultralytics (the [ultralytics] extra). The models: YOLO11n's DetectionModel from yolo11n.yaml
+Needs Ultralytics (the [ultralytics] extra); CPU only, so not one of the bench_*.py files that
+benchmarks/run_all.py runs in the GPU campaign. The models: YOLO11n's DetectionModel from yolo11n.yaml
 (seed 0, no download); its QAT model (LSQ W4A4 by default) settled as tests/deployable.settle does
 (quantizers initialised, BatchNorm and activation ranges from data, so that every layer is live) and
 converted by convert_to_int; the float model with its BatchNorm re-estimated on the same kind of data,
