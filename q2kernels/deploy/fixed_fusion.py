@@ -8,9 +8,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .._validate import check_int
-
-FUSE_MODES = ("concat", "sum")
+from .._validate import check_choice, check_int
+from ..reference.fusion import FUSE_MODES
 
 
 class FixedFusion(nn.Module):
@@ -21,8 +20,7 @@ class FixedFusion(nn.Module):
         super().__init__()
         if not isinstance(channels, (list, tuple)) or len(channels) < 2:
             raise ValueError(f"channels: expected a list of at least 2 channel counts, got {channels!r}")
-        if fuse not in FUSE_MODES:
-            raise ValueError(f"fuse: expected one of {FUSE_MODES}, got {fuse!r}")
+        check_choice(fuse, "fuse", FUSE_MODES)
         self.channels = [check_int(c, f"channels[{k}]", 1) for k, c in enumerate(channels)]
         self.fuse = fuse
         self.register_buffer("gates", gates)

@@ -370,6 +370,7 @@ def conv2d_fast_cpu(x: torch.Tensor, weight_levels: torch.Tensor, epilogue: torc
     stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
     xf = _ops.unpack_float(x, in_channels, x_signed, 1, 0)
     sums = torch.ops.aten.mkldnn_convolution(xf, weight_levels, None, padding, stride, dilation, groups)
+    # oneDNN keeps its channels_last input's format, so this is no copy; it only pins the epilogue's layout.
     sums = sums.contiguous(memory_format=torch.channels_last)
     args = (sums, epilogue, tap_sums, thresholds, [x.shape[1], x.shape[2]], list(kernel), cin_g, x_signed, w_signed,
             _int(w_mul, "w_mul"), _int(w_add, "w_add"), stride, padding, dilation, _act(act), _int(qn, "qn"),
