@@ -69,7 +69,72 @@ _SANITIZE = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-
 # than sm_90, which run the int8-MMA path. --fmad=false: no contraction outside the epilogue's
 # explicit __f*_rn operations (tests/test_cuda_compile.py builds with these same flags). --threads:
 # the four targets of a .cu file compile in parallel.
-CUDA_ARCHS = ("80", "86", "89", "90")
+#
+# Which architectures, and the MMA path each runs, is ONE table: kGpuArchs in csrc/cuda/archs.h. The
+# dispatcher (register_cuda.cpp) and the kernel's compile-time guard (int_conv_kernel.cuh) include it;
+# the build reads it here (GPU_ARCHS, parsed from the header's text: the sources ship with the package,
+# so a wheel reads the same file); tests/test_cuda_compile.py takes its archs and expected MMA from
+# GPU_ARCHS, and tests/test_gpu_archs.py fails when any of them disagrees. The header is the source
+# rather than Python passing -D flags, because three compilers with their own flags (nvcc, the host
+# compiler for register_cuda.cpp, the CPU emulator of tests/cuda_emu) must all see the table, and a
+# translation unit built without the flags would silently fall back to a default; the flags stay as
+# they were. The parser is strict: a row it does not understand is an error, never skipped.
+GPU_ARCHS_HEADER = "cuda/archs.h"  # under CSRC
+MMA_PATHS = {"kS4": "s4", "kS8": "s8"}  # params.h MmaPath -> the names of Q2K_INT_MMA
+
+
+@dataclass(frozen=True)
+class GpuArch:
+    """A row of csrc/cuda/archs.h's kGpuArchs: sm_<arch> and the MMA path the dispatcher runs there
+    ("s4": the native int4 MMA, "s8": the int8 MMA on unpacked nibbles). nvcc gets machine code for
+    every row, and the newest row's PTX too (cuda_flags)."""
+    arch: str      # "86"
+    mma_path: str  # "s4" or "s8"
+
+
+def _strip_comments(text: str) -> str:
+    return re.sub(r"//[^\n]*", "", re.sub(r"/\*.*?\*/", "", text, flags=re.S))
+
+
+def parse_gpu_archs(text: str) -> tuple[GpuArch, ...]:
+    """The rows of kGpuArchs in archs.h's text, oldest first. ValueError for a table that is missing,
+    given twice, empty, out of order, or holding a line that is not a row `{NN, MmaPath::kS4|kS8},`."""
+    code = _strip_comments(text)
+    tables = re.findall(r"\bGpuArch\s+kGpuArchs\s*\[\s*\]\s*=\s*\{(.*?)\}\s*;", code, flags=re.S)
+    if len(tables) != 1:
+        raise ValueError(f"archs.h: expected one `GpuArch kGpuArchs[] = {{...}};` table, found {len(tables)}")
+    rows = []
+    for line in tables[0].splitlines():
+        if not line.strip():
+            continue
+        m = re.fullmatch(r"\s*\{\s*(\d+)\s*,\s*MmaPath::(\w+)\s*\}\s*,?\s*", line)
+        if m is None or m[2] not in MMA_PATHS:
+            raise ValueError(f"archs.h: kGpuArchs: not a row {{NN, MmaPath::kS4|kS8}}, one per line: {line.strip()!r}")
+        rows.append(GpuArch(m[1], MMA_PATHS[m[2]]))
+    numbers = [int(r.arch) for r in rows]
+    if not rows or numbers != sorted(set(numbers)):
+        raise ValueError(f"archs.h: kGpuArchs must list each arch once, oldest first; got {numbers}")
+    return tuple(rows)
+
+
+def read_gpu_archs(csrc: Path = CSRC) -> tuple[GpuArch, ...]:
+    """parse_gpu_archs of csrc/cuda/archs.h."""
+    header = csrc / GPU_ARCHS_HEADER
+    if not header.is_file():
+        raise RuntimeError(f"q2kernels._C: {header} is missing: this installation of q2kernels is incomplete "
+                           "(reinstall it; a wheel carries the sources in q2kernels/_csrc)")
+    return parse_gpu_archs(header.read_text())
+
+
+def gpu_arch_of(capability: int, archs: tuple[GpuArch, ...] | None = None) -> GpuArch | None:
+    """The row whose code runs on a GPU of compute capability major*10 + minor (87), as archs.h's
+    gpu_arch_of chooses it: the newest row at or below it; None below the oldest (no kernel runs)."""
+    rows = [a for a in (GPU_ARCHS if archs is None else archs) if int(a.arch) <= capability]
+    return rows[-1] if rows else None
+
+
+GPU_ARCHS = read_gpu_archs()
+CUDA_ARCHS = tuple(a.arch for a in GPU_ARCHS)
 
 
 def cuda_flags(archs) -> list[str]:

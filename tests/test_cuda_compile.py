@@ -1,15 +1,20 @@
 """The CUDA sources (csrc/cuda/*.cu) build into the machine code the design needs, checked without a GPU.
 
-Each .cu file is compiled by nvcc to a cubin for sm_80, sm_86, sm_89 and sm_90 with the flags of the
+The archs, and the MMA path each must show, come from the one table of csrc/cuda/archs.h
+(q2kernels._ext.GPU_ARCHS; today sm_80, sm_86, sm_89 on the int4 path "s4", sm_90 on the int8 path
+"s8"). Each .cu file is compiled by nvcc to a cubin for every arch of the table with the flags of the
 real build (q2kernels._ext.CUDA_FLAGS), once per session, in parallel. Then, from ptxas -v and from
 the SASS (cuobjdump from the triton wheel):
-- sm_80/86/89: the int4-path conv kernels run the native int4 MMA, IMMA.16864, in the kernel body;
-- sm_90: the int8-path conv kernels run IMMA.16832.S8, twice as many as the int4 kernels run
-  IMMA.16864, none inside a called subroutine, and nothing in the sm_90 code is IMMA.16864. On sm_90
+- an "s4" arch (sm_80/86/89): the int4-path conv kernels run the native int4 MMA, IMMA.16864, in the
+  kernel body, and the int8-path kernels are empty stubs (archs.h mma_path_built);
+- an "s8" arch (sm_90): the int8-path conv kernels run IMMA.16832.S8, twice as many as the int4 kernels
+  run IMMA.16864, none inside a called subroutine, and nothing in its code is IMMA.16864. On sm_90
   ptxas turns mma.m16n8k64.s4 into a CALL to a subroutine of ~180 integer instructions around two
-  IMMA.16832 (the emulation); the int4-path kernels built for sm_90 (the forced path of the GPU tests)
+  IMMA.16832 (the emulation); the int4-path kernels built for it (the forced path of the GPU tests)
   must show exactly that, which is what proves this check can see an emulation;
 - every kernel: no local memory (0 bytes stack frame, spill stores and spill loads).
+So the kernel's compile-time guard is checked against the table here, on the machine code; the
+dispatcher and the build against it in tests/test_gpu_archs.py.
 nvcc is required: CI has it, so its absence is a failure, not a skip.
 """
 from __future__ import annotations
@@ -29,13 +34,17 @@ from q2kernels import _ext
 CUDA_DIR = _ext.CSRC / "cuda"
 SOURCES = sorted(CUDA_DIR.glob("*.cu"))
 ARCHS = _ext.CUDA_ARCHS
-INT4_NATIVE = ("80", "86", "89")
+# The archs of each MMA path, from the table (a path this test has no expectation for fails below).
+INT4_NATIVE = tuple(a.arch for a in _ext.GPU_ARCHS if a.mma_path == "s4")
+INT8_ARCHS = tuple(a.arch for a in _ext.GPU_ARCHS if a.mma_path == "s8")
+# params.h MmaPath's values, as the mangled kernel names carry them (tests/test_gpu_archs.py checks them).
+PATH_IDS = {"s4": 0, "s8": 1}
 # IMMA.16864 per int4 conv kernel: one k-tile of the K loop is unrolled, 2 k-steps of 4 m16 x 4 n8
 # MMA tiles (Tile in csrc/cuda/int_conv_kernel.cuh); the int8 path runs two m16n8k32 per m16n8k64.
 MMAS_PER_KTILE = 32
 # Tile<MmaPath, kWarpsN, k1x1> in the mangled kernel names.
 CONV_KERNEL = re.compile(r"int_conv_kernel.*MmaPathE(\d)ELi(\d)ELb(\d)")
-CONV_VARIANTS = {(path, wn, gemm) for path in (0, 1) for wn in (1, 2, 4) for gemm in (0, 1)}
+CONV_VARIANTS = {(path, wn, gemm) for path in PATH_IDS.values() for wn in (1, 2, 4) for gemm in (0, 1)}
 
 
 def _nvcc() -> str:
@@ -142,6 +151,13 @@ def builds(tmp_path_factory):
     return compile_all(tmp_path_factory.mktemp("cubins"))
 
 
+def test_every_arch_has_an_expected_mma():
+    """Every row of the table runs a path this file knows the machine code of: a new path (or a typo in
+    archs.h, which _ext's parser would already refuse) fails here rather than going unchecked."""
+    assert set(INT4_NATIVE) | set(INT8_ARCHS) == set(ARCHS), _ext.GPU_ARCHS
+    assert {a.mma_path for a in _ext.GPU_ARCHS} <= set(PATH_IDS), _ext.GPU_ARCHS
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_every_source_compiles(builds, arch):
     errors = [res["error"] for (_, a), res in builds.items() if a == arch and "error" in res]
@@ -157,34 +173,38 @@ def test_native_int4_mma(builds, arch):
     kernels = builds[("int_conv.cu", arch)]["sass"]
     for (path, wn, gemm), name in _conv_kernels(kernels).items():
         code = kernels[name]
-        if path == 0:
+        if path == PATH_IDS["s4"]:
             assert _mmas(code, "IMMA.16864") == (MMAS_PER_KTILE, 0), f"sm_{arch} {name}: {_mmas(code, 'IMMA.16864')}"
             assert _mmas(code, "IMMA.16832") == (0, 0), f"sm_{arch} {name}: int8 MMA in the int4 path"
         else:
-            # The int8 path is built for sm_90 only; here the kernel is an empty stub the launcher never runs.
+            # The int8 path is built only for the table's "s8" archs; here the kernel is an empty stub the
+            # launcher never runs.
             ops = {_opcode(text) for _, text in code}
             assert ops <= {"MOV", "EXIT", "BRA", "NOP"}, f"sm_{arch} {name}: expected an empty stub, got {ops}"
 
 
-def test_sm90_int8_path_not_emulated(builds):
-    kernels = builds[("int_conv.cu", "90")]["sass"]
-    for src, arch in builds:
-        if arch == "90":
-            for name, code in builds[(src, arch)]["sass"].items():
-                assert _mmas(code, "IMMA.16864") == (0, 0), f"{src} sm_90 {name}: int4 MMA on sm_90"
+@pytest.mark.parametrize("arch", INT8_ARCHS)
+def test_int8_path_not_emulated(builds, arch):
+    kernels = builds[("int_conv.cu", arch)]["sass"]
+    for src, a in builds:
+        if a == arch:
+            for name, code in builds[(src, a)]["sass"].items():
+                assert _mmas(code, "IMMA.16864") == (0, 0), f"{src} sm_{arch} {name}: int4 MMA on sm_{arch}"
     conv = _conv_kernels(kernels)
     for (path, wn, gemm), name in conv.items():
-        if path != 1:
+        if path != PATH_IDS["s8"]:
             continue
         code = kernels[name]
         assert _mmas(code, "IMMA.16832.S8") == (2 * MMAS_PER_KTILE, 0), f"{name}: {_mmas(code, 'IMMA.16832.S8')}"
-        # Positive control: the int4 path of the same tile, built for sm_90, is the emulation.
-        emulated = kernels[conv[(0, wn, gemm)]]
+        # Positive control: the int4 path of the same tile, built for this arch, is the emulation.
+        int4 = conv[(PATH_IDS["s4"], wn, gemm)]
+        emulated = kernels[int4]
         body, called = _mmas(emulated, "IMMA.16832")
-        assert body == 0 and called >= 1, f"sm_90 int4 {conv[(0, wn, gemm)]}: IMMA {body} in body, {called} called"
+        assert body == 0 and called >= 1, f"sm_{arch} int4 {int4}: IMMA {body} in body, {called} called"
         calls = (sum(_opcode(text).startswith("CALL") for _, text in emulated)
                  - sum(_opcode(text).startswith("CALL") for _, text in code))
-        assert calls == MMAS_PER_KTILE, f"sm_90 int4 kernel: {calls} more CALLs than the int8 one, expected 1 per MMA"
+        assert calls == MMAS_PER_KTILE, (f"sm_{arch} int4 kernel: {calls} more CALLs than the int8 one, "
+                                         "expected 1 per MMA")
 
 
 @pytest.mark.parametrize("arch", ARCHS)

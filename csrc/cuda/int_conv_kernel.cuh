@@ -63,6 +63,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "archs.h"
 #include "epilogue.h"
 #include "format.h"
 #include "params.h"
@@ -76,8 +77,10 @@
 namespace q2k {
 namespace cuda {
 
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
-constexpr bool kS8PathBuilt = false;
+// Whether this compilation holds the int8-path kernels or empty stubs: the table of archs.h decides
+// (mma_path_built). The host pass and the CPU emulator (no __CUDA_ARCH__) see every path.
+#if defined(__CUDA_ARCH__)
+constexpr bool kS8PathBuilt = mma_path_built(MmaPath::kS8, __CUDA_ARCH__);
 #else
 constexpr bool kS8PathBuilt = true;
 #endif

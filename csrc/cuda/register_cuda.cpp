@@ -1,9 +1,11 @@
 // Registers the CUDA integer ops (int_ops.cpp) for torch.ops.q2kernels_int.* on CUDA tensors: the device
-// guard, the current stream, and the MMA path for the device (params.h MmaPath):
-// - sm_80 / sm_86 / sm_89 (any 8.x): the native int4 MMA;
-// - sm_90 and newer: the int8 MMA on unpacked nibbles (int4 MMA is emulated there).
+// guard, the current stream, and the MMA path for the device (params.h MmaPath), which the table of
+// archs.h gives (gpu_arch_of: the row of the newest arch at or below the GPU's compute capability):
+// today sm_80 / sm_86 / sm_89 (any 8.x) the native int4 MMA, sm_90 and newer the int8 MMA on unpacked
+// nibbles (int4 MMA is emulated there). No arch number is written here.
 // Q2K_INT_MMA=s4 forces the int4 path (on sm_90: the emulated int4 MMA, slow; it checks the same
-// kernel source on an H100), Q2K_INT_MMA=s8 the int8 path (built for sm_90 only); auto (unset) chooses.
+// kernel source on an H100), Q2K_INT_MMA=s8 the int8 path (built only where the table's row runs it,
+// archs.h mma_path_built); auto (unset) chooses.
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime_api.h>
@@ -13,6 +15,7 @@
 #include <cstdlib>
 #include <string>
 
+#include "archs.h"
 #include "int_ops.h"
 
 namespace q2k {
@@ -24,15 +27,20 @@ MmaPath mma_path(const at::Tensor& x) {
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, x.get_device()));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, x.get_device()));
   const int cc = major * 10 + minor;
-  TORCH_CHECK(major >= 8, "q2kernels_int: the CUDA integer kernels need an sm_80 or newer GPU (int4/int8 "
-              "tensor-core MMA); ", x.device(), " is sm_", cc);
+  const GpuArch* row = gpu_arch_of(cc);
+  TORCH_CHECK(row != nullptr, "q2kernels_int: the CUDA integer kernels need an sm_", kGpuArchs[0].arch,
+              " or newer GPU (int4/int8 tensor-core MMA); ", x.device(), " is sm_", cc);
   const char* env = std::getenv("Q2K_INT_MMA");
   const std::string want = env == nullptr ? "auto" : env;
-  if (want == "auto" || want.empty()) return major >= 9 ? MmaPath::kS8 : MmaPath::kS4;
-  if (want == "s4") return MmaPath::kS4;
+  // The device code that runs here was compiled for __CUDA_ARCH__ = row->arch * 10 (gpu_arch_of); a
+  // forced path must be one that compilation holds (mma_path_built), never a stub.
+  if (want == "auto" || want.empty()) return row->path;
+  if (want == "s4") return MmaPath::kS4;  // built for every arch
   if (want == "s8") {
-    TORCH_CHECK_VALUE(major >= 9, "Q2K_INT_MMA=s8: the int8-MMA kernels are built for sm_90 only; ", x.device(),
-                      " is sm_", cc, " (it runs the native int4 MMA)");
+    TORCH_CHECK_VALUE(mma_path_built(MmaPath::kS8, row->arch * 10),
+                      "Q2K_INT_MMA=s8: the int8-MMA kernels are built for sm_",
+                      oldest_arch_of(MmaPath::kS8), " only; ", x.device(), " is sm_", cc,
+                      " (it runs the native int4 MMA)");
     return MmaPath::kS8;
   }
   TORCH_CHECK_VALUE(false, "Q2K_INT_MMA: expected auto, s4 or s8, got '", want, "'");
