@@ -6,14 +6,16 @@ convert_to_int turns it into integer layers, and save_int_model/load_int_model s
 the integer model's output equals the fake-quant model's bit for bit (every value is dyadic, so the
 fp32 sums of both are exact).
 """
+import ast
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
 from q2kernels.deploy import IntConv2d, QuantizePack, convert_to_int, load_int_model, save_int_model
-from q2kernels.nn import (QUANTIZER_KINDS, IntActivation, IntWeight, NoIntegerForm, Quantizer, Recipe,
+from q2kernels.nn import (QUANTIZER_KINDS, IntActivation, IntWeight, NoIntegerForm, QADALoss, Quantizer, Recipe,
                           quantize_model, quantizer_class, register_recipe)
 
 
@@ -103,3 +105,44 @@ def test_a_kind_without_an_integer_form_is_kept_in_float_by_name():
     assert report["2"].startswith("kept in float") and report["0"].startswith("integer conv")
     with pytest.raises(NoIntegerForm, match="as a weight quantizer"):
         _NoInteger(4).int_weight(torch.ones(2, 2), torch.ones(2, 2))
+
+
+def test_a_kind_gets_the_training_protocols_defaults():
+    """FixedScaleQuantizer defines neither step_size() nor scale_free: the base class answers for it
+    (no step: Q-ADA takes no quantized feature from it; its weights carry their scale), and a Q-ADA
+    loss over a model of such quantizers still runs, with no distortion term."""
+    q = FixedScaleQuantizer(4, 0.25)
+    assert q.step_size() is None and q.scale_free is False
+    teacher, student = _net(), _net()
+    x = torch.randn(2, 3, 6, 6)
+    with QADALoss(teacher, student, points=["1"]) as distill:
+        teacher(x)
+        student(x)
+        assert distill._points[0].sq is None
+        assert torch.isfinite(distill())
+
+
+# The protocol members training code asks of a quantizer (never by hasattr).
+_MEMBERS = {"step_size", "scale_free", "config", "state_keys", "int_activation", "int_weight", "dequantize",
+            "initialize", "quantize", "kind"}
+
+
+def test_training_code_asks_the_protocol_not_the_class():
+    """Q-ADA (nn/ada.py) and the Ultralytics integration (prepare.py) ask a quantizer its protocol
+    members: a quantizer kind's class is named there only to construct one (never in an isinstance
+    or a tuple of kinds: the base class Quantizer is the protocol), and no protocol member is asked
+    with hasattr."""
+    root = Path(__file__).resolve().parent.parent
+    kinds = {c.__name__ for c in QUANTIZER_KINDS.values()}
+    found = []
+    for path in ("q2kernels/nn/ada.py", "q2kernels/integrations/ultralytics/prepare.py"):
+        tree = ast.parse((root / path).read_text())
+        constructed = {id(n.func) for n in ast.walk(tree) if isinstance(n, ast.Call)}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Name) and node.id in kinds and id(node) not in constructed:
+                found.append(f"{path}:{node.lineno}: names the kind {node.id} other than to construct it")
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "hasattr"
+                    and len(node.args) == 2 and isinstance(node.args[1], ast.Constant)
+                    and node.args[1].value in _MEMBERS):
+                found.append(f"{path}:{node.lineno}: hasattr(..., {node.args[1].value!r})")
+    assert not found, found

@@ -9,18 +9,22 @@ two together). It answers the quantizer protocol (q2kernels/nn/protocol.py) like
 tests/test_quantizer_protocol.py's kind: config, state_keys, int_activation, int_weight; verify needs
 nothing more (its dequantize and decisions come from its integer form). Its first-batch
 initialisation is LSQ's formula, taken from the reference, and its step_size() feeds the Q-ADA term
-it trains with.
+it trains with. Its weights carry their step (scale_free is False); a variant that leaves the step to
+a BatchNorm says so with scale_free = True, and the Ultralytics integration then treats it as it
+treats DoReFa, with no change to q2kernels/integrations/; a variant without a step (the base class's
+step_size(), None) supplies no quantized feature to Q-ADA.
 """
 import copy
 import warnings
 
+import pytest
 import torch
 from torch import nn
 
 from q2kernels import reference as ref
 from q2kernels.deploy import IntConv2d, convert_to_int, load_int_model, save_int_model, verify_int_model
-from q2kernels.nn import (QUANTIZER_KINDS, IntActivation, IntWeight, QADALoss, QConv2d, Quantizer, Recipe,
-                          quantize_model, register_recipe)
+from q2kernels.nn import (QUANTIZER_KINDS, DoReFaWeightQuantizer, IntActivation, IntWeight, QADALoss, QConv2d,
+                          Quantizer, Recipe, quantize_model, register_recipe)
 from q2kernels.nn.quantizers import _all_reduce
 
 
@@ -73,14 +77,42 @@ class ToyUniformQuantizer(Quantizer):
         step = torch.full((w.size(0),), s, dtype=torch.float64, device=w.device)
         return IntWeight(torch.round(wq / s), self.qn, self.qp, w_mul=1, w_add=0, step=step)
 
-    # Step 5: the quantisation step Q-ADA's distortion term divides by.
+    # Step 5: the quantisation step Q-ADA's distortion term divides by, and whether its weight outputs
+    # carry the float weights' scale (they do: wq = q*s; the base class's default, said here to show it).
     def step_size(self):
         return self._step().detach().reshape(1)
+
+    scale_free = False
 
 
 # Step 6: a recipe for quantize_model.
 register_recipe("toy_uniform", Recipe(weight=lambda layer, bits: ToyUniformQuantizer(bits, 0.05),
                                       act=lambda layer, bits: ToyUniformQuantizer(bits, 0.25)))
+
+
+class ToyScaleFreeQuantizer(ToyUniformQuantizer):
+    """The toy's codes as its outputs, y = q (its step left out, to a BatchNorm after the conv, as
+    DoReFa's [-1, 1] leaves it): a scale-free weight quantizer. Gradient: the toy's, over s."""
+
+    scale_free = True
+
+    def quantize(self, x):
+        y = super().quantize(x) / self._step().detach()
+        return y + (torch.round(y) - y).detach()  # exactly q forward
+
+    def int_weight(self, w, wq):
+        step = torch.ones(w.size(0), dtype=torch.float64, device=w.device)
+        return IntWeight(torch.round(wq), self.qn, self.qp, w_mul=1, w_add=0, step=step)
+
+
+class ToyStepless(ToyUniformQuantizer):
+    """The toy answering the base class's step_size(): None, no step."""
+
+    step_size = Quantizer.step_size
+
+
+register_recipe("toy_scale_free", Recipe(weight=lambda layer, bits: ToyScaleFreeQuantizer(bits, 0.05),
+                                         act=lambda layer, bits: ToyUniformQuantizer(bits, 0.25)))
 
 
 class _Net(nn.Module):
@@ -147,3 +179,68 @@ def test_a_kind_defined_in_a_test_file_trains_converts_verifies_and_round_trips(
     again = load_int_model(path)
     assert isinstance(again.net.get_submodule("head").weight_quantizer, ToyUniformQuantizer)
     assert torch.equal(again(x), out)
+
+
+def test_the_training_protocol_has_defaults_and_the_toy_answers_it():
+    assert Quantizer.scale_free is False and DoReFaWeightQuantizer.scale_free is True
+    assert ToyUniformQuantizer(4).scale_free is False and ToyScaleFreeQuantizer(4).scale_free is True
+    assert DoReFaWeightQuantizer(4).step_size() is None and ToyStepless(4).step_size() is None
+    toy = ToyUniformQuantizer(4, 0.25)
+    assert torch.equal(toy.step_size(), torch.tensor([0.25]))
+    w = torch.randn(4, 8, 3, 3)
+    codes = ToyScaleFreeQuantizer(4, 0.05)(w)  # its codes, not on the weights' scale
+    assert torch.equal(codes, torch.round(codes)) and codes.abs().max() > 1 and -8 <= codes.min() <= codes.max() <= 7
+
+
+@pytest.mark.parametrize("stepless", [False, True])
+def test_q_ada_takes_the_step_the_quantizer_answers(stepless):
+    """body.5's output feeds body.6's activation quantizer as is: its output and step become Sq and
+    Delta; a quantizer whose step_size() is None supplies neither (no distortion term)."""
+    torch.manual_seed(0)
+    net = _Net()
+    teacher = copy.deepcopy(net).eval().requires_grad_(False)
+    quantize_model(net.body, "toy_uniform", 4, 4, keep_first_last=False)
+    if stepless:
+        net.body[6].act_quantizer = ToyStepless(4, 0.25)
+    x = torch.randn(2, 3, 12, 12, generator=torch.Generator().manual_seed(2))
+    with QADALoss(teacher, net, points=["body.5"], weight=0.01) as distill:
+        with torch.no_grad():
+            teacher(x)
+        net(x)
+        point = distill._points[0]
+        q = net.body[6].act_quantizer
+        if stepless:
+            assert point.sq is None and point.delta is None and point.quantizer is None
+        else:
+            assert point.quantizer is q and torch.equal(point.delta, q.step_size())
+            assert torch.equal(point.sq, q(point.student).detach())
+        assert torch.isfinite(distill())
+
+
+def test_a_scale_free_kind_is_treated_as_dorefa_by_the_ultralytics_integration():
+    """prepare asks `scale_free`, not the class: a conv no BatchNorm follows gets a per-channel LSQ
+    weight quantizer in place of a scale-free one, and a following BatchNorm's statistics are rescaled
+    by the conv's weight gain, for the toy variant as for DoReFa."""
+    pytest.importorskip("ultralytics")
+    from q2kernels.integrations.ultralytics.prepare import _unnormalized_qconv, rescale_batchnorm_statistics
+    from q2kernels.nn import LSQQuantizer
+
+    conv = nn.Conv2d(8, 4, 1)
+    replaced = _unnormalized_qconv(conv, "toy_scale_free", 4, 4).weight_quantizer
+    assert isinstance(replaced, LSQQuantizer) and replaced.axis == 0 and replaced.s.numel() == 4
+    assert type(_unnormalized_qconv(conv, "toy_uniform", 4, 4).weight_quantizer) is ToyUniformQuantizer
+
+    def block(weight_quantizer):
+        b = nn.Module()
+        b.conv = QConv2d(8, 4, 3, padding=1, bias=False, weight_quantizer=weight_quantizer)
+        b.bn = nn.BatchNorm2d(4)
+        b.bn.running_mean.fill_(0.5)
+        return b
+
+    model = nn.Module()
+    model.free, model.scaled = block(ToyScaleFreeQuantizer(4, 0.05)), block(ToyUniformQuantizer(4, 0.05))
+    gains = rescale_batchnorm_statistics(model, ["free.conv", "scaled.conv"])
+    assert list(gains) == ["free.conv"]
+    g = gains["free.conv"]
+    assert torch.allclose(model.free.bn.running_mean, 0.5 * g) and torch.allclose(model.free.bn.running_var, g * g)
+    assert torch.equal(model.scaled.bn.running_mean, torch.full((4,), 0.5))

@@ -2,14 +2,14 @@
 
 Forward hooks record, at every distillation point, the teacher module's output (detached: teacher
 features never keep a graph) and the student module's output S. When S is handed as is to an
-activation quantizer of the student (a q2kernels.nn quantizer with `step_size()`, e.g. the input
-quantizer of the next QConv2d), that quantizer's output becomes Sq and its step Delta, so the
-distortion term needs no wiring. With distortion="own" (the default) the teacher's side gets its own
+activation quantizer of the student (a q2kernels.nn quantizer whose `step_size()` is not None, e.g.
+the input quantizer of the next QConv2d), that quantizer's output becomes Sq and its step Delta, so
+the distortion term needs no wiring. With distortion="own" (the default) the teacher's side gets its own
 term from Tq, that same quantizer applied to the teacher feature under no_grad when the loss is
 computed: Tq is a temporary of the loss (the op keeps it for its backward, like T and S, and nothing
 else holds it). With distortion="shared" the student's term is added to both sides. A feature that
 reaches a quantizer only through other ops (an activation, a concat) has no Sq: no distortion term
-is used for it. Where S feeds several quantizers, the first to run supplies Sq and Delta.
+is used for it. Where S feeds several quantizers, the first to run with a step supplies Sq and Delta.
 """
 from __future__ import annotations
 
@@ -129,7 +129,7 @@ class QADALoss(nn.Module):
             self._handles.append(s_mod.register_forward_hook(_student_hook(p)))
         if self.gamma != 0.0:
             for m in student.modules():
-                if isinstance(m, Quantizer) and hasattr(m, "step_size"):
+                if isinstance(m, Quantizer):  # the hook asks its step_size() (the quantizer protocol)
                     self._handles.append(m.register_forward_hook(_quantizer_hook(self._points)))
         # The hooks reference the points, never this module, so it can be collected; then its hooks go.
         self._finalizer = weakref.finalize(self, _remove_hooks, self._handles)
@@ -196,7 +196,10 @@ def _quantizer_hook(points):
     def hook(module, inputs, output):
         for p in points:
             if p.sq is None and p.student is not None and inputs and inputs[0] is p.student:
+                delta = module.step_size()
+                if delta is None:  # a kind without a step: another quantizer of S may supply Sq
+                    continue
                 p.sq = output.detach()
-                p.delta = module.step_size().detach()
+                p.delta = delta.detach()
                 p.quantizer = module
     return hook

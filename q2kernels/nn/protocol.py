@@ -1,4 +1,5 @@
-"""The quantizer protocol: what deployment and model files ask of a quantizer kind, and the registries.
+"""The quantizer protocol: what deployment, model files and training ask of a quantizer kind, and the
+registries.
 
 A quantizer kind is one class in one file (a subclass of q2kernels.nn.Quantizer). It answers, itself:
 - `config()`: the constructor arguments that rebuild it (a model file stores them);
@@ -8,11 +9,19 @@ A quantizer kind is one class in one file (a subclass of q2kernels.nn.Quantizer)
 - `dequantize(codes)`: the fp32 values its forward outputs for activation codes (the base class
   derives them from the integer form as step*q + offset; a kind whose forward rounds its levels
   otherwise, as N2UQ's (q*I)*alpha2, says so itself).
+And what training asks of it:
+- `step_size()`: the step of its output levels (a tensor of 1 or C elements) that Q-ADA's distortion
+  term divides by, or None (the base class's answer: a kind without one, as DoReFa's and N2UQ's
+  weight quantizers, supplies no quantized feature to Q-ADA);
+- `scale_free`: True for a weight quantizer whose outputs carry no scale of the float weights
+  (DoReFa's lie in [-1, 1]) and leave it to a BatchNorm after the conv (the base class: False). The
+  Ultralytics integration gives a conv no BatchNorm follows a scale-carrying weight quantizer
+  instead, and rescales the statistics of a BatchNorm that follows one.
 Its decisions are those of its integer form (`IntActivation.codes`, `.decision`): the form holds
 exactly the fp32 values the forward uses. Subclassing Quantizer registers the class under its `kind`
 (QUANTIZER_KINDS), and the file may add a quantize_model recipe with `register_recipe`.
-deploy/convert.py, deploy/verify.py, deploy/serialize.py and quantize_model ask only through these,
-never by class or by private parameter.
+deploy/convert.py, deploy/verify.py, deploy/serialize.py, quantize_model, nn/ada.py and the
+Ultralytics integration ask only through these, never by class, by private parameter or by hasattr.
 """
 from __future__ import annotations
 

@@ -37,11 +37,16 @@ class Quantizer(nn.Module):
     needs them, the protocol's `config`, `state_keys`, `int_activation`, `int_weight`, `dequantize`
     (protocol.py);
     data-initialised kinds implement `initialize(x)`; activation quantizers `step_size()`: the
-    quantisation step (a tensor of 1 or C elements) that Q-ADA's distortion term divides by.
-    A subclass is registered under `kind` (its class name unless it sets one) when it is defined."""
+    quantisation step (a tensor of 1 or C elements) that Q-ADA's distortion term divides by (the
+    default, None: no step); a weight quantizer whose outputs carry no scale of the float weights
+    sets `scale_free`. A subclass is registered under `kind` (its class name unless it sets one)
+    when it is defined."""
 
     kind = "Quantizer"
     state_keys: tuple[str, ...] = ("bits",)
+    # As a weight quantizer: its outputs carry no scale of the float weights (DoReFa's lie in [-1, 1]),
+    # which is left to a BatchNorm that follows the conv (protocol.py).
+    scale_free: bool = False
     # Entries of its state_dict that a checkpoint written before they existed lacks, and that
     # load_state_dict therefore does not require.
     optional_state_keys: tuple[str, ...] = (SETTINGS_KEY,)
@@ -78,6 +83,11 @@ class Quantizer(nn.Module):
     def config(self) -> dict:
         """The constructor arguments that rebuild this quantizer."""
         return {"bits": self.bits}
+
+    def step_size(self) -> torch.Tensor | None:
+        """The step of its output levels (a tensor of 1 or C elements), which Q-ADA's distortion term
+        divides by; None: this kind has none (it then supplies no quantized feature to Q-ADA)."""
+        return None
 
     def int_activation(self) -> IntActivation:
         raise NoIntegerForm(f"({self.kind}) has no integer form as an activation quantizer")
@@ -405,6 +415,8 @@ class DoReFaWeightQuantizer(Quantizer):
     """DoReFa weights (docs/math.md §3), paired with PACT activations. No learnable parameters; the
     output lies in [-1, 1] (DoReFa's convention), so the conv's scale is absorbed by BatchNorm.
     Integer form: wq = (2q - n)/n with q in [0, n], n = 2^bits - 1."""
+
+    scale_free = True
 
     def quantize(self, w):
         return qF.dorefa_weight_quantize(w, self.bits)

@@ -39,23 +39,36 @@ def _max_keep_nan(a, b):
 
 
 @triton.jit
-def _absmax_kernel(w_ptr, part_ptr, N, BLOCK: tl.constexpr, INT64: tl.constexpr):
+def _block(N, BLOCK: tl.constexpr, INT64: tl.constexpr):
+    """This program's BLOCK element offsets (int64 where the tensor needs them) and their mask."""
     pid = tl.program_id(0)
     if INT64:
         pid = pid.to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
-    w = tl.load(w_ptr + offs, mask=offs < N, other=0.0).to(tl.float32)
+    return offs, offs < N
+
+
+@triton.jit
+def _block_tanh_grad(w_ptr, g_ptr, N, BLOCK: tl.constexpr, INT64: tl.constexpr):
+    """The backward's inputs at this program's block: offsets, mask, t = tanh(w) and the gradient g
+    (fp32; 0 outside the tensor, so masked lanes add nothing to the partial sums)."""
+    offs, mask = _block(N, BLOCK, INT64)
+    t = _tanh(tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32))
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    return offs, mask, t, g
+
+
+@triton.jit
+def _absmax_kernel(w_ptr, part_ptr, N, BLOCK: tl.constexpr, INT64: tl.constexpr):
+    offs, mask = _block(N, BLOCK, INT64)
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     # A NaN weight makes m NaN, as torch.amax does (tl.max would skip it).
     tl.store(part_ptr + tl.program_id(0), tl.reduce(tl.abs(_tanh(w)), 0, _max_keep_nan))
 
 
 @triton.jit
 def _dorefa_fwd_kernel(w_ptr, wq_ptr, m_ptr, N, n, two_over_n, BLOCK: tl.constexpr, INT64: tl.constexpr):
-    pid = tl.program_id(0)
-    if INT64:
-        pid = pid.to(tl.int64)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < N
+    offs, mask = _block(N, BLOCK, INT64)
     t = _tanh(tl.load(w_ptr + offs, mask=mask).to(tl.float32))
     m = tl.load(m_ptr)
     inv_2m = tl.where(m == 0.0, 0.0, tl.math.div_rn(1.0, 2.0 * m))  # m = 0: all t are 0, u = 1/2
@@ -66,13 +79,7 @@ def _dorefa_fwd_kernel(w_ptr, wq_ptr, m_ptr, N, n, two_over_n, BLOCK: tl.constex
 @triton.jit
 def _dorefa_bwd_partials_kernel(w_ptr, g_ptr, m_ptr, gt_part_ptr, ties_part_ptr, N,
                                 BLOCK: tl.constexpr, INT64: tl.constexpr):
-    pid = tl.program_id(0)
-    if INT64:
-        pid = pid.to(tl.int64)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < N
-    t = _tanh(tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32))
-    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    offs, mask, t, g = _block_tanh_grad(w_ptr, g_ptr, N, BLOCK, INT64)
     at_max = mask & (tl.abs(t) == tl.load(m_ptr))
     tl.store(gt_part_ptr + tl.program_id(0), tl.sum(g * t, axis=0))
     tl.store(ties_part_ptr + tl.program_id(0), tl.sum(at_max.to(tl.float32), axis=0))
@@ -81,13 +88,7 @@ def _dorefa_bwd_partials_kernel(w_ptr, g_ptr, m_ptr, gt_part_ptr, ties_part_ptr,
 @triton.jit
 def _dorefa_bwd_kernel(w_ptr, g_ptr, dw_ptr, m_ptr, gt_ptr, ties_ptr, N,
                        BLOCK: tl.constexpr, INT64: tl.constexpr):
-    pid = tl.program_id(0)
-    if INT64:
-        pid = pid.to(tl.int64)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < N
-    t = _tanh(tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32))
-    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    offs, mask, t, g = _block_tanh_grad(w_ptr, g_ptr, N, BLOCK, INT64)
     m = tl.load(m_ptr)
     # d(wq)/dt = 1/m directly; through m = max|t| the gradient -sum(g*t)/m^2 is shared equally by
     # the elements at the max, with the sign of t (torch.amax's rule).

@@ -7,12 +7,13 @@
    its scale meant to be absorbed by the BatchNorm that follows) would shrink its outputs to ~1/|w|
    of the float model's (YOLO11s PACT: first cls loss 1932 instead of ~6). Every quantized conv
    without a following BatchNorm therefore gets a per-channel LSQ weight quantizer when the recipe's
-   weight quantizer is scale-free; its step is the learned per-channel scale. Where a BatchNorm
-   does follow a scale-free weight quantizer, its running statistics are rescaled by the conv's
-   weight gain (rescale_batchnorm_statistics): training-mode BatchNorm cancels the dropped scale,
-   eval mode (validation, the EMA, conversion) divides by the running statistics and would scale
-   each such conv's output by its gain g (~3-50) until momentum replaced them (YOLO11n PACT W4A4,
-   2 epochs at 64 px: validation cls loss 158.9 instead of LSQ's 0.34; docs/math.md §7).
+   weight quantizer is scale-free (its `scale_free`, the quantizer protocol); its step is the
+   learned per-channel scale. Where a BatchNorm does follow a scale-free weight quantizer, its
+   running statistics are rescaled by the conv's weight gain (rescale_batchnorm_statistics):
+   training-mode BatchNorm cancels the dropped scale, eval mode (validation, the EMA, conversion)
+   divides by the running statistics and would scale each such conv's output by its gain g (~3-50)
+   until momentum replaced them (YOLO11n PACT W4A4, 2 epochs at 64 px: validation cls loss 158.9
+   instead of LSQ's 0.34; docs/math.md §7).
 2. GatedFusion at every neck Concat ("balanced": Q-GBFusion, the default; "learned": GABFusion),
    keeping Ultralytics' routing attributes (`f`, `i`, `type`) so the layer loop runs unchanged.
    The branch channel counts and the convs that read each node's output (its LayerNorm-removal
@@ -40,13 +41,17 @@ from ...deploy.fusion import run_with_hooks
 from ...nn import GatedFusion, QADALoss, QConv2d, quantize_model
 from ...nn.fusion import MODES as FUSION_MODES
 from ...nn.quantize_model import RECIPES
-from ...nn.quantizers import DoReFaWeightQuantizer, LSQQuantizer
+from ...nn.quantizers import LSQQuantizer, Quantizer
 from .model import Q2DetectionModel
 
 # Attributes Ultralytics' layer loop and its summaries read from every layer of model.model.
 _ROUTING_ATTRS = ("f", "i", "type")
-# Weight quantizers whose codes carry no scale of their own (it is left to a following BatchNorm).
-_SCALE_FREE_WEIGHTS = (DoReFaWeightQuantizer,)
+
+
+def _scale_free(weight_quantizer) -> bool:
+    """Whether a weight quantizer's codes carry no scale of their own, left to a following BatchNorm
+    (the quantizer protocol's `scale_free`, e.g. DoReFa's); False for none (a float conv)."""
+    return isinstance(weight_quantizer, Quantizer) and weight_quantizer.scale_free
 
 
 @dataclass
@@ -190,17 +195,17 @@ def _unnormalized_qconv(conv: nn.Conv2d, recipe: str, w_bits: int, a_bits: int) 
     replaced by a per-channel LSQ one (module docstring)."""
     r = RECIPES[recipe]
     weight = r.weight(conv, w_bits)
-    if isinstance(weight, _SCALE_FREE_WEIGHTS):
+    if _scale_free(weight):
         weight = LSQQuantizer(w_bits, "signed", axis=0, channels=conv.out_channels)
     return QConv2d.from_float(conv, weight=weight, act=r.act(conv, a_bits))
 
 
 def rescale_batchnorm_statistics(model: nn.Module, names) -> dict[str, torch.Tensor]:
-    """For each QConv2d in `names` whose weight quantizer is scale-free (DoReFa: codes in [-1, 1])
-    and that a BatchNorm follows: the BatchNorm's running statistics multiplied by the conv's weight
-    gain, per output channel g = <w_q, w> / <w, w> (the least-squares factor in w_q ~ g*w), so that
-    running_mean *= g and running_var *= g^2 describe the quantized conv's outputs as they described
-    the float conv's (docs/math.md §7, "PACT's eval-mode blow-up").
+    """For each QConv2d in `names` whose weight quantizer is scale-free (`scale_free`; DoReFa: codes
+    in [-1, 1]) and that a BatchNorm follows: the BatchNorm's running statistics multiplied by the
+    conv's weight gain, per output channel g = <w_q, w> / <w, w> (the least-squares factor in
+    w_q ~ g*w), so that running_mean *= g and running_var *= g^2 describe the quantized conv's
+    outputs as they described the float conv's (docs/math.md §7, "PACT's eval-mode blow-up").
 
     Training-mode BatchNorm normalises with the batch's statistics and never sees the scale the
     weight quantizer dropped (max|tanh w| of the tensor: DoReFa's outputs are ~1/max|w| times the
@@ -214,7 +219,7 @@ def rescale_batchnorm_statistics(model: nn.Module, names) -> dict[str, torch.Ten
         parent = model.get_submodule(parent_name) if parent_name else model
         conv, bn = getattr(parent, child), getattr(parent, "bn", None)
         quantizer = getattr(conv, "weight_quantizer", None)
-        if not (isinstance(quantizer, _SCALE_FREE_WEIGHTS) and _bn_follows(parent, child)
+        if not (_scale_free(quantizer) and _bn_follows(parent, child)
                 and bn.running_mean is not None and bn.running_var is not None):
             continue
         with torch.no_grad():
