@@ -1,5 +1,5 @@
 """The `q2k` command: `q2k demo` (the main job), `q2k doctor` (what runs where), `q2k build` (the C++/CUDA
-extension ahead of time), `q2k bench`."""
+extension ahead of time), `q2k export` (an integer model file as ONNX), `q2k bench`."""
 from __future__ import annotations
 
 import argparse
@@ -160,6 +160,36 @@ def _build_prebuilt(folder: Path) -> int:
     return 0
 
 
+def _shape_argument(text: str) -> tuple[int, ...]:
+    parts = text.split(",")
+    if len(parts) != 4 or not all(p.strip().isdigit() and 1 <= int(p) <= 8192 for p in parts):
+        raise argparse.ArgumentTypeError(f"expected N,C,H,W, four integers in 1..8192, got {text!r}")
+    return tuple(int(p) for p in parts)
+
+
+def export_onnx_file(model_path: Path, out: Path, shape: tuple[int, ...] | None, opset: int | None) -> int:
+    """q2k export: load, export with deploy.export_onnx, check in onnxruntime on a random example."""
+    import torch
+
+    from q2kernels.deploy import export_onnx, load_int_model
+    from q2kernels.deploy.onnx_export import DEFAULT_OPSET
+    model = load_int_model(model_path)
+    if shape is None:
+        if model.detect_head is None:
+            print(f"q2k export: {model_path} has no detect head to take the input size from: give --shape N,C,H,W",
+                  file=sys.stderr)
+            return 2
+        shape = (1, 3, *model.detect_head.imgsz)
+    example = torch.rand(shape, generator=torch.Generator().manual_seed(0))
+    report = export_onnx(model, example, out, opset=opset or DEFAULT_OPSET)
+    print(f"q2k export: wrote {out} (opset {report.opset}): {report.integer_layers} integer layers, "
+          f"{len(report.float_layers)} float ({', '.join(report.float_layers) or 'none'})")
+    same = all(report.outputs_identical)
+    print(f"onnxruntime on a random {tuple(shape)} input: outputs "
+          f"{'bit-identical' if same else 'differ, largest difference ' + str(max(report.max_abs_diff))}")
+    return 0
+
+
 def _enable_interpreter_without_gpu() -> None:
     """Without a GPU the fused kernels run through the Triton interpreter; it must be switched on
     before triton is imported, so before q2kernels' kernels load."""
@@ -204,6 +234,13 @@ def main(argv=None) -> int:
     demo.add_argument("--ultralytics", action="store_true",
                       help="the Ultralytics YOLO demo instead (YOLO11n from YAML: trainer, LayerNorm removal, "
                            "integer model, mAP; needs pip install q2kernels[ultralytics])")
+    export = sub.add_parser("export", help="write an integer model file as ONNX (docs/deploy.md)")
+    export.add_argument("model", type=Path, help="an integer model file (save_int_model, IntDetector.save)")
+    export.add_argument("--onnx", type=Path, required=True, metavar="OUT", help="the .onnx file to write")
+    export.add_argument("--shape", type=_shape_argument, default=None, metavar="N,C,H,W",
+                        help="the example input's shape, which the export is checked on (default: 1,3 and the "
+                             "file's detect head imgsz)")
+    export.add_argument("--opset", type=int, default=None, help="ONNX opset, 21..26 (default 21)")
     sub.add_parser("bench", help="run the benchmark suite: benchmarks/run_all.py [--smoke] [--out DIR]")
     args, rest = parser.parse_known_args(argv)
     if rest and args.command != "bench":
@@ -215,6 +252,8 @@ def main(argv=None) -> int:
         return doctor()
     if args.command == "build":
         return build(args.prebuilt)
+    if args.command == "export":
+        return export_onnx_file(args.model, args.onnx, args.shape, args.opset)
     if args.command == "demo" and args.ultralytics:
         return _ultralytics_demo(args)
     if args.command == "demo":

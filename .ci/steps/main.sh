@@ -11,5 +11,7 @@ python -m pip install -q --upgrade pip
 # The CPU build of torch first: a plain `torch` requirement would pull the multi-GB CUDA build.
 python -m pip install -q torch==2.13.0
 
+# The ONNX tests run here: a missing onnxruntime fails the session (tests/conftest.py).
+export Q2K_REQUIRE_ONNX=1
 # The README's test command:
-pip install -e ".[test]" && python -m pytest -q
+pip install -e ".[test,onnx]" && python -m pytest -q

@@ -13,14 +13,14 @@ python3 -m venv "$venv"
 start=$(date +%s)
 python -m pip install -q --upgrade pip
 python -m pip install -q torch==2.14.1 torchvision==0.29.1
-python -m pip install -q -e ".[ultralytics,test]"
+python -m pip install -q -e ".[ultralytics,test,onnx]"
 installed=$(date +%s)
 echo "ultralytics env installed in $(( installed - start )) s"
 
 python -c "import torchvision, ultralytics; print(f'ultralytics {ultralytics.__version__}, torchvision {torchvision.__version__}')"
-export TORCH_EXTENSIONS_DIR="${Q2K_CI_TMP:-$(mktemp -d)}/ext-ultralytics"
+export TORCH_EXTENSIONS_DIR="${Q2K_CI_TMP:-$(mktemp -d)}/ext-ultralytics" Q2K_REQUIRE_ONNX=1
 python -m pytest -q -p no:cacheprovider tests/test_ultralytics.py tests/test_ultralytics_int.py \
     tests/test_ultralytics_flow.py tests/test_ultralytics_export.py tests/test_ultralytics_ddp.py \
     tests/test_int_detector_file.py tests/test_ultralytics_trained_exactness.py tests/test_pact_head.py \
-    tests/test_hostile_api.py tests/test_hostile_build.py
+    tests/test_hostile_api.py tests/test_hostile_build.py tests/test_ultralytics_onnx.py
 echo "ultralytics tests took $(( $(date +%s) - installed )) s"

@@ -11,7 +11,8 @@ _LAZY = {"FixedFusion": "fixed_fusion", "calibrate_fusion": "fusion", "finetune_
          "IntConv2d": "int_modules", "IntModel": "int_model", "QuantizePack": "int_modules",
          "convert_to_int": "convert", "load_int_model": "serialize", "save_int_model": "serialize",
          "verify_int_model": "verify", "reference_forward": "reference_mode",
-         "DetectHead": "detect_head", "load_detector": "detector"}
+         "DetectHead": "detect_head", "load_detector": "detector",
+         "export_onnx": "onnx_export", "run_onnx": "onnx_export"}
 
 __all__ = list(_LAZY)
 
