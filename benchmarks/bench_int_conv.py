@@ -30,6 +30,7 @@ from benchmarks import common, shapes  # noqa: E402  (common sets TRITON_INTERPR
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from q2kernels import _ext  # noqa: E402
 from q2kernels.ops import int_conv as ic  # noqa: E402
 
 COLUMNS = ["layer", "batch", "shape", "impl", "fwd_ms", "tops", "pct_mma_peak", "gbs", "pct_copy",
@@ -181,11 +182,14 @@ OPERANDS = {"cudnn_bf16": "bf16", "cudnn_fp16": "fp16", "int8_int_mm_bound": "in
 
 
 def _mma_path() -> str:
-    """The MMA path of the integer conv on this GPU (csrc/cuda/register_cuda.cpp)."""
+    """The MMA path of the integer conv on this GPU (csrc/cuda/register_cuda.cpp): Q2K_INT_MMA's, or the
+    one csrc/cuda/archs.h's row for the GPU's compute capability runs (q2kernels._ext.gpu_arch_of)."""
     want = os.environ.get("Q2K_INT_MMA", "auto") or "auto"
     if want != "auto":
         return want
-    return "s8" if torch.cuda.get_device_capability()[0] >= 9 else "s4"
+    major, minor = torch.cuda.get_device_capability()
+    row = _ext.gpu_arch_of(10 * major + minor)
+    return row.mma_path if row else "s4"
 
 
 def _input_quantize_row(batch, copy):

@@ -4,10 +4,11 @@ compiled without a GPU exactly as tests/test_cuda_compile.py compiles them (its 
     python tests/cuda_sass_report.py [--save FILE.json] [--compare FILE.json] [--jobs N]
 
 One line per int_conv_kernel variant (path s4/s8, kWarpsN, 1x1 GEMM) and arch (the s8 variants of
-sm_80/86/89 are empty stubs and left out), then the grouped-conv kernel: REG, STACK/SPILL (stack
-frame, spill stores, spill loads, bytes), the SASS instruction count and its classes. --save writes
-every kernel of every source (ptxas numbers and the full opcode histogram) as JSON; --compare reads
-such a file and lists, per kernel, what changed (exit status 1 when anything did).
+the archs whose row in csrc/cuda/archs.h runs s4, those not in test_cuda_compile's INT8_ARCHS, are
+empty stubs and left out), then the grouped-conv kernel: REG, STACK/SPILL (stack frame, spill
+stores, spill loads, bytes), the SASS instruction count and its classes. --save writes every kernel
+of every source (ptxas numbers and the full opcode histogram) as JSON; --compare reads such a file
+and lists, per kernel, what changed (exit status 1 when anything did).
 """
 from __future__ import annotations
 
@@ -70,7 +71,7 @@ def print_table(report: dict[str, dict]) -> None:
     for key, info in report.items():
         _, arch, name = key.split(" ", 2)
         label = _variant_label(name)
-        if label is None or (label.startswith("s8") and arch != "sm_90"):
+        if label is None or (label.startswith("s8") and arch.removeprefix("sm_") not in tcc.INT8_ARCHS):
             continue
         rows.append((arch, label, info))
     for arch, label, info in sorted(rows, key=lambda r: (r[0], r[1] != "grouped", r[1])):

@@ -11,7 +11,12 @@ consumer reads it; this test fails when one of them disagrees with it:
   compiled with __CUDA_ARCH__ set to each row (and unset, the host pass): the int8 path is built
   exactly where the row runs it; nothing under csrc/ compares __CUDA_ARCH__ with a number;
 - tests/test_cuda_compile.py: its archs and the archs of each path come from _ext's table, its
-  path ids from params.h's MmaPath, and no arch number is written there.
+  path ids from params.h's MmaPath, and no arch number is written there;
+- the Python code that asks which path a GPU runs (ARCH_USERS: the CUDA conv tests, the conv benchmark,
+  the SASS report): each reads the table (_ext.gpu_arch_of, GPU_ARCHS, test_cuda_compile's INT8_ARCHS
+  ...), compares no compute capability itself (`get_device_capability()[0] >= 9`, or a name bound from
+  it, outside a gpu_arch_of(...) call) and writes no arch number in a string ("sm_90"; docstrings,
+  being prose, are not read).
 The checker (disagreements) reads a source tree; it runs on the checkout, and on modified copies of
 it in a temporary folder, to prove that each kind of disagreement is found, and that adding a row to
 the table (say sm_100) is all it takes.
@@ -41,6 +46,14 @@ DISPATCHER = "csrc/cuda/register_cuda.cpp"
 KERNEL = "csrc/cuda/int_conv_kernel.cuh"
 EXT = "q2kernels/_ext.py"
 COMPILE_TEST = "tests/test_cuda_compile.py"
+CONV_TEST = "tests/test_int_conv_cuda.py"
+CONV_BENCH = "benchmarks/bench_int_conv.py"
+SASS_REPORT = "tests/cuda_sass_report.py"
+# Python files that decide by the GPU's arch which MMA path runs (or was built): they ask the table.
+ARCH_USERS = (CONV_TEST, CONV_BENCH, SASS_REPORT)
+# What reading the table looks like in them: q2kernels._ext's lookup and rows, or test_cuda_compile's
+# archs (themselves read from _ext's table, checked above).
+TABLE_NAMES = {"gpu_arch_of", "GPU_ARCHS", "CUDA_ARCHS", "INT4_NATIVE", "INT8_ARCHS"}
 # Compute capabilities the lookup is compared on: below, inside and past the table (Blackwell is 10.0,
 # 12.0; 13.x leaves room for rows to come).
 CAPABILITIES = range(0, 140)
@@ -174,6 +187,73 @@ def _arch_literals(tree: ast.AST) -> list[str]:
                    and re.fullmatch(r"(sm_|compute_)?\d{2,3}[a-z]?", n.value)})
 
 
+def _docstrings(tree: ast.AST) -> set[int]:
+    """ids of the docstring constants of a module and its functions and classes."""
+    return {id(node.body[0].value) for node in ast.walk(tree)
+            if isinstance(node, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and node.body
+            and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)
+            and isinstance(node.body[0].value.value, str)}
+
+
+def _arch_strings(tree: ast.AST) -> list[str]:
+    """String constants (parts of f-strings included, docstrings and f-string format specs such as the
+    12 of {label:12} not) that name an arch: "90", "sm_90", "built for sm_90 only", "compute_90"."""
+    prose = _docstrings(tree) | {id(c) for n in ast.walk(tree) if isinstance(n, ast.FormattedValue)
+                                 and n.format_spec is not None for c in ast.walk(n.format_spec)}
+    return sorted({n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)
+                   and id(n) not in prose and (re.fullmatch(r"\d{2,3}[a-z]?", n.value)
+                                               or re.search(r"\b(sm|compute)_\d{2,3}", n.value))})
+
+
+def _call_name(node: ast.Call) -> str | None:
+    func = node.func
+    return func.attr if isinstance(func, ast.Attribute) else func.id if isinstance(func, ast.Name) else None
+
+
+def _reads_capability(node: ast.AST, bound: set[str]) -> bool:
+    """Whether the value of node carries the GPU's compute capability (torch.cuda.get_device_capability(),
+    a .major or .minor, or a name in bound: a variable or function bound from one) other than as the
+    argument of the table's lookup gpu_arch_of(...). A comparison, and the test of `a if test else b`,
+    decide on it rather than carry it: they are reported as comparisons, their results bind nothing."""
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if isinstance(n, ast.Call) and _call_name(n) == "gpu_arch_of" or isinstance(n, ast.Compare):
+            continue
+        if isinstance(n, ast.IfExp):
+            stack += [n.body, n.orelse]
+            continue
+        if (isinstance(n, ast.Call) and _call_name(n) == "get_device_capability"
+                or isinstance(n, ast.Attribute) and n.attr in ("major", "minor")
+                or isinstance(n, ast.Name) and n.id in bound):
+            return True
+        stack.extend(ast.iter_child_nodes(n))
+    return False
+
+
+def _capability_comparisons(tree: ast.AST) -> list[str]:
+    """The comparisons of a Python file that decide on the compute capability itself rather than through
+    the table: `get_device_capability()[0] >= 9`, `major < 9` after `major, minor = ...capability()`,
+    `cc >= 90` after `cc = 10 * major + minor`, `f() >= 9` where f returns one of those."""
+    bound: set[str] = set()
+    while True:  # the names bound from the capability, directly or through other such names
+        grown = set(bound)
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)) and node.value is not None \
+                    and _reads_capability(node.value, bound):
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                grown |= {n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)}
+            elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and any(
+                    isinstance(r, ast.Return) and r.value is not None and _reads_capability(r.value, bound)
+                    for r in ast.walk(node)):
+                grown.add(node.name)
+        if grown == bound:
+            break
+        bound = grown
+    return [ast.unparse(n) for n in ast.walk(tree) if isinstance(n, ast.Compare)
+            and any(_reads_capability(side, bound) for side in [n.left, *n.comparators])]
+
+
 def _assigned_from(tree: ast.AST, target: str) -> set[str]:
     """The `_ext.X` attributes read by the top-level assignment to target (empty if none)."""
     for node in getattr(tree, "body", []):
@@ -285,13 +365,28 @@ def disagreements(root: Path, tmp: Path) -> list[str]:
                 and any(isinstance(t, ast.Name) and t.id == "PATH_IDS" for t in n.targets)), None)
     if ids != enum:
         out.append(f"{COMPILE_TEST}: PATH_IDS is {ids}, params.h's MmaPath {enum}")
+
+    # The Python code that picks or reports a path by the GPU's arch: the table's rule, none of its own.
+    for name in ARCH_USERS:
+        tree = ast.parse((root / name).read_text())
+        names = {n.attr if isinstance(n, ast.Attribute) else n.id for n in ast.walk(tree)
+                 if isinstance(n, (ast.Attribute, ast.Name))}
+        if not names & TABLE_NAMES:
+            out.append(f"{name}: does not read the arch table (none of {sorted(TABLE_NAMES)})")
+        compared = _capability_comparisons(tree)
+        if compared:
+            out.append(f"{name}: compares the compute capability itself ({compared}): ask "
+                       "_ext.gpu_arch_of(10 * major + minor).mma_path")
+        literals = _arch_strings(tree)
+        if literals:
+            out.append(f"{name}: writes arch numbers {literals} (the table is archs.h's)")
     return out
 
 
 def _copy_tree(dest: Path) -> Path:
     """The files the checker reads, copied under dest."""
     shutil.copytree(ROOT / "csrc", dest / "csrc", ignore=shutil.ignore_patterns("*.o", "*.so", "__pycache__"))
-    for name in (EXT, COMPILE_TEST):
+    for name in (EXT, COMPILE_TEST, *ARCH_USERS):
         (dest / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / name, dest / name)
     return dest
@@ -367,6 +462,32 @@ BREAKS = {
     "compile test writes its own int4 archs": (
         COMPILE_TEST, 'INT4_NATIVE = tuple(a.arch for a in _ext.GPU_ARCHS if a.mma_path == "s4")',
         'INT4_NATIVE = ("80", "86", "89")', "INT4_NATIVE is not read from"),
+    "conv test hard-codes the int8 rule (the old form)": (
+        CONV_TEST, 'return ["s8", "s4"] if _gpu_mma_path() == "s8" else ["s4"]',
+        'return ["s8", "s4"] if torch.cuda.get_device_capability()[0] >= 9 else ["s4"]',
+        "compares the compute capability itself"),
+    "conv test decides on a major bound from the capability": (
+        CONV_TEST, "    row = _ext.gpu_arch_of(10 * major + minor)\n    return row.mma_path if row else None",
+        '    return "s8" if major >= 9 else "s4"', "'major >= 9'"),
+    "conv test decides through a function of the capability": (
+        CONV_TEST, '    return ["s8", "s4"] if _gpu_mma_path() == "s8" else ["s4"]',
+        '    def major():\n        return torch.cuda.get_device_capability()[0]\n\n'
+        '    return ["s8", "s4"] if major() >= 9 else ["s4"]',
+        "'major() >= 9'"),
+    "SASS report reads no table": (
+        SASS_REPORT, 'arch.removeprefix("sm_") not in tcc.INT8_ARCHS', 'arch.removeprefix("sm_") not in ("9" + "0",)',
+        "does not read the arch table"),
+    "conv test expects the s8 error to name sm_90": (
+        CONV_TEST, 'match=f"built for sm_{_S8_OLDEST_ARCH} only"', 'match="built for sm_90 only"',
+        "writes arch numbers ['built for sm_90 only']"),
+    "benchmark hard-codes the rule (the old form)": (
+        CONV_BENCH, '    major, minor = torch.cuda.get_device_capability()\n'
+                    '    row = _ext.gpu_arch_of(10 * major + minor)\n    return row.mma_path if row else "s4"',
+        '    return "s8" if torch.cuda.get_device_capability()[0] >= 9 else "s4"',
+        "compares the compute capability itself"),
+    "SASS report keeps the s8 stubs of sm_90 only (the old form)": (
+        SASS_REPORT, 'arch.removeprefix("sm_") not in tcc.INT8_ARCHS', 'arch != "sm_90"',
+        "writes arch numbers ['sm_90']"),
     "MmaPath renumbered": (
         PARAMS_H, "enum class MmaPath : int { kS4 = 0, kS8 = 1 };", "enum class MmaPath : int { kS4 = 1, kS8 = 0 };",
         "MmaPath is"),

@@ -76,10 +76,23 @@ class Gpu:
         return res.cpu()
 
 
+def _gpu_mma_path() -> str | None:
+    """The MMA path the dispatcher runs on this GPU unless Q2K_INT_MMA forces one: the row of
+    csrc/cuda/archs.h for its compute capability (q2kernels._ext.gpu_arch_of; None below the oldest
+    row). Where it is s8 both paths are built (the int4 one emulated); elsewhere only s4."""
+    major, minor = torch.cuda.get_device_capability()
+    row = _ext.gpu_arch_of(10 * major + minor)
+    return row.mma_path if row else None
+
+
+# The arch that Q2K_INT_MMA=s8's error names: the oldest row that runs the int8 path (archs.h oldest_arch_of).
+_S8_OLDEST_ARCH = next(a.arch for a in _ext.GPU_ARCHS if a.mma_path == "s8")
+
+
 def _gpu_paths():
     if not torch.cuda.is_available():
         return ["auto"]
-    return ["s8", "s4"] if torch.cuda.get_device_capability()[0] >= 9 else ["s4"]
+    return ["s8", "s4"] if _gpu_mma_path() == "s8" else ["s4"]
 
 
 def _bits(t):
@@ -524,10 +537,11 @@ def test_cuda_integer_network(gpu):
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.get_device_capability()[0] < 9,
-                    reason="sm_8x builds one MMA path (the native int4 MMA): nothing to compare")
+@pytest.mark.skipif(torch.cuda.is_available() and _gpu_mma_path() != "s8",
+                    reason="this GPU's arch builds one MMA path (the native int4 MMA): nothing to compare")
 def test_cuda_paths_agree(monkeypatch):
-    """On sm_90 the int8 path and the (emulated) int4 path of the same source agree exactly."""
+    """Where archs.h runs the int8 path (sm_90), it and the (emulated) int4 path of the same source agree
+    exactly."""
     p = Problem(**GEOMS["3x3s1"], recipe="odd_signed_plus", seed=9)
     s8 = Gpu("s8", monkeypatch)("conv2d", *p.args, torch.float32)
     s4 = Gpu("s4", monkeypatch)("conv2d", *p.args, torch.float32)
@@ -540,9 +554,9 @@ def test_cuda_path_selection_errors(monkeypatch):
     monkeypatch.setenv("Q2K_INT_MMA", "int2")
     with pytest.raises(ValueError, match="Q2K_INT_MMA: expected auto, s4 or s8"):
         CPU.conv2d_acc(*[_to_cuda(a) if isinstance(a, torch.Tensor) else a for a in p.acc_args()])
-    if torch.cuda.get_device_capability()[0] < 9:
+    if _gpu_mma_path() != "s8":
         monkeypatch.setenv("Q2K_INT_MMA", "s8")
-        with pytest.raises(ValueError, match="built for sm_90 only"):
+        with pytest.raises(ValueError, match=f"built for sm_{_S8_OLDEST_ARCH} only"):
             CPU.conv2d_acc(*[_to_cuda(a) if isinstance(a, torch.Tensor) else a for a in p.acc_args()])
     monkeypatch.setenv("Q2K_INT_MMA", "auto")
     x_cuda = _to_cuda(p.x)

@@ -59,38 +59,60 @@ BLOCK_C_LAST = 16
 
 _EPS: tl.constexpr = tl.constexpr(DISTORTION_EPS)
 
+# What the kernels pass between their helpers, grouped as the formulas use it (docs/math.md §6):
+# - a feature X (T, S, Sq or Tq): the tuple (ptr, SB, SC, SM), its base pointer and its (batch,
+#   channel, pixel) strides: X[b, c, m] is at ptr + b*SB + c*SC + m*SM (_tile);
+# - feats = (T, S, Sq, Tq), the four features (S's stands in for an absent Sq or Tq: never read);
+# - rows = (b, c, C, M), the rows of a program: image b, channels c (a [BLOCK_R] vector), and the
+#   bounds (rows c < C exist, pixels m < M);
+# - att_t, att_s: each side's row constants of its attention, (mu, k, rinv) (_attention_pair);
+#   gamma, the distortion term's weight, is both sides';
+# - one = (S, A^T, A^S, dA^S/dw): the tiles of a one-chunk row, computed once before passes 2 and 3
+#   (ONE_CHUNK), else stand-ins that are never read.
+
 
 @triton.jit
-def _tile(b, c, m0, C, M, SB, SC, SM, BLOCK_M: tl.constexpr, INT64: tl.constexpr):
-    """Offsets [BLOCK_R, BLOCK_M] of pixels m0.. of channels c of image b, and their mask."""
+def _tile(X, rows, m0, BLOCK_M: tl.constexpr, INT64: tl.constexpr):
+    """Offsets into feature X [BLOCK_R, BLOCK_M] of pixels m0.. of the rows, and their mask."""
+    _, sb, sc, sm = X
+    b, c, C, M = rows
     m = m0 + tl.arange(0, BLOCK_M)
     mask = (c < C)[:, None] & (m < M)[None, :]
     if INT64:
         b = b.to(tl.int64)
         c = c.to(tl.int64)
         m = m.to(tl.int64)
-    return b * SB + (c * SC)[:, None] + (m * SM)[None, :], mask
+    return b * sb + (c * sc)[:, None] + (m * sm)[None, :], mask
 
 
 @triton.jit
-def _load(ptr, b, c, m0, C, M, SB, SC, SM, BLOCK_M: tl.constexpr, INT64: tl.constexpr):
-    offs, mask = _tile(b, c, m0, C, M, SB, SC, SM, BLOCK_M, INT64)
+def _pixel_mask(m0, M, BLOCK_M: tl.constexpr):
+    """[1, BLOCK_M]: which pixels of the chunk at m0 exist (m < M). Row sums mask these only: a row past C
+    loads zeros, stays finite, and is never stored."""
+    return ((m0 + tl.arange(0, BLOCK_M)) < M)[None, :]
+
+
+@triton.jit
+def _load(X, rows, m0, BLOCK_M: tl.constexpr, INT64: tl.constexpr):
+    """The [BLOCK_R, BLOCK_M] tile of feature X at pixel m0, in fp32 (0 outside the rows and pixels)."""
+    offs, mask = _tile(X, rows, m0, BLOCK_M, INT64)
+    ptr, _, _, _ = X
     return tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
 
 
 @triton.jit
-def _load_all(t_ptr, s_ptr, q_ptr, tq_ptr, b, c, m0, C, M, t_sb, t_sc, t_sm, s_sb, s_sc, s_sm,
-              q_sb, q_sc, q_sm, tq_sb, tq_sc, tq_sm,
-              HAS_SQ: tl.constexpr, HAS_TQ: tl.constexpr, BLOCK_M: tl.constexpr, INT64: tl.constexpr):
-    """The [BLOCK_R, BLOCK_M] tiles of T, S, Sq and Tq at pixel m0 (S stands in for an absent one)."""
-    t = _load(t_ptr, b, c, m0, C, M, t_sb, t_sc, t_sm, BLOCK_M, INT64)
-    s = _load(s_ptr, b, c, m0, C, M, s_sb, s_sc, s_sm, BLOCK_M, INT64)
+def _load_all(feats, rows, m0, HAS_SQ: tl.constexpr, HAS_TQ: tl.constexpr, BLOCK_M: tl.constexpr,
+              INT64: tl.constexpr):
+    """The tiles of T, S, Sq and Tq at pixel m0 (S stands in for an absent one)."""
+    T, S, Sq, Tq = feats
+    t = _load(T, rows, m0, BLOCK_M, INT64)
+    s = _load(S, rows, m0, BLOCK_M, INT64)
     q = s
     tq = s
     if HAS_SQ:
-        q = _load(q_ptr, b, c, m0, C, M, q_sb, q_sc, q_sm, BLOCK_M, INT64)
+        q = _load(Sq, rows, m0, BLOCK_M, INT64)
     if HAS_TQ:
-        tq = _load(tq_ptr, b, c, m0, C, M, tq_sb, tq_sc, tq_sm, BLOCK_M, INT64)
+        tq = _load(Tq, rows, m0, BLOCK_M, INT64)
     return t, s, q, tq
 
 
@@ -125,10 +147,13 @@ def _attention(x, mu, k, g, FORM: tl.constexpr):
 
 
 @triton.jit
-def _attention_pair(t, s, q, tq, mu_t, k_t, mu_s, k_s, rinv_t, rinv_s, gamma,
+def _attention_pair(t, s, q, tq, att_t, att_s, gamma,
                     FORM: tl.constexpr, HAS_SQ: tl.constexpr, HAS_TQ: tl.constexpr):
-    """(A^T, A^S, dA^S/dw). The student's distortion term comes from Sq; the teacher's from its own
-    Tq ("own") or, without Tq, is the student's ("shared"); 0 without Sq."""
+    """(A^T, A^S, dA^S/dw) of the tiles t, s (q, tq: their quantized versions). The student's
+    distortion term comes from Sq; the teacher's from its own Tq ("own") or, without Tq, is the
+    student's ("shared"); 0 without Sq."""
+    mu_t, k_t, rinv_t = att_t
+    mu_s, k_s, rinv_s = att_s
     g_s = 0.0
     if HAS_SQ:
         g_s = _distortion(s, q, rinv_s, gamma, FORM)
@@ -170,11 +195,12 @@ def _dk_times(v2, k_s, sd_s, eps, FORM: tl.constexpr):
 
 
 @triton.jit
-def _row_moments(t_ptr, s_ptr, b, c, C, M, t_sb, t_sc, t_sm, s_sb, s_sc, s_sm, t1, s1,
-                 BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, ONE_CHUNK: tl.constexpr, INT64: tl.constexpr):
+def _row_moments(T, S, rows, t1, s1, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, ONE_CHUNK: tl.constexpr,
+                 INT64: tl.constexpr):
     """Pass 1: (mu_T, M2_T, mu_S, M2_S) of the rows, M2 = sum (X - mu)^2. Each chunk's (mean, M2) is
     merged into the running pair by Chan's formula (exact centring, where a shifted sum of squares
     would cancel). t1, s1: the tiles of a one-chunk row."""
+    _, _, _, M = rows
     mu_t = tl.zeros([BLOCK_R], tl.float32)
     mu_s = tl.zeros([BLOCK_R], tl.float32)
     m2_t = tl.zeros([BLOCK_R], tl.float32)
@@ -183,9 +209,9 @@ def _row_moments(t_ptr, s_ptr, b, c, C, M, t_sb, t_sc, t_sm, s_sb, s_sc, s_sm, t
         if ONE_CHUNK:
             t, s = t1, s1
         else:
-            t = _load(t_ptr, b, c, m0, C, M, t_sb, t_sc, t_sm, BLOCK_M, INT64)
-            s = _load(s_ptr, b, c, m0, C, M, s_sb, s_sc, s_sm, BLOCK_M, INT64)
-        mask = ((m0 + tl.arange(0, BLOCK_M)) < M)[None, :]
+            t = _load(T, rows, m0, BLOCK_M, INT64)
+            s = _load(S, rows, m0, BLOCK_M, INT64)
+        mask = _pixel_mask(m0, M, BLOCK_M)
         n_b = tl.minimum(M - m0, BLOCK_M).to(tl.float32)
         w_new = n_b / (m0 + n_b)
         w_cross = m0 * w_new
@@ -222,37 +248,31 @@ def _distortion_rinv(delta_ptr, c, delta_sc, rmask, sd_t, sd_s, eps, FORM: tl.co
 
 
 @triton.jit
-def _chunk_attention(t_ptr, s_ptr, q_ptr, tq_ptr, b, c, m0, C, M, t_sb, t_sc, t_sm, s_sb, s_sc, s_sm,
-                     q_sb, q_sc, q_sm, tq_sb, tq_sc, tq_sm, mu_t, k_t, mu_s, k_s, rinv_t, rinv_s, gamma,
-                     s1, a_t1, a_s1, dadw1, FORM: tl.constexpr, HAS_SQ: tl.constexpr, HAS_TQ: tl.constexpr,
-                     BLOCK_M: tl.constexpr, ONE_CHUNK: tl.constexpr, INT64: tl.constexpr):
-    """(S, A^T, A^S, dA^S/dw) of the chunk at pixel m0: loaded and computed, or, for a one-chunk row,
-    those computed once before passes 2 and 3 (s1, a_t1, a_s1, dadw1)."""
+def _chunk_attention(feats, rows, m0, att_t, att_s, gamma, one, FORM: tl.constexpr, HAS_SQ: tl.constexpr,
+                     HAS_TQ: tl.constexpr, BLOCK_M: tl.constexpr, ONE_CHUNK: tl.constexpr, INT64: tl.constexpr):
+    """(S, A^T, A^S, dA^S/dw, pixel mask) of the chunk at pixel m0: loaded and computed, or, for a
+    one-chunk row, those computed once before passes 2 and 3 (one)."""
     if ONE_CHUNK:
-        s, a_t, a_s, dadw = s1, a_t1, a_s1, dadw1
+        s, a_t, a_s, dadw = one
     else:
-        t, s, q, tq = _load_all(t_ptr, s_ptr, q_ptr, tq_ptr, b, c, m0, C, M, t_sb, t_sc, t_sm, s_sb, s_sc, s_sm,
-                                q_sb, q_sc, q_sm, tq_sb, tq_sc, tq_sm, HAS_SQ, HAS_TQ, BLOCK_M, INT64)
-        a_t, a_s, dadw = _attention_pair(t, s, q, tq, mu_t, k_t, mu_s, k_s, rinv_t, rinv_s, gamma,
-                                         FORM, HAS_SQ, HAS_TQ)
-    return s, a_t, a_s, dadw
+        t, s, q, tq = _load_all(feats, rows, m0, HAS_SQ, HAS_TQ, BLOCK_M, INT64)
+        a_t, a_s, dadw = _attention_pair(t, s, q, tq, att_t, att_s, gamma, FORM, HAS_SQ, HAS_TQ)
+    _, _, _, M = rows
+    return s, a_t, a_s, dadw, _pixel_mask(m0, M, BLOCK_M)
 
 
 @triton.jit
-def _attention_sums(t_ptr, s_ptr, q_ptr, tq_ptr, b, c, C, M, t_sb, t_sc, t_sm, s_sb, s_sc, s_sm,
-                    q_sb, q_sc, q_sm, tq_sb, tq_sc, tq_sm, mu_t, k_t, mu_s, k_s, rinv_t, rinv_s, gamma,
-                    s1, a_t1, a_s1, dadw1, FORM: tl.constexpr, HAS_SQ: tl.constexpr, HAS_TQ: tl.constexpr,
-                    BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, ONE_CHUNK: tl.constexpr, INT64: tl.constexpr):
+def _attention_sums(feats, rows, att_t, att_s, gamma, one, FORM: tl.constexpr, HAS_SQ: tl.constexpr,
+                    HAS_TQ: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, ONE_CHUNK: tl.constexpr,
+                    INT64: tl.constexpr):
     """Pass 2: the normalisers (1 / sum A^T, 1 / sum A^S) of the rows, summed per lane in tiles and
     reduced once after the loop."""
+    _, _, _, M = rows
     sum_t = tl.zeros([BLOCK_R, BLOCK_M], tl.float32)
     sum_s = tl.zeros([BLOCK_R, BLOCK_M], tl.float32)
     for m0 in range(0, M, BLOCK_M):
-        _, a_t, a_s, _ = _chunk_attention(t_ptr, s_ptr, q_ptr, tq_ptr, b, c, m0, C, M, t_sb, t_sc, t_sm,
-                                          s_sb, s_sc, s_sm, q_sb, q_sc, q_sm, tq_sb, tq_sc, tq_sm,
-                                          mu_t, k_t, mu_s, k_s, rinv_t, rinv_s, gamma, s1, a_t1, a_s1, dadw1,
-                                          FORM, HAS_SQ, HAS_TQ, BLOCK_M, ONE_CHUNK, INT64)
-        mask = ((m0 + tl.arange(0, BLOCK_M)) < M)[None, :]
+        _s, a_t, a_s, _dadw, mask = _chunk_attention(feats, rows, m0, att_t, att_s, gamma, one,
+                                                     FORM, HAS_SQ, HAS_TQ, BLOCK_M, ONE_CHUNK, INT64)
         sum_t += tl.where(mask, a_t, 0.0)
         sum_s += tl.where(mask, a_s, 0.0)
     return 1.0 / tl.sum(sum_t, axis=1), 1.0 / tl.sum(sum_s, axis=1)
@@ -275,16 +295,16 @@ def _divergence_terms(p_t, p_s, KL: tl.constexpr):
 
 
 @triton.jit
-def _divergence_sums(t_ptr, s_ptr, q_ptr, tq_ptr, b, c, C, M, t_sb, t_sc, t_sm, s_sb, s_sc, s_sm,
-                     q_sb, q_sc, q_sm, tq_sb, tq_sc, tq_sm, mu_t, k_t, mu_s, k_s, rinv_t, rinv_s, gamma,
-                     inv_sum_t, inv_sum_s, s1, a_t1, a_s1, dadw1, FORM: tl.constexpr, HAS_SQ: tl.constexpr,
-                     HAS_TQ: tl.constexpr, KL: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
-                     ONE_CHUNK: tl.constexpr, INT64: tl.constexpr):
+def _divergence_sums(feats, rows, att_t, att_s, gamma, inv_sum_t, inv_sum_s, one, FORM: tl.constexpr,
+                     HAS_SQ: tl.constexpr, HAS_TQ: tl.constexpr, KL: tl.constexpr, BLOCK_R: tl.constexpr,
+                     BLOCK_M: tl.constexpr, ONE_CHUNK: tl.constexpr, INT64: tl.constexpr):
     """Pass 3: the divergence's terms but hbar (summed per lane), and hbar, V1 = sum v d and
     V2 = sum v d^2 of each row, with dA/dw as in _attention, h = G - hbar and v = dA/dw h / sum A^S.
     For JS, hbar = sum G P^S is only known at the end of the pass, so sum w G d and sum w d are kept
     apart and combined after it (hbar is second order in P^S - P^T where G is first order: no
     cancellation); for KL, h = (P^S - P^T)/P^S directly and hbar is 0."""
+    _, _, _, M = rows
+    mu_s, _, _ = att_s
     div = tl.zeros([BLOCK_R, BLOCK_M], tl.float32)
     hb = tl.zeros([BLOCK_R, BLOCK_M], tl.float32)
     wgd = tl.zeros([BLOCK_R, BLOCK_M], tl.float32)
@@ -292,11 +312,8 @@ def _divergence_sums(t_ptr, s_ptr, q_ptr, tq_ptr, b, c, C, M, t_sb, t_sc, t_sm, 
     wd = tl.zeros([BLOCK_R, BLOCK_M], tl.float32)
     wd2 = tl.zeros([BLOCK_R, BLOCK_M], tl.float32)
     for m0 in range(0, M, BLOCK_M):
-        s, a_t, a_s, dadw = _chunk_attention(t_ptr, s_ptr, q_ptr, tq_ptr, b, c, m0, C, M, t_sb, t_sc, t_sm,
-                                             s_sb, s_sc, s_sm, q_sb, q_sc, q_sm, tq_sb, tq_sc, tq_sm,
-                                             mu_t, k_t, mu_s, k_s, rinv_t, rinv_s, gamma, s1, a_t1, a_s1, dadw1,
-                                             FORM, HAS_SQ, HAS_TQ, BLOCK_M, ONE_CHUNK, INT64)
-        mask = ((m0 + tl.arange(0, BLOCK_M)) < M)[None, :]
+        s, a_t, a_s, dadw, mask = _chunk_attention(feats, rows, m0, att_t, att_s, gamma, one,
+                                                   FORM, HAS_SQ, HAS_TQ, BLOCK_M, ONE_CHUNK, INT64)
         p_t = a_t * inv_sum_t[:, None]
         p_s = a_s * inv_sum_s[:, None]
         term, h = _divergence_terms(p_t, p_s, KL)
@@ -317,10 +334,12 @@ def _divergence_sums(t_ptr, s_ptr, q_ptr, tq_ptr, b, c, C, M, t_sb, t_sc, t_sm, 
 
 
 @triton.jit
-def _store_row_stats(stats, R, rmask, M, mu_t, k_t, mu_s, k_s, sd_s, rinv_t, rinv_s, inv_sum_t, inv_sum_s,
-                     hbar, v1, v2, eps, inv_nm1, FORM: tl.constexpr):
+def _store_row_stats(stats, R, rmask, M, att_t, att_s, sd_s, inv_sum_t, inv_sum_s, hbar, v1, v2, eps, inv_nm1,
+                     FORM: tl.constexpr):
     """The NSTAT per-row statistics the backward recomputes dS from, row i of each at stats + i*R; with
     the gradient's row constants C1 and C2 of dS_j = g (2 k v_j d_j + C1 + C2 d_j)."""
+    mu_t, k_t, rinv_t = att_t
+    mu_s, k_s, rinv_s = att_s
     tl.store(stats + MU_T * R, mu_t, mask=rmask)
     tl.store(stats + K_T * R, k_t, mask=rmask)
     tl.store(stats + MU_S * R, mu_s, mask=rmask)
@@ -332,6 +351,23 @@ def _store_row_stats(stats, R, rmask, M, mu_t, k_t, mu_s, k_s, sd_s, rinv_t, rin
     tl.store(stats + HBAR * R, hbar, mask=rmask)
     tl.store(stats + C1 * R, -2.0 * k_s * v1 / M, mask=rmask)
     tl.store(stats + C2 * R, 2.0 * _dk_times(v2, k_s, sd_s, eps, FORM) * inv_nm1, mask=rmask)
+
+
+@triton.jit
+def _load_row_stats(stats, R, rmask):
+    """What _store_row_stats wrote for the rows: (att_t, att_s, 1 / sum A^T, 1 / sum A^S, hbar, C1, C2)."""
+    mu_t = tl.load(stats + MU_T * R, mask=rmask, other=0.0)
+    k_t = tl.load(stats + K_T * R, mask=rmask, other=0.0)
+    mu_s = tl.load(stats + MU_S * R, mask=rmask, other=0.0)
+    k_s = tl.load(stats + K_S * R, mask=rmask, other=0.0)
+    rinv_t = tl.load(stats + RINV_T * R, mask=rmask, other=0.0)
+    rinv_s = tl.load(stats + RINV_S * R, mask=rmask, other=0.0)
+    inv_sum_t = tl.load(stats + INV_SUM_T * R, mask=rmask, other=1.0)
+    inv_sum_s = tl.load(stats + INV_SUM_S * R, mask=rmask, other=1.0)
+    hbar = tl.load(stats + HBAR * R, mask=rmask, other=0.0)
+    c1 = tl.load(stats + C1 * R, mask=rmask, other=0.0)
+    c2 = tl.load(stats + C2 * R, mask=rmask, other=0.0)
+    return (mu_t, k_t, rinv_t), (mu_s, k_s, rinv_s), inv_sum_t, inv_sum_s, hbar, c1, c2
 
 
 @triton.jit
@@ -358,36 +394,45 @@ def _q_ada_fwd_kernel(t_ptr,      # [B, C, H, W] teacher, any dtype, strides (t_
     b = pid // N_CB
     c = (pid % N_CB) * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = c < C
-    # Row sums mask pixels past M only: a row past C (c >= C) loads zeros, stays finite through
-    # every pass, and is never stored.
+    rows = (b, c, C, M)
+    T = (t_ptr, t_sb, t_sc, t_sm)
+    S = (s_ptr, s_sb, s_sc, s_sm)
+    feats = (T, S, (q_ptr, q_sb, q_sc, q_sm), (tq_ptr, tq_sb, tq_sc, tq_sm))
     if ONE_CHUNK:  # the row is loaded once, for all three passes
-        t1, s1, q1, tq1 = _load_all(t_ptr, s_ptr, q_ptr, tq_ptr, b, c, 0, C, M, t_sb, t_sc, t_sm, s_sb, s_sc, s_sm,
-                                    q_sb, q_sc, q_sm, tq_sb, tq_sc, tq_sm, HAS_SQ, HAS_TQ, BLOCK_M, INT64)
+        t1, s1, q1, tq1 = _load_all(feats, rows, 0, HAS_SQ, HAS_TQ, BLOCK_M, INT64)
     else:  # each pass loads its chunks: stand-ins, never read
         t1, s1, q1, tq1 = 0.0, 0.0, 0.0, 0.0
 
-    mu_t, m2_t, mu_s, m2_s = _row_moments(t_ptr, s_ptr, b, c, C, M, t_sb, t_sc, t_sm, s_sb, s_sc, s_sm, t1, s1,
-                                          BLOCK_R, BLOCK_M, ONE_CHUNK, INT64)
+    mu_t, m2_t, mu_s, m2_s = _row_moments(T, S, rows, t1, s1, BLOCK_R, BLOCK_M, ONE_CHUNK, INT64)
     k_t, k_s, sd_t, sd_s = _row_scales(m2_t, m2_s, inv_nm1, eps, FORM)
     rinv_t, rinv_s = _distortion_rinv(delta_ptr, c, delta_sc, rmask, sd_t, sd_s, eps, FORM, HAS_DELTA)
+    att_t = (mu_t, k_t, rinv_t)
+    att_s = (mu_s, k_s, rinv_s)
     if ONE_CHUNK:  # the attention of a one-chunk row is computed once, for passes 2 and 3
-        a_t1, a_s1, dadw1 = _attention_pair(t1, s1, q1, tq1, mu_t, k_t, mu_s, k_s, rinv_t, rinv_s, gamma,
-                                            FORM, HAS_SQ, HAS_TQ)
+        a_t1, a_s1, dadw1 = _attention_pair(t1, s1, q1, tq1, att_t, att_s, gamma, FORM, HAS_SQ, HAS_TQ)
+        one = (s1, a_t1, a_s1, dadw1)
     else:
-        a_t1, a_s1, dadw1 = 0.0, 0.0, 0.0
+        one = (0.0, 0.0, 0.0, 0.0)
 
-    inv_sum_t, inv_sum_s = _attention_sums(t_ptr, s_ptr, q_ptr, tq_ptr, b, c, C, M, t_sb, t_sc, t_sm,
-                                           s_sb, s_sc, s_sm, q_sb, q_sc, q_sm, tq_sb, tq_sc, tq_sm,
-                                           mu_t, k_t, mu_s, k_s, rinv_t, rinv_s, gamma, s1, a_t1, a_s1, dadw1,
+    inv_sum_t, inv_sum_s = _attention_sums(feats, rows, att_t, att_s, gamma, one,
                                            FORM, HAS_SQ, HAS_TQ, BLOCK_R, BLOCK_M, ONE_CHUNK, INT64)
-    div, hbar, v1, v2 = _divergence_sums(t_ptr, s_ptr, q_ptr, tq_ptr, b, c, C, M, t_sb, t_sc, t_sm,
-                                         s_sb, s_sc, s_sm, q_sb, q_sc, q_sm, tq_sb, tq_sc, tq_sm,
-                                         mu_t, k_t, mu_s, k_s, rinv_t, rinv_s, gamma, inv_sum_t, inv_sum_s,
-                                         s1, a_t1, a_s1, dadw1,
+    div, hbar, v1, v2 = _divergence_sums(feats, rows, att_t, att_s, gamma, inv_sum_t, inv_sum_s, one,
                                          FORM, HAS_SQ, HAS_TQ, KL, BLOCK_R, BLOCK_M, ONE_CHUNK, INT64)
-    _store_row_stats(stats_ptr + (b * C + c), R, rmask, M, mu_t, k_t, mu_s, k_s, sd_s, rinv_t, rinv_s,
-                     inv_sum_t, inv_sum_s, hbar, v1, v2, eps, inv_nm1, FORM)
+    _store_row_stats(stats_ptr + (b * C + c), R, rmask, M, att_t, att_s, sd_s, inv_sum_t, inv_sum_s, hbar, v1, v2,
+                     eps, inv_nm1, FORM)
     tl.store(part_ptr + pid, tl.sum(tl.where(rmask, tl.sum(div, axis=1) + hbar, 0.0), axis=0))
+
+
+@triton.jit
+def _gradient_h(p_t, p_s, hbar, KL: tl.constexpr):
+    """h_j of v_j = dA/dw h_j / sum A^S (pass 3): (P^S - P^T)/P^S for KL, G - hbar = 1/2 log(P^S/Mx) -
+    hbar for JS. Not _divergence_terms' h: that one multiplies by the reciprocal it shares with the
+    divergence's term where this divides (the last bit can differ); dS has always been computed so."""
+    if KL:
+        h = (p_s - p_t) / p_s
+    else:
+        h = 0.5 * tl.log(p_s * (2.0 / (p_t + p_s))) - hbar[:, None]
+    return h
 
 
 @triton.jit
@@ -408,32 +453,18 @@ def _q_ada_bwd_kernel(g_ptr,      # [] upstream gradient of the loss
     b = rb // N_CB
     c = (rb % N_CB) * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = c < C
-    stats = stats_ptr + b * C + c
-    mu_t = tl.load(stats + MU_T * R, mask=rmask, other=0.0)
-    k_t = tl.load(stats + K_T * R, mask=rmask, other=0.0)
-    mu_s = tl.load(stats + MU_S * R, mask=rmask, other=0.0)
-    k_s = tl.load(stats + K_S * R, mask=rmask, other=0.0)
-    rinv_t = tl.load(stats + RINV_T * R, mask=rmask, other=0.0)
-    rinv_s = tl.load(stats + RINV_S * R, mask=rmask, other=0.0)
-    inv_sum_t = tl.load(stats + INV_SUM_T * R, mask=rmask, other=1.0)
-    inv_sum_s = tl.load(stats + INV_SUM_S * R, mask=rmask, other=1.0)
-    hbar = tl.load(stats + HBAR * R, mask=rmask, other=0.0)
-    c1 = tl.load(stats + C1 * R, mask=rmask, other=0.0)
-    c2 = tl.load(stats + C2 * R, mask=rmask, other=0.0)
-    t, s, q, tq = _load_all(t_ptr, s_ptr, q_ptr, tq_ptr, b, c, m0, C, M, t_sb, t_sc, t_sm, s_sb, s_sc, s_sm,
-                            q_sb, q_sc, q_sm, tq_sb, tq_sc, tq_sm, HAS_SQ, HAS_TQ, BLOCK_M, INT64)
-    a_t, a_s, dadw = _attention_pair(t, s, q, tq, mu_t, k_t, mu_s, k_s, rinv_t, rinv_s, gamma,
-                                     FORM, HAS_SQ, HAS_TQ)
-    p_t = a_t * inv_sum_t[:, None]
-    p_s = a_s * inv_sum_s[:, None]
-    if KL:
-        h = (p_s - p_t) / p_s
-    else:
-        h = 0.5 * tl.log(p_s * (2.0 / (p_t + p_s))) - hbar[:, None]
+    rows = (b, c, C, M)
+    S = (s_ptr, s_sb, s_sc, s_sm)
+    feats = ((t_ptr, t_sb, t_sc, t_sm), S, (q_ptr, q_sb, q_sc, q_sm), (tq_ptr, tq_sb, tq_sc, tq_sm))
+    att_t, att_s, inv_sum_t, inv_sum_s, hbar, c1, c2 = _load_row_stats(stats_ptr + b * C + c, R, rmask)
+    mu_s, k_s, _ = att_s
+    t, s, q, tq = _load_all(feats, rows, m0, HAS_SQ, HAS_TQ, BLOCK_M, INT64)
+    a_t, a_s, dadw = _attention_pair(t, s, q, tq, att_t, att_s, gamma, FORM, HAS_SQ, HAS_TQ)
+    h = _gradient_h(a_t * inv_sum_t[:, None], a_s * inv_sum_s[:, None], hbar, KL)
     v = dadw * h * inv_sum_s[:, None]
     scale = tl.load(g_ptr).to(tl.float32) * row_scale
     ds = ((2.0 * scale) * k_s[:, None] * v + (c2 * scale)[:, None]) * (s - mu_s[:, None]) + (c1 * scale)[:, None]
-    offs, mask = _tile(b, c, m0, C, M, s_sb, s_sc, s_sm, BLOCK_M, INT64)
+    offs, mask = _tile(S, rows, m0, BLOCK_M, INT64)  # dS has S's strides
     tl.store(ds_ptr + offs, cast_to(ds, ds_ptr.dtype.element_ty), mask=mask)
 
 
