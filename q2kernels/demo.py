@@ -136,6 +136,28 @@ def train(model, data, cfg, steps, lr, label, teacher=None, distill=None):
 
 
 @torch.no_grad()
+def onnx_agreement(int_model, data, path: Path, batch=32) -> str:
+    """The integer model exported to ONNX (deploy.export_onnx) and run by onnxruntime on the test images:
+    on how many its outputs are bit-identical to q2kernels'. "-" where onnxruntime is not installed."""
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return "-"
+    from q2kernels.deploy import export_onnx, run_onnx
+    x = data[0].cpu()
+    int_model = int_model.cpu()
+    export_onnx(int_model, x[:1], path, check=False)
+    same = 0
+    for i in range(0, x.shape[0], batch):
+        xb = x[i:i + batch]
+        with torch.no_grad():
+            ours = int_model(xb)
+        theirs = run_onnx(path, xb)
+        same += sum(all(torch.equal(a[j].view(torch.int32), b[j].view(torch.int32)) for a, b in zip(ours, theirs))
+                    for j in range(xb.shape[0]))
+    return f"{same}/{x.shape[0]}"
+
+
 def evaluate(model, data, batch=32):
     model.eval()
     x, y = data
@@ -262,6 +284,7 @@ def main(smoke: bool = False, steps: int | None = None, out: str = "q2k_demo_out
     check_flag(smoke, "smoke")
     check_steps(steps)
     out = check_folder(out)
+    out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
@@ -303,24 +326,26 @@ def main(smoke: bool = False, steps: int | None = None, out: str = "q2k_demo_out
             row.update(metrics)
         int_model = convert_to_int(deployed.eval(), calib[0][:1].to(device))
         row["integer"] = evaluate(int_model, test_data)
+        row["onnx"] = onnx_agreement(int_model, test_data, out / f"{name.replace('+', '_')}.onnx")
         ok &= abs(row["integer"] - row.get("finetuned", row["fake_quant"])) <= INT_METRIC_TOL
         rows.append(row)
 
     def cell(r, key):
         return f"{r[key]:.3f}" if key in r else "-"
 
-    print(f"\n{'run':<18}{'float':>7}{'fake-q':>8}{'LN removed':>11}{'fine-tuned':>11}{'integer':>9}{'step ms':>9}"
-          f"{'peak MiB':>10}  branch imbalance")
+    print(f"\n{'run':<18}{'float':>7}{'fake-q':>8}{'LN removed':>11}{'fine-tuned':>11}{'integer':>9}{'ONNX':>9}"
+          f"{'step ms':>9}{'peak MiB':>10}  branch imbalance")
     for r in rows:
         imb = r.get("imbalance")
         peak = f"{r['peak']:.0f}" if r["peak"] is not None else "n/a"
         print(f"{r['run']:<18}{r['float']:>7.3f}{r['fake_quant']:>8.3f}{cell(r, 'ln_removed'):>11}"
-              f"{cell(r, 'finetuned'):>11}{r['integer']:>9.3f}{r['step_ms']:>9.1f}{peak:>10}  "
+              f"{cell(r, 'finetuned'):>11}{r['integer']:>9.3f}{r['onnx']:>9}{r['step_ms']:>9.1f}{peak:>10}  "
               + (f"|log G0/G1| {imb[0]:.2f} -> {imb[1]:.2f}" if imb else ""))
     print(f"metric: mIoU of the shape classes at stride 8. Q2 runs (Q-GBFusion + Q-ADA) are deployed as\n"
           f"docs/math.md §5: 'LN removed' replaces each LayerNorm by its calibrated affine, 'fine-tuned' is\n"
           f"that model after {cfg.ft_steps} Adam steps at lr {FT_LR:g} on the task loss; integer == the deployed\n"
-          f"fake-quant model (fine-tuned for Q2 runs) within {INT_METRIC_TOL}")
+          f"fake-quant model (fine-tuned for Q2 runs) within {INT_METRIC_TOL}; ONNX: test images on which\n"
+          f"onnxruntime runs the exported integer model (<run>.onnx) to the same output bits")
     q2_rows = [r for r in rows if "finetuned" in r]
     if q2_rows:
         drop = sum(r["fake_quant"] - r["ln_removed"] for r in q2_rows) / len(q2_rows)

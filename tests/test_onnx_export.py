@@ -313,6 +313,24 @@ def test_qdq_layers_equal_the_fake_quant_model(recipe, bits, tmp_path):
         assert onnx.TensorProto.INT4 in types
 
 
+def test_qdq_int8_containers(tmp_path):
+    """int8_containers=True: no 4-bit type in the graph, the same outputs (a clip keeps the 4-bit range)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.SiLU(), nn.Conv2d(8, 4, 1))
+    quantize_model(model, "lsq", w_bits=4, a_bits=4)
+    x = torch.randn(2, 3, 16, 16)
+    model.train()
+    model(x)
+    model.eval()
+    with torch.no_grad():
+        want = model(x)
+    for int8 in (False, True):
+        path = export_onnx_qdq(model, x[:1], tmp_path / f"m{int8}.onnx", int8_containers=int8)
+        types = {i.data_type for i in onnx.load(path).graph.initializer}
+        assert bool(types & {onnx.TensorProto.INT4, onnx.TensorProto.UINT4}) != int8
+        assert torch.allclose(run_onnx(path, x)[0], want, atol=1e-5)
+
+
 def test_qdq_refuses_n2uq_and_layernorm(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

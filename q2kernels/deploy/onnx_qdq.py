@@ -6,8 +6,9 @@ are leaves). Each QConv2d becomes:
 - its input quantizer as QuantizeLinear -> DequantizeLinear, per tensor: scale = the quantizer's step,
   zero point 0, or the integer -offset/step where the offset (LSQ+'s β) is a whole number of steps;
   an offset that is not is subtracted before and added after the pair. Codes go in int4/uint4 where
-  they fit (opset 21 has them), else int8/uint8; a code range narrower than the container's (3 bits)
-  is clipped first, as the quantizer clips.
+  they fit (opset 21 has them), else int8/uint8 (always, with int8_containers=True, for consumers
+  without 4-bit Q/DQ); a code range narrower than the container's is clipped first, as the quantizer
+  clips.
 - its weight as the integer levels (int4 or int8 initializer) -> DequantizeLinear per output channel
   (axis 0): the quantizer protocol's IntWeight, so levels·step is the fake-quant weight.
 - Conv with the float bias. BatchNorm, activations and the other float ops as deploy.onnx_export
@@ -41,9 +42,9 @@ _INT_TYPES = {  # (signed, bits) -> (ONNX type name, numpy dtype of the initiali
     (True, 8): ("INT8", np.int8, -128, 127), (False, 8): ("UINT8", np.uint8, 0, 255)}
 
 
-def _container(lo: int, hi: int, signed_only: bool = False):
-    """The narrowest of int4/uint4/int8/uint8 that holds lo..hi (None: none does)."""
-    for bits in (4, 8):
+def _container(lo: int, hi: int, signed_only: bool = False, min_bits: int = 4):
+    """The narrowest of int4/uint4/int8/uint8 (at least min_bits wide) that holds lo..hi (None: none does)."""
+    for bits in (b for b in (4, 8) if b >= min_bits):
         for signed in ((True,) if signed_only or lo < 0 else (False, True)):
             name, dtype, tlo, thi = _INT_TYPES[(signed, bits)]
             if tlo <= lo and hi <= thi:
@@ -61,7 +62,7 @@ def _typed_const(g: GraphBuilder, values, container, hint: str) -> str:
     return name
 
 
-def _act_qdq(ex: ox._Exporter, q: Quantizer, x: str) -> str:
+def _act_qdq(ex: ox._Exporter, q: Quantizer, x: str, min_bits: int) -> str:
     g = ex.g
     try:
         form = q.int_activation()
@@ -74,7 +75,7 @@ def _act_qdq(ex: ox._Exporter, q: Quantizer, x: str) -> str:
     zp_exact = -offset / step
     zp = int(round(zp_exact)) if offset and float(round(zp_exact)) * step == -offset else 0
     shift = offset if offset and not zp else 0.0
-    container = _container(form.qn + zp, form.qp + zp)
+    container = _container(form.qn + zp, form.qp + zp, min_bits=min_bits)
     if container is None:
         ex.refuse(f"its codes {form.qn}..{form.qp} (zero point {zp}) fit no 8-bit container")
     f = lambda v: g.const(np.float32(v), np.float32)  # noqa: E731
@@ -88,7 +89,7 @@ def _act_qdq(ex: ox._Exporter, q: Quantizer, x: str) -> str:
     return g.op("Add", [y, f(shift)]) if shift else y
 
 
-def _weight_dq(ex: ox._Exporter, m: QConv2d) -> str:
+def _weight_dq(ex: ox._Exporter, m: QConv2d, min_bits: int) -> str:
     g = ex.g
     w = m.weight.detach().float()
     try:
@@ -96,7 +97,7 @@ def _weight_dq(ex: ox._Exporter, m: QConv2d) -> str:
     except NoIntegerForm as e:
         ex.refuse(f"its weight quantizer {e}")
     levels = (form.w_mul * form.codes + form.w_add).detach().cpu().numpy()
-    container = _container(int(levels.min()), int(levels.max()), signed_only=True)
+    container = _container(int(levels.min()), int(levels.max()), signed_only=True, min_bits=min_bits)
     if container is None:
         ex.refuse(f"its weight levels {int(levels.min())}..{int(levels.max())} fit no int8 container")
     codes = _typed_const(g, levels, container, "weight")
@@ -109,9 +110,9 @@ def _qconv(ex: ox._Exporter, m: QConv2d, x):
     g = ex.g
     x = ox._float(ex, x)
     if m.act_quantizer is not None:
-        x = _act_qdq(ex, m.act_quantizer, x)
+        x = _act_qdq(ex, m.act_quantizer, x, ex.min_bits)
     if m.weight_quantizer is not None:
-        w = _weight_dq(ex, m)
+        w = _weight_dq(ex, m, ex.min_bits)
     else:
         w = g.const(m.weight.detach().float().cpu().numpy(), np.float32, "weight")
     if not isinstance(m.padding, tuple) or m.padding_mode != "zeros":
@@ -129,9 +130,10 @@ MODULE_EMITTERS = {**ox.MODULE_EMITTERS, QConv2d: _qconv, GatedFusion: _refuse_f
 
 
 def export_onnx_qdq(qat_model: nn.Module, example: torch.Tensor, path: str | os.PathLike, *,
-                    opset: int = ox.DEFAULT_OPSET) -> str:
+                    opset: int = ox.DEFAULT_OPSET, int8_containers: bool = False) -> str:
     """Write the fake-quant model as Q/DQ ONNX to path (module docstring): one float32 input (N, C, H,
-    W) of any batch and size, the model's outputs in order. Returns the path. Raises
+    W) of any batch and size, the model's outputs in order. int8_containers: codes in int8/uint8
+    (clipped to their 4- or 3-bit range), for consumers without 4-bit Q/DQ. Returns the path. Raises
     ox.ExportRefused naming the first module that has no Q/DQ form."""
     if not isinstance(qat_model, nn.Module):
         raise TypeError(f"qat_model: expected an nn.Module, got {type(qat_model).__name__}")
@@ -147,6 +149,7 @@ def export_onnx_qdq(qat_model: nn.Module, example: torch.Tensor, path: str | os.
     values = _run(gm, nodes, example)
     g = GraphBuilder(opset)
     ex = ox._Exporter(g, dict(gm.named_modules()))
+    ex.min_bits = 8 if int8_containers else 4
     ex.ranks = [v.dim() if isinstance(v, torch.Tensor) else None for v in values]
     env: dict = {}
     fill = lambda v: torch.fx.node.map_arg(v, lambda n: env[n])  # noqa: E731
