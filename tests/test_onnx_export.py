@@ -265,6 +265,10 @@ def test_refusals_name_what_and_why(tmp_path):
         export_onnx(int_model, x[0], tmp_path / "m.onnx")
     with pytest.raises(TypeError, match="int_model"):
         export_onnx(nn.Conv2d(3, 3, 1), x, tmp_path / "m.onnx")
+    with pytest.raises(TypeError, match="check"):
+        export_onnx(int_model, x, tmp_path / "m.onnx", check="no")
+    with pytest.raises(TypeError, match="forced"):
+        export_onnx(int_model, x, tmp_path / "m.onnx", forced="x")
     with pytest.raises(ValueError, match="forced: no such nodes"):
         export_onnx(int_model, x, tmp_path / "m.onnx", forced=("nope",))
     # A fake-quant layer the converter kept in float (a per-channel activation quantizer) has no

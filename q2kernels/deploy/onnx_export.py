@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from .._validate import check_bool
 from ..ops import int_conv as ic
 from .fixed_fusion import FixedFusion
 from .int_graph import _fill, _Ref, parse_graph
@@ -508,6 +509,9 @@ def export_onnx(int_model: IntModel, example: torch.Tensor, path: str | os.PathL
         raise ValueError(f"example: expected a float (N, C, H, W) tensor, got {getattr(example, 'shape', example)!r}")
     if not isinstance(opset, int) or isinstance(opset, bool) or not 21 <= opset <= 26:
         raise ValueError(f"opset: expected an int in 21..26, got {opset!r}")
+    check, codes_outputs = check_bool(check, "check"), check_bool(codes_outputs, "codes_outputs")
+    if not isinstance(forced, (tuple, list)) or not all(isinstance(n, str) for n in forced):
+        raise TypeError(f"forced: expected a tuple of node names, got {forced!r}")
     records, modules, attributes = _graph_of(int_model)
     parsed = parse_graph(records, modules, attributes)
     unknown = set(forced) - {r["name"] for r in records}

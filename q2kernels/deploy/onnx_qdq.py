@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .._validate import check_bool
 from ..nn import QConv2d, Quantizer
 from ..nn.fusion import GatedFusion
 from ..nn.protocol import NoIntegerForm
@@ -141,6 +142,7 @@ def export_onnx_qdq(qat_model: nn.Module, example: torch.Tensor, path: str | os.
         raise ValueError(f"example: expected a float (N, C, H, W) tensor, got {getattr(example, 'shape', example)!r}")
     if not isinstance(opset, int) or isinstance(opset, bool) or not 21 <= opset <= 26:
         raise ValueError(f"opset: expected an int in 21..26, got {opset!r}")
+    int8_containers = check_bool(int8_containers, "int8_containers")
     if qat_model.training:
         raise ValueError("qat_model: put it in eval mode first (BatchNorm's running statistics are exported)")
     gm = symbolic_trace(qat_model, is_leaf=lambda m: isinstance(m, (QConv2d, Quantizer, GatedFusion, FixedFusion)))
