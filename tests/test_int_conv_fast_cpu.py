@@ -7,7 +7,8 @@ Oracles, bit for bit (packed codes and float heads alike): the int32 path of the
 and YOLO11s (benchmarks/data, spatial size shrunk), for every quantizer layout (signed / unsigned codes,
 the odd levels of N2UQ and DoReFa, zero points), 3 and 4 bits, random codes and the extremes, and on
 both sides of the bound (docs/integer-format.md, "The CPU fast path"), where each test asserts which
-path ran. Also: that oneDNN runs its direct algorithm (never Winograd), the ops' checks and fakes.
+path ran. Also: that oneDNN runs its direct algorithm (never Winograd), the ops' checks and fakes, and
+(the last section) the vectorised epilogue against the int32 path on adversarial epilogue values.
 """
 import copy
 import json
@@ -269,12 +270,13 @@ def test_meta_and_disabled_paths_use_the_int32_ops(monkeypatch):
     assert spy.calls == 1
 
 
-def test_unpack_float_values():
+@pytest.mark.parametrize("channels", [1, 7, 8, 9, 37, 64])  # 8 at a time (AVX2) and the rest pair by pair
+def test_unpack_float_values(channels):
     for signed in (True, False):
         lo, hi = _code_range(signed, 4)
-        q = torch.randint(lo, hi + 1, (2, 37, 3, 5))
+        q = torch.randint(lo, hi + 1, (2, channels, 3, 5))
         for w_mul, w_add in ((1, 0), (2, -15), (-3, 7)):
-            got = ic.unpack_float(ic.pack(q, 4, signed), 37, signed, w_mul, w_add)
+            got = ic.unpack_float(ic.pack(q, 4, signed), channels, signed, w_mul, w_add)
             assert got.is_contiguous(memory_format=torch.channels_last)
             assert torch.equal(got, (w_mul * q + w_add).float())
 
@@ -315,3 +317,231 @@ def test_opcheck():
     torch.library.opcheck(ops.conv2d_epilogue.default, (*args, torch.float32))
     out = torch.zeros(1, 6, 6, 16, dtype=torch.uint8)
     torch.library.opcheck(ops.conv2d_epilogue_out.default, (*args, 0, out))
+
+
+# ---------------------------------------------------------------------------------------------------
+# The epilogue on adversarial values. Where the CPU has AVX2 and FMA, conv2d_epilogue runs 8 output
+# channels at a time (csrc/epilogue_simd.h), with the same IEEE operations as epilogue.h's scalar code;
+# these tests hold it to the int32 path (ops.int_conv.conv2d, with the fast path off) bit for bit where
+# that is easiest to get wrong: SiLU's exp at its cut-offs (x < -87 -> 0, x > 88.72 -> inf, and k = 128,
+# where 2^k is no float), round-half-even ties and the clamp bounds, threshold counts, non-finite
+# epilogue rows, J at borders, and channel counts that leave a ragged last group of lanes.
+
+INF, NAN = float("inf"), float("nan")
+# Channel counts: a ragged last group of 1, 3, 7 lanes, one lane past a group, 4 groups and a lane.
+RAGGED = [1, 3, 7, 9, 33]
+OUT_KINDS = {"codes": torch.uint8, "fp32": torch.float32, "fp16": torch.float16}
+
+
+def _bits(t):
+    """Codes as they are; floats as their bit patterns (so that NaNs and signed zeros compare)."""
+    if t.dtype == torch.uint8:
+        return t
+    return t.contiguous().view(torch.int32 if t.dtype == torch.float32 else torch.int16)
+
+
+def _fast_and_int32(x, codes, ep, cin, *, x_signed, w_signed=True, w_mul=1, w_add=0, out=None, **kw):
+    """The conv by the fast path (oneDNN sums, conv2d_epilogue) and by the int32 path (ops.int_conv.conv2d
+    with the fast path off), each into its own copy of `out` where given."""
+    weight = ic.pack(codes, 4, w_signed)
+    levels = ic.unpack_float(weight, cin, w_signed, w_mul, w_add)
+    args = dict(x_signed=x_signed, w_signed=w_signed, w_mul=w_mul, w_add=w_add, **kw)
+    fast = ic.conv2d_fast_cpu(x, levels, ep, cin, out=None if out is None else out.clone(), **args)
+    with ic.use_fast_cpu(False):
+        slow = ic.conv2d(x, weight, ep, cin, out=None if out is None else out.clone(), **args)
+    return fast, slow
+
+
+def _assert_bit_identical(fast, slow):
+    assert fast.dtype == slow.dtype and fast.shape == slow.shape and fast.stride() == slow.stride()
+    same = _bits(fast) == _bits(slow)
+    assert bool(same.all()), f"{int((~same).sum())} of {same.numel()} outputs differ, first at " \
+                             f"{tuple(int(i) for i in (~same).nonzero()[0])}"
+
+
+def _sweep_conv(cout, batch=2):
+    """A 1x1 conv whose sum is I = q0 - 8*q1 over signed codes q0, q1: the 16x16 map holds every pair,
+    so each output channel sees every integer I in [-64, 71] (the second image in another order)."""
+    q = torch.stack(torch.meshgrid(torch.arange(-8, 8), torch.arange(-8, 8), indexing="ij"))  # (2, 16, 16)
+    q = torch.stack([q, q.flip(1).transpose(1, 2)][:batch])
+    codes = torch.tensor([1, -8]).reshape(1, 2, 1, 1).expand(cout, 2, 1, 1).contiguous()
+    return ic.pack(q, 4, True), codes
+
+
+def _per_channel(cout, values):
+    """values[c % len(values)] for each channel c."""
+    return torch.tensor([values[c % len(values)] for c in range(cout)], dtype=torch.float64)
+
+
+# SiLU's arguments y = alpha*I + bias, centred per channel on the edges of exp_det(x), x = -y: y = 87
+# (x < -87 gives 0), y = -88.72 (x > 88.72 gives inf), y = -88.5 (k = 128: the two-step scaling),
+# y = -88.376 and 86.99 (k changes between 127 and 128, -125 and -126), y = -17 (1 + e^x starts to round
+# to e^x), and -87, 88.72, 0, 30 as ordinary arguments; alpha = 2^-17 steps through every float around
+# the larger centres (their ulp), the coarser steps through their neighbourhood.
+SILU_CENTRES = [87.0, -88.72, -88.5, -88.376, 86.99, -17.0, -87.0, 88.72, 0.0, 30.0]
+SILU_STEPS = [2.0**-17, 2.0**-12, 2.0**-6]
+
+
+@pytest.mark.parametrize("cout", RAGGED)
+@pytest.mark.parametrize("out", sorted(OUT_KINDS))
+def test_epilogue_silu_edges(cout, out):
+    x, codes = _sweep_conv(cout)
+    combos = [(a, b) for b in SILU_CENTRES for a in SILU_STEPS]
+    start = {1: 0, 3: 3, 7: 9, 9: 16, 33: 0}[cout]  # the small counts see different centres
+    alpha = _per_channel(cout, [a for a, _ in combos[start:] + combos[:start]])
+    bias = _per_channel(cout, [b for _, b in combos[start:] + combos[:start]])
+    ep = ic.epilogue_params(cout, alpha=alpha, bias=bias, aff_mul=_per_channel(cout, [1.0, -0.75, 3.0]),
+                            aff_add=_per_channel(cout, [0.0, 0.5, 0.5]), q_mul=0.25, q_off=-1.0)
+    fast, slow = _fast_and_int32(x, codes, ep, 2, x_signed=True, act="silu", qn=-8, qp=7,
+                                 out_dtype=OUT_KINDS[out])
+    _assert_bit_identical(fast, slow)
+    if out == "fp32" and cout == 33:  # channel 3 (y ~ -88.72, z = y/(1 + e^-y)): both sides of exp's inf
+        z = fast[:, 3]
+        assert bool((z == 0).any()) and bool(((z < 0) & (z > -1e-30)).any())
+
+
+def test_epilogue_silu_random_arguments():
+    """SiLU over ~300k random pre-activations in about [-100, 100] (every k exp_det can take), float head,
+    255 channels (a ragged last group of 7)."""
+    g = torch.Generator().manual_seed(11)
+    cout, cin = 255, 16
+    codes = torch.randint(-8, 8, (cout, cin, 1, 1), generator=g)
+    x = ic.pack(torch.randint(0, 16, (2, cin, 24, 24), generator=g), 4, False)
+    ep = ic.epilogue_params(cout, alpha=torch.rand(cout, generator=g, dtype=torch.float64) * 0.2 + 1e-3,
+                            bias=(torch.rand(cout, generator=g, dtype=torch.float64) - 0.5) * 160,
+                            aff_mul=torch.randn(cout, generator=g, dtype=torch.float64),
+                            aff_add=torch.randn(cout, generator=g, dtype=torch.float64))
+    fast, slow = _fast_and_int32(x, codes, ep, cin, x_signed=False, act="silu", out_dtype=torch.float32)
+    _assert_bit_identical(fast, slow)
+
+
+# (q_mul, q_off) for z = I/2 (alpha 0.5, identity): each puts (z - q_off)*q_mul exactly on .5 ties for
+# some I (for (2, 0.25), I - 0.5, on one for every I), and I's range runs past both clamp bounds.
+TIE_QUANT = [(1.0, 0.0), (2.0, 0.25), (1.0, -0.5), (0.5, 0.0), (1.0, 3.0), (-1.0, 0.0), (4.0, 0.0)]
+
+
+@pytest.mark.parametrize("cout", RAGGED)
+@pytest.mark.parametrize("signed_out", [True, False], ids=["signed", "unsigned"])
+@pytest.mark.parametrize("act", ["identity", "relu"])
+def test_epilogue_rounding_ties_and_clamps(cout, signed_out, act):
+    x, codes = _sweep_conv(cout)
+    qn, qp = (-8, 7) if signed_out else (0, 15)
+    ep = ic.epilogue_params(cout, alpha=0.5, q_mul=_per_channel(cout, [m for m, _ in TIE_QUANT]),
+                            q_off=_per_channel(cout, [o for _, o in TIE_QUANT]))
+    fast, slow = _fast_and_int32(x, codes, ep, 2, x_signed=True, act=act, qn=qn, qp=qp)
+    _assert_bit_identical(fast, slow)
+    if act == "identity":  # both clamp bounds were reached
+        levels = ic.unpack(fast, cout, signed_out)
+        assert int(levels.min()) == qn and int(levels.max()) == qp
+
+
+# N2UQ heads: thresholds that z = I/2 meets exactly (strictly above counts), unsorted ones, and NaN and
+# infinite thresholds (which u > t never / always / never passes).
+THRESHOLDS = {
+    "halves": lambda n: [(i - n // 2) / 2.0 for i in range(n)],
+    "unsorted": lambda n: [float((7 * i) % n - n // 2) for i in range(n)],
+    "non_finite": lambda n: [NAN, -INF, INF] + [float(i) for i in range(n - 3)],
+}
+
+
+@pytest.mark.parametrize("cout", RAGGED)
+@pytest.mark.parametrize("thresholds", sorted(THRESHOLDS))
+@pytest.mark.parametrize("qn,qp", [(0, 15), (-8, 7), (0, 3)])
+def test_epilogue_thresholds(cout, thresholds, qn, qp):
+    x, codes = _sweep_conv(cout)
+    thr = torch.tensor(THRESHOLDS[thresholds](qp - qn), dtype=torch.float32)
+    ep = ic.epilogue_params(cout, alpha=0.5, q_mul=_per_channel(cout, [1.0, 2.0, 0.5, -1.0, NAN]),
+                            q_off=_per_channel(cout, [0.0, 0.25, -3.0]))
+    fast, slow = _fast_and_int32(x, codes, ep, 2, x_signed=True, act="identity", qn=qn, qp=qp, thresholds=thr)
+    _assert_bit_identical(fast, slow)
+
+
+# One non-finite (or extreme) epilogue entry per channel, the others finite, so that no operation meets
+# two NaNs: which NaN comes out of an fma of two is the instruction form's choice, which the compiler
+# makes for either path; every other NaN is determined (a NaN operand is passed on, an invalid operation
+# gives the default NaN), and the tests compare those bits too. Codes are indifferent (NaN -> qn).
+SPECIALS = [(ic.ALPHA, NAN), (ic.ALPHA, INF), (ic.ALPHA, -INF), (ic.ALPHA, 3e38), (ic.ALPHA, 1e-45),
+            (ic.GAMMA, NAN), (ic.GAMMA, INF), (ic.GAMMA, -INF), (ic.BIAS, NAN), (ic.BIAS, INF), (ic.BIAS, -INF),
+            (ic.BIAS, -0.0), (ic.AFF_MUL, NAN), (ic.AFF_MUL, INF), (ic.AFF_MUL, 0.0), (ic.AFF_MUL, -0.0),
+            (ic.AFF_ADD, NAN), (ic.AFF_ADD, -INF), (ic.Q_MUL, NAN), (ic.Q_MUL, INF), (ic.Q_MUL, 0.0),
+            (ic.Q_MUL, -INF), (ic.Q_OFF, NAN), (ic.Q_OFF, INF), (ic.Q_OFF, -INF)]
+# (kernel, stride, padding, dilation, map): a 1x1 conv; 3x3 with borders; one 3x3 output of a 1x1 map
+# (every tap but the centre outside); and padding wider than the dilated kernel reaches (empty windows).
+GEOMETRIES = {
+    "1x1": (1, 1, 0, 1, (6, 5)),
+    "3x3_pad1": (3, 1, 1, 1, (5, 4)),
+    "3x3_on_1x1_map": (3, 1, 1, 1, (1, 1)),
+    "3x3_stride2_pad4_dil2": (3, 2, 4, 2, (5, 3)),
+}
+
+
+@pytest.mark.parametrize("cout", [33, 9, 7])
+@pytest.mark.parametrize("act", ["identity", "relu", "silu"])
+@pytest.mark.parametrize("geometry", sorted(GEOMETRIES))
+@pytest.mark.parametrize("zero_point", [True, False], ids=["tap_sums", "no_tap_sums"])
+def test_epilogue_non_finite_rows(cout, act, geometry, zero_point):
+    k, stride, padding, dilation, (h, w) = GEOMETRIES[geometry]
+    g = torch.Generator().manual_seed(cout + k)
+    cin = 12
+    codes = torch.randint(-8, 8, (cout, cin, k, k), generator=g)
+    x = ic.pack(torch.randint(-8, 8, (2, cin, h, w), generator=g), 4, True)
+    ep = ic.epilogue_params(cout, alpha=0.01 + 0.02 * torch.rand(cout, generator=g, dtype=torch.float64),
+                            gamma=0.3 if zero_point else 0.0, bias=torch.randn(cout, generator=g, dtype=torch.float64),
+                            aff_mul=1.5, aff_add=-0.25, q_mul=3.0, q_off=0.1)
+    shift = {33: 0, 9: 9, 7: 18}[cout]
+    for c in range(cout):
+        row, value = SPECIALS[(c + shift) % len(SPECIALS)]
+        ep[row, c] = value
+    for out_dtype in (torch.uint8, torch.float32, torch.float16):
+        fast, slow = _fast_and_int32(x, codes, ep, cin, x_signed=True, tap_sums=ic.weight_tap_sums(codes) if
+                                     zero_point else None, stride=stride, padding=padding, dilation=dilation,
+                                     act=act, qn=-8, qp=7, out_dtype=out_dtype)
+        _assert_bit_identical(fast, slow)
+        if out_dtype == torch.float32 and cout == 33:
+            assert bool(fast.isnan().any()) and bool(fast.isinf().any())
+
+
+@pytest.mark.parametrize("cout", RAGGED)
+@pytest.mark.parametrize("out", sorted(OUT_KINDS))
+def test_epilogue_ragged_channels_at_an_offset(cout, out):
+    """Into a wider shared output at a channel offset: the ragged last group writes its channels only
+    (the neighbours keep their sentinel), border pixels with tap sums, batch 3."""
+    g = torch.Generator().manual_seed(cout)
+    cin = 5
+    codes = torch.randint(-8, 8, (cout, cin, 3, 3), generator=g)
+    x = ic.pack(torch.randint(-8, 8, (3, cin, 4, 5), generator=g), 4, True)
+    ep = ic.epilogue_params(cout, alpha=0.05, gamma=-0.2, bias=torch.randn(cout, generator=g, dtype=torch.float64),
+                            q_mul=2.0)
+    if out == "codes":
+        sentinel = torch.full((3, 4, 5, ic.packed_bytes(cout + 40)), 0xA5, dtype=torch.uint8)
+    else:
+        sentinel = torch.full((3, cout + 40, 4, 5), -3.0, dtype=OUT_KINDS[out]).contiguous(
+            memory_format=torch.channels_last)
+    fast, slow = _fast_and_int32(x, codes, ep, cin, x_signed=True, tap_sums=ic.weight_tap_sums(codes), padding=1,
+                                 act="silu", qn=-8, qp=7, out=sentinel, c_offset=10)
+    _assert_bit_identical(fast, slow)
+
+
+def test_epilogue_sum_conversion():
+    """conv2d_epilogue reads each sum as the int32 path's I: truncated toward zero, saturated at the int32
+    range, NaN as 0 (sums that no exact conv gives, but the op accepts any float32). An identity epilogue
+    writes float(I) itself; other epilogues give on those sums what they give on the converted ones."""
+    cout = 11
+    values = torch.tensor([NAN, INF, -INF, 3e9, -3e9, 2.0**31, -(2.0**31), 2.0**31 - 128, 0.75, -0.75, -2.5,
+                           16777216.0, -0.0, 1e-30, 123456.7, -98765.4])
+    sums = values.repeat(cout * 3)[: 2 * cout * 4 * 3].reshape(2, 4, 3, cout).permute(0, 3, 1, 2)
+    assert sums.is_contiguous(memory_format=torch.channels_last)
+    as_int = torch.where(sums.isnan(), 0.0, sums.double().clamp(-(2.0**31), 2.0**31 - 1)).to(torch.int64)
+    converted = as_int.float().contiguous(memory_format=torch.channels_last)  # -0.0, -0.75: the integer 0
+    ic.load()
+    ops = torch.ops.q2kernels_int
+
+    def epilogue(s, ep, act, out_dtype):
+        return ops.conv2d_epilogue(s, ep, None, None, [4, 3], [1, 1], 4, True, True, 1, 0, [1, 1], [0, 0], [1, 1],
+                                   act, -8, 7, out_dtype)
+
+    identity = ic.epilogue_params(cout, alpha=1.0)
+    _assert_bit_identical(epilogue(sums, identity, 0, torch.float32), converted)
+    ep = ic.epilogue_params(cout, alpha=_per_channel(cout, [1.0, 2.0**-20, -3.0]), aff_mul=0.5)
+    for out_dtype in (torch.float32, torch.uint8):
+        _assert_bit_identical(epilogue(sums, ep, 2, out_dtype), epilogue(converted, ep, 2, out_dtype))
