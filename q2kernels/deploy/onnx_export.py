@@ -86,13 +86,18 @@ class ExportReport:
 
 
 class _Exporter:
+    """The state of one export that the emitters share."""
+
     def __init__(self, builder: GraphBuilder, modules: dict[str, nn.Module]):
         self.g = builder
         self.modules = modules
         self.integer_layers = 0
         self.float_layers: list[str] = []
-        self.node = ""
+        self.node = ""                    # the node being written (error messages name it)
         self.forced: list[str] = []
+        self.ranks: list[int | None] = []  # each node's value's rank on the example
+        self.index_of_first_arg: int | None = None  # a call_method's tensor, as a node index
+        self.min_bits = 4                 # the Q/DQ export's narrowest code container
 
     def refuse(self, why: str):
         raise ExportRefused(f"export_onnx: node {self.node!r}: {why}")
@@ -117,7 +122,6 @@ class _Exporter:
             return pieces[0][1]
         name = self.g.op("Concat", [c.name for _, c in pieces], "concat", axis=1)
         return Codes(name, v.total, pieces[0][1].signed)
-
 
 
 def _check_sign(ex: _Exporter, x: Codes, signed: bool, channels: int) -> None:
