@@ -60,9 +60,26 @@ PROGRAMS_PER_SM = 4
 CPU_PROGRAMS = 4
 
 
+# What the kernels pass between their helpers, grouped as docs/math.md §5 uses it (the kernels' own
+# arguments stay flat, as the launch passes them):
+# - a tensor X: the pair (ptr, S), its base pointer and its (batch, channel, pixel) strides S, a
+#   triple: X[b, c, p] is at ptr + b*S[0] + c*S[1] + p*S[2] (_tile_offsets). Branch k of the kernels'
+#   arguments is (XS[k], SX[k]); the K branches (or their grads) are the pair of tuples (XS, SX);
+# - pix = (b, hw, pmask), a pixel block: image b, its pixels hw = h*W + w (a [BLOCK_P] vector) and
+#   which of them exist (_pixel_block);
+# - chans = (c_off, Ck), a branch's channels c_off .. c_off+Ck-1 of the fused row, where its dy, gamma
+#   and beta start (concat: c_off = C_0 + ... + C_{k-1}); its tile is BLOCK_C = BCS[k] wide;
+# - stats = (mu, rstd), the per-pixel statistics of the LayerNorm: mean and 1/sqrt(var + eps);
+# - block = (pix, stats, xs, masks): what the backward holds of a pixel block before its LayerNorm
+#   backward: the pixels, their statistics, and each branch's fp32 tile x_k and its mask;
+# - sums = (c1, c2), the LayerNorm backward's per-pixel means of g*xhat and of g (g = dy*gamma);
+# - ln = (dys, xh, g, sums): what the backward's phase 1 hands phase 2: the dy tile of each tile of h,
+#   the one (xhat, g) of the sum fusion's single tile (unused by concat, which recomputes them), sums.
+
+
 @triton.jit
 def _pixel_block(blk, N_HW_BLOCKS, HW, BLOCK_P: tl.constexpr, INT64: tl.constexpr):
-    """(image b, pixel indices hw, their mask) of pixel block `blk`."""
+    """pix of pixel block `blk`: (image b, pixel indices hw, their mask)."""
     b = blk // N_HW_BLOCKS
     hw = (blk % N_HW_BLOCKS) * BLOCK_P + tl.arange(0, BLOCK_P)
     pmask = hw < HW
@@ -73,9 +90,10 @@ def _pixel_block(blk, N_HW_BLOCKS, HW, BLOCK_P: tl.constexpr, INT64: tl.constexp
 
 
 @triton.jit
-def _tile_offsets(b, hw, c_off, S, BLOCK_C: tl.constexpr, INT64: tl.constexpr):
-    """Element offsets [BLOCK_P, BLOCK_C] of channels c_off + (0 .. BLOCK_C) of pixels hw of image
-    b in a tensor of (batch, channel, pixel) strides S."""
+def _tile_offsets(S, pix, c_off, BLOCK_C: tl.constexpr, INT64: tl.constexpr):
+    """Element offsets [BLOCK_P, BLOCK_C] of channels c_off + (0 .. BLOCK_C) of the pixels of pix in a
+    tensor of (batch, channel, pixel) strides S."""
+    b, hw, _ = pix
     cc = c_off + tl.arange(0, BLOCK_C)
     if INT64:
         cc = cc.to(tl.int64)
@@ -83,17 +101,21 @@ def _tile_offsets(b, hw, c_off, S, BLOCK_C: tl.constexpr, INT64: tl.constexpr):
 
 
 @triton.jit
-def _load_tile(X, b, hw, pmask, c_off, Ck, S, BLOCK_C: tl.constexpr, INT64: tl.constexpr):
-    """fp32 [BLOCK_P, BLOCK_C] tile of channels c_off .. c_off+Ck of pixels hw of image b, and its
-    mask. Masked lanes read 0, which adds 0 to every sum."""
+def _load_tile(X, pix, chans, BLOCK_C: tl.constexpr, INT64: tl.constexpr):
+    """fp32 [BLOCK_P, BLOCK_C] tile of tensor X at channels chans of the pixels of pix, and its mask.
+    Masked lanes read 0, which adds 0 to every sum."""
+    ptr, S = X
+    _, _, pmask = pix
+    c_off, Ck = chans
     mask = pmask[:, None] & (tl.arange(0, BLOCK_C) < Ck)[None, :]
-    return tl.load(X + _tile_offsets(b, hw, c_off, S, BLOCK_C, INT64), mask=mask, other=0.0).to(tl.float32), mask
+    return tl.load(ptr + _tile_offsets(S, pix, c_off, BLOCK_C, INT64), mask=mask, other=0.0).to(tl.float32), mask
 
 
 @triton.jit
-def _store_tile(X, v, mask, b, hw, c_off, S, BLOCK_C: tl.constexpr, INT64: tl.constexpr):
-    """Store the fp32 tile v in X's dtype, rounded to nearest even."""
-    tl.store(X + _tile_offsets(b, hw, c_off, S, BLOCK_C, INT64), cast_to(v, X.dtype.element_ty), mask=mask)
+def _store_tile(X, v, mask, pix, c_off, BLOCK_C: tl.constexpr, INT64: tl.constexpr):
+    """Store the fp32 tile v into tensor X in its dtype, rounded to nearest even."""
+    ptr, S = X
+    tl.store(ptr + _tile_offsets(S, pix, c_off, BLOCK_C, INT64), cast_to(v, ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -104,22 +126,89 @@ def _zeros(n: tl.constexpr):
 
 
 @triton.jit
-def _channel_vec(P, c_off, Ck, BLOCK_C: tl.constexpr):
-    """[1, BLOCK_C] of the per-channel vector P at channels c_off .. c_off+Ck (0 beyond)."""
+def _channel_vec(P, chans, BLOCK_C: tl.constexpr):
+    """[1, BLOCK_C] of the per-channel vector P at channels chans (0 beyond)."""
+    c_off, Ck = chans
     c = tl.arange(0, BLOCK_C)
     return tl.load(P + c_off + c, mask=c < Ck, other=0.0)[None, :]
 
 
 @triton.jit
-def _normalise_store(Y, SY, d, mask, rstd, GAMMA, BETA, c_off, Ck, b, hw, BLOCK_C: tl.constexpr,
+def _load_branches(X, CS, GATES, pix, BCS: tl.constexpr, GATED: tl.constexpr, INT64: tl.constexpr):
+    """Each branch's fp32 tile [BLOCK_P, BCS[k]] at the pixels of pix, and its mask: x_k, or
+    h_k = a_k*x_k when GATED (the forward, which needs only h). X = (XS, SX), the K branches."""
+    XS, SX = X
+    xs = ()
+    masks = ()
+    for k in tl.static_range(len(XS)):
+        x, m = _load_tile((XS[k], SX[k]), pix, (0, CS[k]), BCS[k], INT64)
+        if GATED:
+            x = tl.load(GATES + k) * x
+        xs = xs + (x,)
+        masks = masks + (m,)
+    return xs, masks
+
+
+@triton.jit
+def _tile_sum(ts):
+    """ts[0] + ts[1] + ... in that order."""
+    t = ts[0]
+    for k in tl.static_range(1, len(ts)):
+        t = t + ts[k]
+    return t
+
+
+@triton.jit
+def _row_sum(ts):
+    """Per-pixel sum over the channels of the tiles ts, tile by tile."""
+    s = tl.sum(ts[0], axis=1)
+    for k in tl.static_range(1, len(ts)):
+        s += tl.sum(ts[k], axis=1)
+    return s
+
+
+@triton.jit
+def _row_dot(us, vs):
+    """Per-pixel sum over the channels of the tiles' products us[k]*vs[k], tile by tile."""
+    s = tl.sum(us[0] * vs[0], axis=1)
+    for k in tl.static_range(1, len(us)):
+        s += tl.sum(us[k] * vs[k], axis=1)
+    return s
+
+
+@triton.jit
+def _layernorm_stats(hs, masks, Cf, eps):
+    """(d, mu, rstd) over the fused channels of h, from its tiles hs: mu = mean(h), d = h - mu (0 on
+    padding: (0 - mu)^2 must not count in the variance), rstd = 1/sqrt(mean(d^2) + eps)."""
+    mu = tl.math.div_rn(_row_sum(hs), Cf)
+    ds = ()
+    for k in tl.static_range(len(hs)):
+        ds = ds + (tl.where(masks[k], hs[k] - mu[:, None], 0.0),)
+    v = _row_dot(ds, ds)
+    rstd = tl.math.div_rn(1.0, tl.sqrt_rn(tl.math.div_rn(v, Cf) + eps))
+    return ds, mu, rstd
+
+
+@triton.jit
+def _store_stats(MEAN, RSTD, pix, HW, mu, rstd):
+    """Save the statistics of the pixels of pix for the backward (_load_stats)."""
+    b, hw, pmask = pix
+    stat = b * HW + hw
+    tl.store(MEAN + stat, mu, mask=pmask)
+    tl.store(RSTD + stat, rstd, mask=pmask)
+
+
+@triton.jit
+def _normalise_store(Y, d, mask, pix, rstd, GAMMA, BETA, chans, BLOCK_C: tl.constexpr,
                      HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr, INT64: tl.constexpr):
-    """y = (h - mu)*rstd*gamma + beta for one branch's channels (d = h - mu), in the reference's order."""
+    """y = (h - mu)*rstd*gamma + beta at one tile's channels (d = h - mu), in the reference's order."""
     y = d * rstd[:, None]
     if HAS_GAMMA:
-        y = y * _channel_vec(GAMMA, c_off, Ck, BLOCK_C)
+        y = y * _channel_vec(GAMMA, chans, BLOCK_C)
     if HAS_BETA:
-        y = y + _channel_vec(BETA, c_off, Ck, BLOCK_C)
-    _store_tile(Y, y, mask, b, hw, c_off, SY, BLOCK_C, INT64)
+        y = y + _channel_vec(BETA, chans, BLOCK_C)
+    c_off, _ = chans
+    _store_tile(Y, y, mask, pix, c_off, BLOCK_C, INT64)
 
 
 @triton.jit
@@ -142,79 +231,174 @@ def _gated_fusion_fwd_kernel(
         BLOCK_P: tl.constexpr,  # pixels per program
         BCS: tl.constexpr,      # K powers of two: BCS[k] >= C_k, the padded width of branch k's tile
         INT64: tl.constexpr):   # 64-bit offsets (a tensor spans 2^31 elements or more)
-    b, hw, pmask = _pixel_block(tl.program_id(0), N_HW_BLOCKS, HW, BLOCK_P, INT64)
-    # Read every branch once: h_k = a_k*x_k, [BLOCK_P, BCS[k]] fp32 tiles held in registers.
-    hs = ()
-    masks = ()
-    for k in tl.static_range(len(XS)):
-        x, m = _load_tile(XS[k], b, hw, pmask, 0, CS[k], SX[k], BCS[k], INT64)
-        hs = hs + (tl.load(GATES + k) * x,)
-        masks = masks + (m,)
-    # The per-pixel statistics over the fused channels, from the registers; d = h - mu (0 on padding:
-    # (0 - mu)^2 must not count in the variance).
-    if CONCAT:
-        s = tl.sum(hs[0], axis=1)
-        for k in tl.static_range(1, len(XS)):
-            s += tl.sum(hs[k], axis=1)
-        mu = tl.math.div_rn(s, Cf)
-        ds = ()
-        for k in tl.static_range(len(XS)):
-            ds = ds + (tl.where(masks[k], hs[k] - mu[:, None], 0.0),)
-        v = tl.sum(ds[0] * ds[0], axis=1)
-        for k in tl.static_range(1, len(XS)):
-            v += tl.sum(ds[k] * ds[k], axis=1)
-    else:
-        h = hs[0]
-        for k in tl.static_range(1, len(XS)):
-            h = h + hs[k]
-        mu = tl.math.div_rn(tl.sum(h, axis=1), Cf)
-        ds = (tl.where(masks[0], h - mu[:, None], 0.0),)
-        v = tl.sum(ds[0] * ds[0], axis=1)
-    rstd = tl.math.div_rn(1.0, tl.sqrt_rn(tl.math.div_rn(v, Cf) + eps))
-    stat = b * HW + hw
-    tl.store(MEAN + stat, mu, mask=pmask)
-    tl.store(RSTD + stat, rstd, mask=pmask)
-    # Write y once: branch k's channels start at c_off = C_0 + ... + C_{k-1} (concat).
+    """docs/math.md §5 forward on one pixel block: h from the gated branches, the LayerNorm's
+    statistics, y written once."""
+    pix = _pixel_block(tl.program_id(0), N_HW_BLOCKS, HW, BLOCK_P, INT64)
+    # Read every branch once: h_k = a_k*x_k, [BLOCK_P, BCS[k]] fp32 tiles held in registers. They are
+    # h's tiles (concat), or their sum is h's one tile (sum).
+    hs, masks = _load_branches((XS, SX), CS, GATES, pix, BCS, True, INT64)
+    if not CONCAT:
+        hs = (_tile_sum(hs),)
+    ds, mu, rstd = _layernorm_stats(hs, masks, Cf, eps)
+    _store_stats(MEAN, RSTD, pix, HW, mu, rstd)
+    # Write y once: tile k's channels start at c_off = C_0 + ... + C_{k-1} (concat).
     c_off = 0
     for k in tl.static_range(len(ds)):
-        _normalise_store(Y, SY, ds[k], masks[k], rstd, GAMMA, BETA, c_off, CS[k], b, hw, BCS[k],
+        _normalise_store((Y, SY), ds[k], masks[k], pix, rstd, GAMMA, BETA, (c_off, CS[k]), BCS[k],
                          HAS_GAMMA, HAS_BETA, INT64)
         c_off += CS[k]
 
 
 @triton.jit
-def _xhat_g(h, mask, dy, mu, rstd, GAMMA, c_off, Ck, BLOCK_C: tl.constexpr, HAS_GAMMA: tl.constexpr):
-    """xhat (0 on padded lanes) and g = dy*gamma of one tile."""
+def _load_stats(MEAN, RSTD, pix, HW):
+    """stats = (mu, rstd) of the pixels of pix, as the forward saved them (_store_stats)."""
+    b, hw, pmask = pix
+    stat = b * HW + hw
+    return tl.load(MEAN + stat, mask=pmask, other=0.0), tl.load(RSTD + stat, mask=pmask, other=0.0)
+
+
+@triton.jit
+def _h_tile(xs, GATES, j, CONCAT: tl.constexpr):
+    """Tile j of h: a_j*x_j (concat), or the one tile a_0*x_0 + a_1*x_1 + ... (sum), in that order."""
+    if CONCAT:
+        h = tl.load(GATES + j) * xs[j]
+    else:
+        h = tl.load(GATES) * xs[0]
+        for k in tl.static_range(1, len(xs)):
+            h = h + tl.load(GATES + k) * xs[k]
+    return h
+
+
+@triton.jit
+def _xhat_g(h, mask, dy, stats, GAMMA, chans, BLOCK_C: tl.constexpr, HAS_GAMMA: tl.constexpr):
+    """xhat = (h - mu)*rstd (0 on padded lanes) and g = dy*gamma of one tile."""
+    mu, rstd = stats
     xhat = tl.where(mask, (h - mu[:, None]) * rstd[:, None], 0.0)
     if HAS_GAMMA:
-        g = dy * _channel_vec(GAMMA, c_off, Ck, BLOCK_C)
+        g = dy * _channel_vec(GAMMA, chans, BLOCK_C)
     else:
         g = dy
     return xhat, g
 
 
 @triton.jit
-def _dh(xhat, g, mask, rstd, c1, c2):
-    """LayerNorm input grad: rstd*(g - mean(g) - xhat*mean(g*xhat))."""
+def _dh(xhat, g, mask, rstd, sums):
+    """LayerNorm input grad: rstd*(g - mean(g) - xhat*mean(g*xhat)), sums = (mean(g*xhat), mean(g))."""
+    c1, c2 = sums
     return tl.where(mask, rstd[:, None] * (g - c2[:, None] - xhat * c1[:, None]), 0.0)
 
 
 @triton.jit
-def _branch_dx(DX, SDX, dh, x, mask, a, b, hw, da_acc, e_acc, BLOCK_C: tl.constexpr, INT64: tl.constexpr):
+def _zero_accumulators(K: tl.constexpr, CONCAT: tl.constexpr, BLOCK_P: tl.constexpr, BCS: tl.constexpr):
+    """The backward's fp32 accumulators over a program's pixel blocks, (da, e, dgamma, dbeta): da_k
+    and E_k per pixel row, K of each; dgamma and dbeta per channel, one vector per tile of h (K for
+    concat, one for sum)."""
+    da = ()
+    e = ()
+    for k in tl.static_range(K):
+        da = da + (tl.zeros([BLOCK_P], tl.float32),)
+        e = e + (tl.zeros([BLOCK_P], tl.float32),)
+    dgam = ()
+    dbet = ()
+    for k in tl.static_range(K if CONCAT else 1):
+        dgam = dgam + (_zeros(BCS[k]),)
+        dbet = dbet + (_zeros(BCS[k]),)
+    return da, e, dgam, dbet
+
+
+@triton.jit
+def _layernorm_sums(DY, block, GATES, GAMMA, CS, Cf, dgam, dbet, BCS: tl.constexpr, CONCAT: tl.constexpr,
+                    HAS_GAMMA: tl.constexpr, INT64: tl.constexpr):
+    """Phase 1 of the backward on a block: for each tile of h (branch j's channels, or the sum's one
+    tile) read dy once, recompute xhat from the saved statistics and g = dy*gamma, and sum the
+    LayerNorm backward's per-pixel c1 = mean_c(g*xhat), c2 = mean_c(g) and the per-channel
+    dgamma += dy*xhat, dbeta += dy. Returns ln = (dys, xh, g, sums) and the new dgamma, dbeta."""
+    pix, stats, xs, masks = block
+    dys = ()
+    new_dgam = ()
+    new_dbet = ()
+    c_off = 0
+    for j in tl.static_range(len(dgam)):  # h's tiles, a dgamma vector each
+        chans = (c_off, CS[j])
+        dy, _ = _load_tile(DY, pix, chans, BCS[j], INT64)
+        xh, g = _xhat_g(_h_tile(xs, GATES, j, CONCAT), masks[j], dy, stats, GAMMA, chans, BCS[j], HAS_GAMMA)
+        if j == 0:
+            c1 = tl.sum(g * xh, axis=1)
+            c2 = tl.sum(g, axis=1)
+        else:
+            c1 += tl.sum(g * xh, axis=1)
+            c2 += tl.sum(g, axis=1)
+        new_dgam = new_dgam + (dgam[j] + tl.sum(dy * xh, axis=0),)
+        new_dbet = new_dbet + (dbet[j] + tl.sum(dy, axis=0),)
+        dys = dys + (dy,)
+        c_off += CS[j]
+    sums = (tl.math.div_rn(c1, Cf), tl.math.div_rn(c2, Cf))
+    return (dys, xh, g, sums), new_dgam, new_dbet
+
+
+@triton.jit
+def _branch_dx(DX, dh, x, mask, a, pix, da_acc, e_acc, BLOCK_C: tl.constexpr, INT64: tl.constexpr):
     """dx_k = a_k*dh_k, stored; returns the per-pixel accumulators of da_k and E_k."""
     dx = a * dh
-    _store_tile(DX, dx, mask, b, hw, 0, SDX, BLOCK_C, INT64)
+    _store_tile(DX, dx, mask, pix, 0, BLOCK_C, INT64)
     return da_acc + tl.sum(dh * x, axis=1), e_acc + tl.sum(dx * dx, axis=1)
 
 
 @triton.jit
-def _store_partials(DGAMMA_PART, DBETA_PART, row, c_off, Ck, dgamma, dbeta,
-                    BLOCK_C: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr):
+def _branch_grads(DX, block, ln, GATES, GAMMA, CS, da, e, BCS: tl.constexpr, CONCAT: tl.constexpr,
+                  HAS_GAMMA: tl.constexpr, INT64: tl.constexpr):
+    """Phase 2 of the backward on a block: dh_k = rstd*(g - c2 - xhat*c1) (sum: one dh, shared by
+    every branch; concat: xhat and g recomputed from x_k and dy, so only x_k and dy stay live across
+    phase 1's reductions), dx_k = a_k*dh_k written once into the grads DX, and the per-pixel
+    da_k += sum(dh_k*x_k), E_k += sum(dx_k^2). Returns the new da, e."""
+    pix, stats, xs, masks = block
+    dys, xh, g, sums = ln
+    DXS, SDX = DX
+    _, rstd = stats
+    if not CONCAT:
+        dh = _dh(xh, g, masks[0], rstd, sums)
+    new_da = ()
+    new_e = ()
+    c_off = 0
+    for k in tl.static_range(len(xs)):
+        a = tl.load(GATES + k)
+        if CONCAT:
+            xh, g = _xhat_g(a * xs[k], masks[k], dys[k], stats, GAMMA, (c_off, CS[k]), BCS[k], HAS_GAMMA)
+            dh = _dh(xh, g, masks[k], rstd, sums)
+            c_off += CS[k]
+        dak, ek = _branch_dx((DXS[k], SDX[k]), dh, xs[k], masks[k], a, pix, da[k], e[k], BCS[k], INT64)
+        new_da = new_da + (dak,)
+        new_e = new_e + (ek,)
+    return new_da, new_e
+
+
+@triton.jit
+def _channel_partials(DGAMMA_PART, DBETA_PART, row, chans, dgamma, dbeta,
+                      BLOCK_C: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr):
+    """One tile's dgamma and dbeta into row `row` of their partials, at its channels chans."""
+    c_off, Ck = chans
     c = tl.arange(0, BLOCK_C)
     if HAS_GAMMA:
         tl.store(DGAMMA_PART + row + c_off + c, dgamma, mask=c < Ck)
     if HAS_BETA:
         tl.store(DBETA_PART + row + c_off + c, dbeta, mask=c < Ck)
+
+
+@triton.jit
+def _store_partials(DA_PART, E_PART, DGAMMA_PART, DBETA_PART, pid, C, CS, acc, BCS: tl.constexpr,
+                    HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr):
+    """Program pid's row of partials from its accumulators acc = (da, e, dgamma, dbeta); the launch
+    sums the rows (a deterministic second stage)."""
+    da, e, dgam, dbet = acc
+    K: tl.constexpr = len(da)
+    for k in tl.static_range(K):
+        tl.store(DA_PART + pid * K + k, tl.sum(da[k], axis=0))
+        tl.store(E_PART + pid * K + k, tl.sum(e[k], axis=0))
+    c_off = 0
+    for k in tl.static_range(len(dgam)):
+        _channel_partials(DGAMMA_PART, DBETA_PART, pid * C, (c_off, CS[k]), dgam[k], dbet[k], BCS[k],
+                          HAS_GAMMA, HAS_BETA)
+        c_off += CS[k]
 
 
 @triton.jit
@@ -243,98 +427,22 @@ def _gated_fusion_bwd_kernel(
         BLOCK_P: tl.constexpr,  # pixels per block
         BCS: tl.constexpr,      # K powers of two: BCS[k] >= C_k, the padded width of branch k's tile
         INT64: tl.constexpr):   # 64-bit offsets
+    """docs/math.md §5 backward: a persistent program walks pixel blocks; on each, reads the branches
+    and dy once, the LayerNorm backward's sums (phase 1), then each branch's dx, da_k and E_k (phase
+    2); one row of partials at the end. Triton tuples are immutable: each block rebinds the
+    accumulators to the updated tuples the phases return."""
     pid = tl.program_id(0)
-    K: tl.constexpr = len(XS)
-    # fp32 accumulators over this program's pixel blocks: da_k and E_k per pixel row; dgamma and
-    # dbeta per channel, one vector per branch (concat) or one for the single sum (sum). Triton
-    # tuples are immutable: each pixel block builds the updated tuples (new_*) and rebinds them.
-    da = ()
-    e = ()
-    for k in tl.static_range(K):
-        da = da + (tl.zeros([BLOCK_P], tl.float32),)
-        e = e + (tl.zeros([BLOCK_P], tl.float32),)
-    dgam = ()
-    dbet = ()
-    for k in tl.static_range(K if CONCAT else 1):
-        dgam = dgam + (_zeros(BCS[k]),)
-        dbet = dbet + (_zeros(BCS[k]),)
-
+    da, e, dgam, dbet = _zero_accumulators(len(XS), CONCAT, BLOCK_P, BCS)
     for blk in range(pid, N_BLOCKS, tl.num_programs(0)):
-        b, hw, pmask = _pixel_block(blk, N_HW_BLOCKS, HW, BLOCK_P, INT64)
-        stat = b * HW + hw
-        mu = tl.load(MEAN + stat, mask=pmask, other=0.0)
-        rstd = tl.load(RSTD + stat, mask=pmask, other=0.0)
-        # Phase 1: read x_k and dy once; the LayerNorm backward's per-pixel sums
-        # c1 = mean_c(g*xhat) and c2 = mean_c(g) (g = dy*gamma, xhat recomputed from mu, rstd),
-        # and the per-channel dgamma += dy*xhat, dbeta += dy.
-        xs = ()
-        masks = ()
-        for k in tl.static_range(K):
-            x, m = _load_tile(XS[k], b, hw, pmask, 0, CS[k], SX[k], BCS[k], INT64)
-            xs = xs + (x,)
-            masks = masks + (m,)
-        dys = ()
-        new_dgam = ()
-        new_dbet = ()
-        if CONCAT:
-            c_off = 0
-            for k in tl.static_range(K):
-                dy, _ = _load_tile(DY, b, hw, pmask, c_off, CS[k], SY, BCS[k], INT64)
-                xh, g = _xhat_g(tl.load(GATES + k) * xs[k], masks[k], dy, mu, rstd, GAMMA, c_off, CS[k], BCS[k],
-                                HAS_GAMMA)
-                if k == 0:
-                    c1 = tl.sum(g * xh, axis=1)
-                    c2 = tl.sum(g, axis=1)
-                else:
-                    c1 += tl.sum(g * xh, axis=1)
-                    c2 += tl.sum(g, axis=1)
-                new_dgam = new_dgam + (dgam[k] + tl.sum(dy * xh, axis=0),)
-                new_dbet = new_dbet + (dbet[k] + tl.sum(dy, axis=0),)
-                dys = dys + (dy,)
-                c_off += CS[k]
-        else:
-            dy, _ = _load_tile(DY, b, hw, pmask, 0, CS[0], SY, BCS[0], INT64)
-            h = tl.load(GATES) * xs[0]
-            for k in tl.static_range(1, K):
-                h = h + tl.load(GATES + k) * xs[k]
-            xh, g = _xhat_g(h, masks[0], dy, mu, rstd, GAMMA, 0, CS[0], BCS[0], HAS_GAMMA)
-            c1 = tl.sum(g * xh, axis=1)
-            c2 = tl.sum(g, axis=1)
-            new_dgam = (dgam[0] + tl.sum(dy * xh, axis=0),)
-            new_dbet = (dbet[0] + tl.sum(dy, axis=0),)
-        dgam = new_dgam
-        dbet = new_dbet
-        c1 = tl.math.div_rn(c1, Cf)
-        c2 = tl.math.div_rn(c2, Cf)
-        if not CONCAT:  # one dh, shared by every branch
-            dh = _dh(xh, g, masks[0], rstd, c1, c2)
-        # Phase 2: dh_k = rstd*(g - c2 - xhat*c1) (concat: xhat and g recomputed from x_k and dy,
-        # so only x_k and dy stay live across the reductions above), dx_k = a_k*dh_k written once,
-        # and the per-pixel da_k += sum(dh_k*x_k), E_k += sum(dx_k^2).
-        new_da = ()
-        new_e = ()
-        c_off = 0
-        for k in tl.static_range(K):
-            a = tl.load(GATES + k)
-            if CONCAT:
-                xh, g = _xhat_g(a * xs[k], masks[k], dys[k], mu, rstd, GAMMA, c_off, CS[k], BCS[k], HAS_GAMMA)
-                dh = _dh(xh, g, masks[k], rstd, c1, c2)
-                c_off += CS[k]
-            dak, ek = _branch_dx(DXS[k], SDX[k], dh, xs[k], masks[k], a, b, hw, da[k], e[k], BCS[k], INT64)
-            new_da = new_da + (dak,)
-            new_e = new_e + (ek,)
-        da = new_da
-        e = new_e
-
-    # One row of partials per program; the launch sums the rows (a deterministic second stage).
-    for k in tl.static_range(K):
-        tl.store(DA_PART + pid * K + k, tl.sum(da[k], axis=0))
-        tl.store(E_PART + pid * K + k, tl.sum(e[k], axis=0))
-    c_off = 0
-    for k in tl.static_range(len(dgam)):
-        _store_partials(DGAMMA_PART, DBETA_PART, pid * C, c_off, CS[k], dgam[k], dbet[k], BCS[k],
-                        HAS_GAMMA, HAS_BETA)
-        c_off += CS[k]
+        pix = _pixel_block(blk, N_HW_BLOCKS, HW, BLOCK_P, INT64)
+        stats = _load_stats(MEAN, RSTD, pix, HW)
+        xs, masks = _load_branches((XS, SX), CS, GATES, pix, BCS, False, INT64)
+        block = (pix, stats, xs, masks)
+        ln, dgam, dbet = _layernorm_sums((DY, SY), block, GATES, GAMMA, CS, Cf, dgam, dbet, BCS, CONCAT,
+                                         HAS_GAMMA, INT64)
+        da, e = _branch_grads((DXS, SDX), block, ln, GATES, GAMMA, CS, da, e, BCS, CONCAT, HAS_GAMMA, INT64)
+    _store_partials(DA_PART, E_PART, DGAMMA_PART, DBETA_PART, pid, C, CS, (da, e, dgam, dbet), BCS,
+                    HAS_GAMMA, HAS_BETA)
 
 
 # --------------------------------------------------------------------------------------------
