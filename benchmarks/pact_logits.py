@@ -56,7 +56,7 @@ def _act_quantizers(model):
 
 
 def _step(q):
-    return q.step_size().reshape(()) if isinstance(q, PACTQuantizer) else q.s.detach().reshape(())
+    return q.step_size().detach().reshape(())
 
 
 def _codes(q, x):
