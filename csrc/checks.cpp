@@ -252,16 +252,73 @@ at::Tensor new_output(int64_t n, int64_t ho, int64_t wo, int64_t channels, c10::
   return at::empty({n, channels, ho, wo}, like.options().dtype(dtype).memory_format(at::MemoryFormat::ChannelsLast));
 }
 
-ConvProblem check_conv2d(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& epilogue,
-                         const c10::optional<at::Tensor>& tap_sums, const c10::optional<at::Tensor>& thresholds,
-                         int64_t in_channels, bool x_signed, bool w_signed, int64_t w_mul, int64_t w_add,
-                         c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t act,
-                         int64_t qn, int64_t qp, bool packed_out) {
-  const ConvProblem p =
-      check_conv(x, weight, in_channels, x_signed, w_signed, w_mul, w_add, stride, padding, dilation);
-  check_epilogue(p, x, epilogue, tap_sums, act);
-  if (packed_out) check_quantizer(thresholds, qn, qp, x);
-  return p;
+void check_epilogue_spec(const ConvProblem& p, const at::Tensor& like, const EpilogueSpec& e, bool packed_out) {
+  check_epilogue(p, like, e.epilogue, e.tap_sums, e.act);
+  if (packed_out) check_quantizer(e.thresholds, e.qn, e.qp, like);
+}
+
+namespace {
+
+// The checks of the grouped ops that precede check_conv, in their order: the containers (in the
+// grouped ops' words), groups, in_channels / groups, and the output dtype.
+void check_grouped(const at::Tensor& x, const at::Tensor& weight, int64_t in_channels, int64_t groups,
+                   c10::ScalarType out_dtype) {
+  TORCH_CHECK_TYPE(x.scalar_type() == at::kByte && x.dim() == 4, "x: expected a packed uint8 (N, H, W, C_in/2) tensor, "
+                   "got ", x.scalar_type(), " of shape ", x.sizes());
+  TORCH_CHECK_VALUE(x.is_contiguous(), "x: expected a contiguous packed tensor, got strides ", x.strides());
+  TORCH_CHECK_VALUE(groups >= 1, "groups: expected >= 1, got ", groups);
+  TORCH_CHECK_VALUE(in_channels >= 1 && in_channels % groups == 0, "in_channels: expected a positive multiple of "
+                    "groups=", groups, ", got ", in_channels);
+  TORCH_CHECK_TYPE(weight.scalar_type() == at::kByte && weight.dim() == 4,
+                   "weight: expected a packed uint8 (C_out, KH, KW, C_in/groups/2) tensor, got ", weight.scalar_type(),
+                   " of shape ", weight.sizes());
+  TORCH_CHECK_VALUE(weight.is_contiguous(), "weight: expected a contiguous packed tensor, got strides ",
+                    weight.strides());
+  TORCH_CHECK_VALUE(weight.size(3) == packed_bytes(in_channels / groups), "weight: holds ", weight.size(3),
+                    " bytes per tap but in_channels/groups=", in_channels / groups, " packs into ",
+                    packed_bytes(in_channels / groups));
+  TORCH_CHECK_VALUE(weight.size(0) % groups == 0, "weight: C_out=", weight.size(0), " is not a multiple of groups=",
+                    groups);
+  TORCH_CHECK_TYPE(out_dtype == at::kByte || out_dtype == at::kFloat,
+                   "out_dtype: the grouped conv writes torch.uint8 (packed codes) or torch.float32, got ", out_dtype);
+  TORCH_CHECK_VALUE(weight.device() == x.device(), "weight: is on ", weight.device(), " but x is on ", x.device());
+}
+
+}  // namespace
+
+ConvArgs conv_args(ConvOp op, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& epilogue,
+                   const c10::optional<at::Tensor>& tap_sums, const c10::optional<at::Tensor>& thresholds,
+                   int64_t in_channels, int64_t groups, bool x_signed, bool w_signed, int64_t w_mul, int64_t w_add,
+                   c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t act,
+                   int64_t qn, int64_t qp, c10::ScalarType out_dtype, const at::Tensor* out, int64_t c_offset) {
+  if (out != nullptr) out_dtype = out->scalar_type();
+  const bool packed_out = out_dtype == at::kByte;
+  const EpilogueSpec e{epilogue, tap_sums, thresholds, act, qn, qp};
+  ConvProblem p;
+  if (op == ConvOp::kDense) {
+    p = check_conv(x, weight, in_channels, x_signed, w_signed, w_mul, w_add, stride, padding, dilation);
+    check_epilogue_spec(p, x, e, packed_out);
+  } else {
+    check_grouped(x, weight, in_channels, groups, out_dtype);
+    // The geometry (and every other check of the dense conv) is check_conv's on one group: a packed
+    // tensor of that group's input channels, of x's shape otherwise (only its metadata is looked at).
+    const at::Tensor x_group =
+        at::empty({x.size(0), x.size(1), x.size(2), weight.size(3)}, x.options().device(at::kMeta));
+    const at::Tensor w_meta = at::empty(weight.sizes(), weight.options().device(at::kMeta));
+    p = check_conv(x_group, w_meta, in_channels / groups, x_signed, w_signed, w_mul, w_add, stride, padding,
+                   dilation);
+    TORCH_CHECK_VALUE(x.size(3) == packed_bytes(in_channels), "x: holds ", x.size(3),
+                      " bytes per pixel but in_channels=", in_channels, " packs into ", packed_bytes(in_channels));
+    check_epilogue_spec(p, x, e, packed_out);
+  }
+  if (out != nullptr) {
+    check_output(*out, p.n, p.ho, p.wo, p.cout, c_offset, x);
+    check_conv_out_separate(*out, x, weight, epilogue, tap_sums, thresholds);
+    return ConvArgs{x, weight, e, *out, c_offset, op == ConvOp::kDense ? 1 : groups, p};
+  }
+  if (op == ConvOp::kGrouped) TORCH_CHECK_VALUE(c_offset == 0, "c_offset: expected 0 without out, got ", c_offset);
+  return ConvArgs{x, weight, e, new_output(p.n, p.ho, p.wo, p.cout, out_dtype, x), c_offset,
+                  op == ConvOp::kDense ? 1 : groups, p};
 }
 
 void check_float_input(const at::Tensor& x, const at::Tensor& qparams) {

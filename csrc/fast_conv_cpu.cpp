@@ -16,6 +16,7 @@
 #include <torch/library.h>
 
 #include <cstring>
+#include <utility>
 #include <vector>
 
 #include "epilogue.h"
@@ -307,15 +308,30 @@ void run_epilogue(const EpilogueArgs& a, int64_t pixels) {
   at::parallel_for(0, pixels, kPixelGrain, [&](int64_t b, int64_t e) { epilogue_pixels(a, b, e); });
 }
 
-// The checks of conv2d_epilogue(_out): sums float32 (N, C_out, H_out, W_out) channels_last, and the
+// One call of conv2d_epilogue or conv2d_epilogue_out, checked (epilogue_call): conv_args' ConvArgs
+// with the conv's sums in the place of x and weight.
+struct EpilogueCall {
+  const at::Tensor& sums;  // float32 (N, C_out, H_out, W_out) channels_last: the conv's integer sums I,
+                           //   exact (the caller proves |every partial sum| <= 2^24)
+  EpilogueSpec ep;         // the epilogue and the output quantizer (int_conv.h)
+  at::Tensor out;          // uint8 (N, H_out, W_out, C_total/2) contiguous packed codes, or float32 / float16
+                           //   (N, C_total, H_out, W_out) channels_last: the op's `out`, or the one allocated
+  int64_t c_offset;        // first channel of out written (0 without out), even for packed codes
+  ConvProblem p;           // the conv the sums came from: in_size, kernel_size, in_channels (per group),
+                           //   strides, ..., checked as check_conv checks that conv; H_out, W_out are sums'
+};
+
+// Every check of conv2d_epilogue(_out): sums float32 (N, C_out, H_out, W_out) channels_last, and the
 // conv it came from (in_size, kernel_size, in_channels per group, strides, ...) checked as check_conv
-// checks that conv (on meta tensors of its shapes), with H_out, W_out those of sums.
-ConvProblem check_epilogue_problem(const at::Tensor& sums, const at::Tensor& epilogue,
-                                   const c10::optional<at::Tensor>& tap_sums,
-                                   const c10::optional<at::Tensor>& thresholds, c10::IntArrayRef in_size,
-                                   c10::IntArrayRef kernel_size, int64_t in_channels, bool x_signed, bool w_signed,
-                                   int64_t w_mul, int64_t w_add, c10::IntArrayRef stride, c10::IntArrayRef padding,
-                                   c10::IntArrayRef dilation, int64_t act, int64_t qn, int64_t qp, bool packed_out) {
+// checks that conv (on meta tensors of its shapes), with H_out, W_out those of sums; the epilogue;
+// the output (or its allocation). out: the op's `out` (then out_dtype is its dtype), or null.
+EpilogueCall epilogue_call(const at::Tensor& sums, const at::Tensor& epilogue, const c10::optional<at::Tensor>& tap_sums,
+                           const c10::optional<at::Tensor>& thresholds, c10::IntArrayRef in_size,
+                           c10::IntArrayRef kernel_size, int64_t in_channels, bool x_signed, bool w_signed,
+                           int64_t w_mul, int64_t w_add, c10::IntArrayRef stride, c10::IntArrayRef padding,
+                           c10::IntArrayRef dilation, int64_t act, int64_t qn, int64_t qp, c10::ScalarType out_dtype,
+                           const at::Tensor* out, int64_t c_offset) {
+  if (out != nullptr) out_dtype = out->scalar_type();
   TORCH_CHECK_TYPE(sums.scalar_type() == at::kFloat && sums.dim() == 4,
                    "sums: expected a float32 (N, C_out, H_out, W_out) tensor, got ", sums.scalar_type(), " of shape ",
                    sums.sizes());
@@ -336,23 +352,30 @@ ConvProblem check_epilogue_problem(const at::Tensor& sums, const at::Tensor& epi
       check_conv(x_meta, w_meta, in_channels, x_signed, w_signed, w_mul, w_add, stride, padding, dilation);
   TORCH_CHECK_VALUE(sums.size(2) == p.ho && sums.size(3) == p.wo, "sums: expected (H_out, W_out) = (", p.ho, ", ",
                     p.wo, ") of the conv of in_size ", in_size, ", got shape ", sums.sizes());
-  check_epilogue(p, sums, epilogue, tap_sums, act);
-  if (packed_out) check_quantizer(thresholds, qn, qp, sums);
-  return p;
+  const EpilogueSpec e{epilogue, tap_sums, thresholds, act, qn, qp};
+  check_epilogue_spec(p, sums, e, out_dtype == at::kByte);
+  if (out == nullptr) return EpilogueCall{sums, e, new_output(p.n, p.ho, p.wo, p.cout, out_dtype, sums), 0, p};
+  check_output(*out, p.n, p.ho, p.wo, p.cout, c_offset, sums);
+  // out against everything the epilogue reads (sums in the place of x; no weight is read).
+  check_no_overlap(*out, sums, "sums");
+  check_no_overlap(*out, epilogue, "epilogue");
+  check_no_overlap(*out, tap_sums, "tap_sums");
+  check_no_overlap(*out, thresholds, "thresholds");
+  return EpilogueCall{sums, e, *out, c_offset, p};
 }
 
-void epilogue_into(const ConvProblem& p, const at::Tensor& sums, const at::Tensor& epilogue,
-                   const c10::optional<at::Tensor>& tap_sums, const c10::optional<at::Tensor>& thresholds,
-                   int64_t act, int64_t qn, int64_t qp, int64_t c_offset, const at::Tensor& out) {
+void epilogue_into(const EpilogueCall& c) {
+  const ConvProblem& p = c.p;
+  const EpilogueSpec& e = c.ep;
   EpilogueArgs a;
-  a.sums = sums.const_data_ptr<float>();
-  a.ep = epilogue.const_data_ptr<float>();
-  a.ts = tap_sums.has_value() ? tap_sums->const_data_ptr<int32_t>() : nullptr;
-  a.dtype = out.scalar_type();
-  a.thr = a.dtype == at::kByte && thresholds.has_value() ? thresholds->const_data_ptr<float>() : nullptr;
-  a.out = out.data_ptr();
-  a.row = a.dtype == at::kByte ? out.size(3) : out.size(1);
-  a.c_offset = c_offset;
+  a.sums = c.sums.const_data_ptr<float>();
+  a.ep = e.epilogue.const_data_ptr<float>();
+  a.ts = e.tap_sums.has_value() ? e.tap_sums->const_data_ptr<int32_t>() : nullptr;
+  a.dtype = c.out.scalar_type();
+  a.thr = a.dtype == at::kByte && e.thresholds.has_value() ? e.thresholds->const_data_ptr<float>() : nullptr;
+  a.out = c.out.data_ptr();
+  a.row = a.dtype == at::kByte ? c.out.size(3) : c.out.size(1);
+  a.c_offset = c.c_offset;
   a.cout = p.cout;
   a.h = p.h;
   a.w = p.w;
@@ -369,10 +392,10 @@ void epilogue_into(const ConvProblem& p, const at::Tensor& sums, const at::Tenso
   a.cin = p.cin;
   a.w_mul = p.w_mul;
   a.w_add = p.w_add;
-  a.nthr = static_cast<int32_t>(qp - qn);
-  a.qn = static_cast<int32_t>(qn);
-  a.qp = static_cast<int32_t>(qp);
-  a.act = static_cast<int>(act);
+  a.nthr = static_cast<int32_t>(e.qp - e.qn);
+  a.qn = static_cast<int32_t>(e.qn);
+  a.qp = static_cast<int32_t>(e.qp);
+  a.act = static_cast<int>(e.act);
   run_epilogue(a, p.n * p.ho * p.wo);
 }
 
@@ -383,12 +406,10 @@ at::Tensor conv2d_epilogue_cpu(const at::Tensor& sums, const at::Tensor& epilogu
                                int64_t w_mul, int64_t w_add, c10::IntArrayRef stride, c10::IntArrayRef padding,
                                c10::IntArrayRef dilation, int64_t act, int64_t qn, int64_t qp,
                                c10::ScalarType out_dtype) {
-  const ConvProblem p =
-      check_epilogue_problem(sums, epilogue, tap_sums, thresholds, in_size, kernel_size, in_channels, x_signed,
-                             w_signed, w_mul, w_add, stride, padding, dilation, act, qn, qp, out_dtype == at::kByte);
-  at::Tensor out = new_output(p.n, p.ho, p.wo, p.cout, out_dtype, sums);
-  epilogue_into(p, sums, epilogue, tap_sums, thresholds, act, qn, qp, 0, out);
-  return out;
+  EpilogueCall c = epilogue_call(sums, epilogue, tap_sums, thresholds, in_size, kernel_size, in_channels, x_signed,
+                                 w_signed, w_mul, w_add, stride, padding, dilation, act, qn, qp, out_dtype, nullptr, 0);
+  epilogue_into(c);
+  return std::move(c.out);
 }
 
 void conv2d_epilogue_out_cpu(const at::Tensor& sums, const at::Tensor& epilogue,
@@ -397,16 +418,9 @@ void conv2d_epilogue_out_cpu(const at::Tensor& sums, const at::Tensor& epilogue,
                              bool x_signed, bool w_signed, int64_t w_mul, int64_t w_add, c10::IntArrayRef stride,
                              c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t act, int64_t qn,
                              int64_t qp, int64_t c_offset, const at::Tensor& out) {
-  const ConvProblem p = check_epilogue_problem(sums, epilogue, tap_sums, thresholds, in_size, kernel_size,
-                                               in_channels, x_signed, w_signed, w_mul, w_add, stride, padding,
-                                               dilation, act, qn, qp, out.scalar_type() == at::kByte);
-  check_output(out, p.n, p.ho, p.wo, p.cout, c_offset, sums);
-  // out against everything the epilogue reads (sums in the place of x; no weight is read).
-  check_no_overlap(out, sums, "sums");
-  check_no_overlap(out, epilogue, "epilogue");
-  check_no_overlap(out, tap_sums, "tap_sums");
-  check_no_overlap(out, thresholds, "thresholds");
-  epilogue_into(p, sums, epilogue, tap_sums, thresholds, act, qn, qp, c_offset, out);
+  epilogue_into(epilogue_call(sums, epilogue, tap_sums, thresholds, in_size, kernel_size, in_channels, x_signed,
+                              w_signed, w_mul, w_add, stride, padding, dilation, act, qn, qp, out.scalar_type(), &out,
+                              c_offset));
 }
 
 }  // namespace

@@ -1,8 +1,10 @@
 // The grouped / depthwise integer conv (groups > 1) on the CPU: the schemas of
 // torch.ops.q2kernels_int.conv2d_grouped(_out) and the CPU kernel, which runs grouped_conv.h's
-// per-element code over every output element (the argument checks: grouped_conv_ops.cpp).
+// per-element code over every output element (the argument checks: conv_args, checks.cpp).
 #include <ATen/Parallel.h>
 #include <torch/library.h>
+
+#include <utility>
 
 #include "grouped_conv_ops.h"
 
@@ -27,12 +29,10 @@ at::Tensor conv2d_grouped_cpu(const at::Tensor& x, const at::Tensor& weight, con
                               int64_t w_add, c10::IntArrayRef stride, c10::IntArrayRef padding,
                               c10::IntArrayRef dilation, int64_t act, int64_t qn, int64_t qp,
                               c10::ScalarType out_dtype) {
-  GroupedConvParams p;
-  at::Tensor out = grouped_conv_setup(p, x, weight, epilogue, tap_sums, thresholds, in_channels, groups, x_signed,
-                                      w_signed, w_mul, w_add, stride, padding, dilation, act, qn, qp, out_dtype,
-                                      c10::nullopt, 0);
-  run_cpu(p);
-  return out;
+  ConvArgs a = conv_args(ConvOp::kGrouped, x, weight, epilogue, tap_sums, thresholds, in_channels, groups, x_signed,
+                         w_signed, w_mul, w_add, stride, padding, dilation, act, qn, qp, out_dtype, nullptr, 0);
+  run_cpu(grouped_params(a));
+  return std::move(a.out);
 }
 
 void conv2d_grouped_out_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& epilogue,
@@ -41,10 +41,9 @@ void conv2d_grouped_out_cpu(const at::Tensor& x, const at::Tensor& weight, const
                             int64_t w_add, c10::IntArrayRef stride, c10::IntArrayRef padding,
                             c10::IntArrayRef dilation, int64_t act, int64_t qn, int64_t qp, int64_t c_offset,
                             const at::Tensor& out) {
-  GroupedConvParams p;
-  grouped_conv_setup(p, x, weight, epilogue, tap_sums, thresholds, in_channels, groups, x_signed, w_signed, w_mul,
-                     w_add, stride, padding, dilation, act, qn, qp, out.scalar_type(), out, c_offset);
-  run_cpu(p);
+  run_cpu(grouped_params(conv_args(ConvOp::kGrouped, x, weight, epilogue, tap_sums, thresholds, in_channels, groups,
+                                   x_signed, w_signed, w_mul, w_add, stride, padding, dilation, act, qn, qp,
+                                   out.scalar_type(), &out, c_offset)));
 }
 
 }  // namespace

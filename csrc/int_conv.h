@@ -23,11 +23,15 @@ void check_channels(int64_t channels, const char* name, int64_t lo);
 
 // One integer conv, validated: packed x (n, h, w, cb), packed weight (cout, kh, kw, cb).
 struct ConvProblem {
-  int64_t n, h, w, cin, cb, cout, kh, kw;
-  int64_t sh, sw, ph, pw, dh, dw;
-  int64_t ho, wo;
-  bool x_signed, w_signed;
-  int32_t w_mul, w_add;
+  int64_t n, h, w;         // batch, input height, width (x's first three dimensions)
+  int64_t cin, cb;         // input channels (of one group), and the bytes packed_bytes(cin) they pack into
+  int64_t cout, kh, kw;    // output channels, kernel height, width (weight's first three dimensions)
+  int64_t sh, sw, ph, pw;  // stride, zero padding (height, width), each in [1 | 0, kMaxArg]
+  int64_t dh, dw;          // dilation (height, width), in [1, kMaxArg]
+  int64_t ho, wo;          // output height, width: (h + 2*ph - dh*(kh - 1) - 1) / sh + 1, likewise wo
+  bool x_signed, w_signed; // codes in [-8, 7] (signed) or [0, 15]
+  int32_t w_mul, w_add;    // weight code k stands for the integer level w_mul*k + w_add (w_mul != 0);
+                           //   |every integer sum| fits int32 for any codes (check_accumulator)
 };
 
 // The problem, its output shape, and the int32 accumulator contract: every integer sum the kernels
@@ -69,13 +73,66 @@ void check_quantize_out_separate(const at::Tensor& out, const at::Tensor& x, con
 at::Tensor new_output(int64_t n, int64_t ho, int64_t wo, int64_t channels, c10::ScalarType dtype,
                       const at::Tensor& like);
 
-// Every check of conv2d / conv2d_out: the problem, the epilogue, and the output quantizer when the
-// output is packed codes.
-ConvProblem check_conv2d(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& epilogue,
-                         const c10::optional<at::Tensor>& tap_sums, const c10::optional<at::Tensor>& thresholds,
-                         int64_t in_channels, bool x_signed, bool w_signed, int64_t w_mul, int64_t w_add,
-                         c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t act,
-                         int64_t qn, int64_t qp, bool packed_out);
+// The epilogue of a conv (epilogue.h), as its op received it: with ConvProblem, everything an
+// epilogue kernel reads. Tensors are on x's device (or sums', for conv2d_epilogue).
+struct EpilogueSpec {
+  const at::Tensor& epilogue;                   // float32 (kEpilogueRows, C_out) contiguous: per output
+                                                //   channel alpha, gamma, bias, aff_mul, aff_add, q_mul, q_off
+                                                //   (epilogue.h EpilogueRow)
+  const c10::optional<at::Tensor>& tap_sums;    // int32 (C_out, KH+1, KW+1) contiguous: the 2-d prefix sums
+                                                //   of each output channel's weight codes over its taps (the
+                                                //   zero-point term J at borders); none: no zero point
+  const c10::optional<at::Tensor>& thresholds;  // float32 (qp - qn) contiguous: the next layer's N2UQ
+                                                //   thresholds t_i; none: rounding. Checked only when out
+                                                //   is packed codes, and only then used
+  int64_t act;                                  // 0 identity, 1 ReLU, 2 SiLU
+  int64_t qn, qp;                               // code range of a packed out, qn < qp, within [-8, 7] or
+                                                //   [0, 15]; unchecked (and unused) for a float out
+};
+
+// One call of conv2d, conv2d_out, conv2d_grouped or conv2d_grouped_out, checked. conv_args() turns
+// the op's flat schema arguments into it, performing every check once, and the implementations
+// (int_conv_cpu.cpp, grouped_conv_ops.cpp, cuda/int_ops.cpp) take it and check nothing but their own
+// kernel's limits. The references point at the op's own arguments: it lives for one op call.
+//
+//   x         uint8 (N, H, W, packed_bytes(in_channels)) contiguous: NHWC codes, two per byte (format.h),
+//             channels padded to kChannelAlign; signed [-8, 7] if p.x_signed, else [0, 15]
+//   weight    uint8 (C_out, KH, KW, packed_bytes(in_channels / groups)) contiguous: the same packing per
+//             tap; output channel o of group g = o / (C_out / groups) reads input channels
+//             [g*C_in_g, (g+1)*C_in_g); the code k stands for the level w_mul*k + w_add
+//   out       uint8 (N, H_out, W_out, C_total/2) contiguous packed codes (written from the even channel
+//             c_offset; a trailing odd channel keeps the other nibble of its byte), or float32 / float16
+//             (N, C_total, H_out, W_out) channels_last (the dense ops; the grouped ops write float32)
+struct ConvArgs {
+  const at::Tensor& x;       // see above
+  const at::Tensor& weight;  // see above
+  EpilogueSpec ep;           // the epilogue and the output quantizer
+  at::Tensor out;            // see above: the op's `out`, or the output conv_args allocated (zeros if packed)
+  int64_t c_offset;          // first channel of out written (0 without out), even for packed codes
+  int64_t groups;            // 1 for the dense ops; C_out and in_channels are multiples of it
+  ConvProblem p;             // the geometry, code signs and w_mul, w_add; for groups > 1 that of ONE group:
+                             //   p.cin = in_channels / groups, p.cb = weight.size(3), p.cout = C_out (all
+                             //   groups), and x holds packed_bytes(in_channels) bytes per pixel, not p.cb
+  bool packed_out() const { return out.scalar_type() == at::kByte; }
+};
+
+// Which op conv_args checks for: their checks are the same in substance, but the grouped ops check
+// (and word) theirs in their own order, and only they take `groups`.
+enum class ConvOp { kDense, kGrouped };
+
+// Every check of the op (the problem, check_conv; the epilogue, check_epilogue; the quantizer,
+// check_quantizer, when the output is packed codes; the output, check_output and
+// check_conv_out_separate, or its allocation, new_output) and the checked arguments. out: the op's
+// `out` (then out_dtype is its dtype), or null to allocate one of out_dtype; c_offset is 0 without it.
+ConvArgs conv_args(ConvOp op, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& epilogue,
+                   const c10::optional<at::Tensor>& tap_sums, const c10::optional<at::Tensor>& thresholds,
+                   int64_t in_channels, int64_t groups, bool x_signed, bool w_signed, int64_t w_mul, int64_t w_add,
+                   c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t act,
+                   int64_t qn, int64_t qp, c10::ScalarType out_dtype, const at::Tensor* out, int64_t c_offset);
+
+// check_epilogue, and check_quantizer when the output is packed codes (like: the tensor whose device
+// the others must share).
+void check_epilogue_spec(const ConvProblem& p, const at::Tensor& like, const EpilogueSpec& e, bool packed_out);
 
 // The float input of quantize_pack and its (2, C) quantizer rows.
 void check_float_input(const at::Tensor& x, const at::Tensor& qparams);

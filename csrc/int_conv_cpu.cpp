@@ -11,6 +11,7 @@
 #include <torch/library.h>
 
 #include <cstring>
+#include <utility>
 #include <vector>
 
 #include "epilogue.h"
@@ -96,26 +97,28 @@ at::Tensor conv2d_acc_cpu(const at::Tensor& x, const at::Tensor& weight, int64_t
 }
 
 // The epilogue of every output channel of a pixel, into packed codes at c_offset or floats.
-void conv2d_into(const ConvProblem& p, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& epilogue,
-                 const c10::optional<at::Tensor>& tap_sums, const c10::optional<at::Tensor>& thresholds, int64_t act,
-                 int64_t qn, int64_t qp, int64_t c_offset, const at::Tensor& out) {
-  const float* ep = epilogue.const_data_ptr<float>();
-  const int32_t* ts = tap_sums.has_value() ? tap_sums->const_data_ptr<int32_t>() : nullptr;
-  const float* thr = thresholds.has_value() ? thresholds->const_data_ptr<float>() : nullptr;
-  const int32_t nthr = static_cast<int32_t>(qp - qn), iqn = static_cast<int32_t>(qn), iqp = static_cast<int32_t>(qp);
-  const int a = static_cast<int>(act);
+void conv2d_into(const ConvArgs& a) {
+  const ConvProblem& p = a.p;
+  const EpilogueSpec& e = a.ep;
+  const float* ep = e.epilogue.const_data_ptr<float>();
+  const int32_t* ts = e.tap_sums.has_value() ? e.tap_sums->const_data_ptr<int32_t>() : nullptr;
+  const float* thr = e.thresholds.has_value() ? e.thresholds->const_data_ptr<float>() : nullptr;
+  const int32_t nthr = static_cast<int32_t>(e.qp - e.qn), iqn = static_cast<int32_t>(e.qn),
+                iqp = static_cast<int32_t>(e.qp);
+  const int act = static_cast<int>(e.act);
   const int64_t ts_stride = (p.kh + 1) * (p.kw + 1);
-  const auto dtype = out.scalar_type();
+  const int64_t c_offset = a.c_offset;
+  const auto dtype = a.out.scalar_type();
   // Codes and floats of a pixel are both C_out-contiguous rows of out (NHWC memory).
-  const int64_t row = dtype == at::kByte ? out.size(3) : out.size(1);
-  void* base = out.data_ptr();
-  for_each_pixel(p, x, weight, p.w_add != 0, [&](const Pixel& px, int32_t* codes) {
+  const int64_t row = dtype == at::kByte ? a.out.size(3) : a.out.size(1);
+  void* base = a.out.data_ptr();
+  for_each_pixel(p, a.x, a.weight, p.w_add != 0, [&](const Pixel& px, int32_t* codes) {
     for (int64_t o = 0; o < p.cout; ++o) {
       const int32_t I = weighted_acc(px.acc[o], px.sq, p.w_mul, p.w_add);
       const int32_t J = ts == nullptr ? 0
                                       : zero_point_taps(ts + o * ts_stride, p.kw, px.kh0, px.kh1, px.kw0, px.kw1,
                                                         p.w_mul, p.w_add, p.cin);
-      const float z = epilogue_value(ep, p.cout, o, I, J, a);
+      const float z = epilogue_value(ep, p.cout, o, I, J, act);
       if (dtype == at::kByte) {
         codes[o] = epilogue_code(z, ep, p.cout, o, thr, nthr, iqn, iqp);
       } else if (dtype == at::kFloat) {
@@ -133,11 +136,10 @@ at::Tensor conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, const at::T
                       int64_t in_channels, bool x_signed, bool w_signed, int64_t w_mul, int64_t w_add,
                       c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t act,
                       int64_t qn, int64_t qp, c10::ScalarType out_dtype) {
-  const ConvProblem p = check_conv2d(x, weight, epilogue, tap_sums, thresholds, in_channels, x_signed, w_signed,
-                                     w_mul, w_add, stride, padding, dilation, act, qn, qp, out_dtype == at::kByte);
-  at::Tensor out = new_output(p.n, p.ho, p.wo, p.cout, out_dtype, x);
-  conv2d_into(p, x, weight, epilogue, tap_sums, thresholds, act, qn, qp, 0, out);
-  return out;
+  ConvArgs a = conv_args(ConvOp::kDense, x, weight, epilogue, tap_sums, thresholds, in_channels, 1, x_signed,
+                         w_signed, w_mul, w_add, stride, padding, dilation, act, qn, qp, out_dtype, nullptr, 0);
+  conv2d_into(a);
+  return std::move(a.out);
 }
 
 // `out` (schema `Tensor(a!) out`) is taken as const at::Tensor&, as by the CUDA kernel: the dispatcher
@@ -147,12 +149,8 @@ void conv2d_out_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Ten
                     int64_t in_channels, bool x_signed, bool w_signed, int64_t w_mul, int64_t w_add,
                     c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t act,
                     int64_t qn, int64_t qp, int64_t c_offset, const at::Tensor& out) {
-  const ConvProblem p = check_conv2d(x, weight, epilogue, tap_sums, thresholds, in_channels, x_signed, w_signed,
-                                     w_mul, w_add, stride, padding, dilation, act, qn, qp,
-                                     out.scalar_type() == at::kByte);
-  check_output(out, p.n, p.ho, p.wo, p.cout, c_offset, x);
-  check_conv_out_separate(out, x, weight, epilogue, tap_sums, thresholds);
-  conv2d_into(p, x, weight, epilogue, tap_sums, thresholds, act, qn, qp, c_offset, out);
+  conv2d_into(conv_args(ConvOp::kDense, x, weight, epilogue, tap_sums, thresholds, in_channels, 1, x_signed, w_signed,
+                        w_mul, w_add, stride, padding, dilation, act, qn, qp, out.scalar_type(), &out, c_offset));
 }
 
 }  // namespace

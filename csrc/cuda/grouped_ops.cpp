@@ -1,9 +1,11 @@
-// Registers the grouped integer conv (../grouped_conv_ops.cpp's checks, grouped_conv.cu's
-// launcher) for torch.ops.q2kernels_int.conv2d_grouped(_out) on CUDA tensors.
+// Registers the grouped integer conv (conv_args' checks, ../grouped_conv_ops.cpp's parameters,
+// grouped_conv.cu's launcher) for torch.ops.q2kernels_int.conv2d_grouped(_out) on CUDA tensors.
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
+
+#include <utility>
 
 #include "grouped_conv_ops.h"
 
@@ -23,12 +25,10 @@ at::Tensor conv2d_grouped_cuda(const at::Tensor& x, const at::Tensor& weight, co
                                c10::IntArrayRef dilation, int64_t act, int64_t qn, int64_t qp,
                                c10::ScalarType out_dtype) {
   const c10::cuda::CUDAGuard guard(x.device());
-  GroupedConvParams p;
-  at::Tensor out = grouped_conv_setup(p, x, weight, epilogue, tap_sums, thresholds, in_channels, groups, x_signed,
-                                      w_signed, w_mul, w_add, stride, padding, dilation, act, qn, qp, out_dtype,
-                                      c10::nullopt, 0);
-  run(p, x);
-  return out;
+  ConvArgs a = conv_args(ConvOp::kGrouped, x, weight, epilogue, tap_sums, thresholds, in_channels, groups, x_signed,
+                         w_signed, w_mul, w_add, stride, padding, dilation, act, qn, qp, out_dtype, nullptr, 0);
+  run(grouped_params(a), x);
+  return std::move(a.out);
 }
 
 void conv2d_grouped_out_cuda(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& epilogue,
@@ -38,10 +38,10 @@ void conv2d_grouped_out_cuda(const at::Tensor& x, const at::Tensor& weight, cons
                              c10::IntArrayRef dilation, int64_t act, int64_t qn, int64_t qp, int64_t c_offset,
                              const at::Tensor& out) {
   const c10::cuda::CUDAGuard guard(x.device());
-  GroupedConvParams p;
-  grouped_conv_setup(p, x, weight, epilogue, tap_sums, thresholds, in_channels, groups, x_signed, w_signed, w_mul,
-                     w_add, stride, padding, dilation, act, qn, qp, out.scalar_type(), out, c_offset);
-  run(p, x);
+  run(grouped_params(conv_args(ConvOp::kGrouped, x, weight, epilogue, tap_sums, thresholds, in_channels, groups,
+                               x_signed, w_signed, w_mul, w_add, stride, padding, dilation, act, qn, qp,
+                               out.scalar_type(), &out, c_offset)),
+      x);
 }
 
 }  // namespace

@@ -8,6 +8,7 @@
 
 #include <cstdint>
 #include <limits>
+#include <utility>
 
 #include "epilogue.h"
 #include "format.h"
@@ -64,14 +65,13 @@ ConvParams conv_params(const Exec& ex, const ConvProblem& pr, const at::Tensor& 
   return p;
 }
 
-void set_epilogue(ConvParams& p, const at::Tensor& epilogue, const c10::optional<at::Tensor>& tap_sums,
-                  const c10::optional<at::Tensor>& thresholds, int64_t act, int64_t qn, int64_t qp) {
-  p.epilogue = epilogue.const_data_ptr<float>();
-  p.tap_sums = tap_sums.has_value() ? tap_sums->const_data_ptr<int32_t>() : nullptr;
-  p.thresholds = thresholds.has_value() ? thresholds->const_data_ptr<float>() : nullptr;
-  p.act = static_cast<int>(act);
-  p.qn = static_cast<int>(qn);
-  p.qp = static_cast<int>(qp);
+void set_epilogue(ConvParams& p, const EpilogueSpec& e) {
+  p.epilogue = e.epilogue.const_data_ptr<float>();
+  p.tap_sums = e.tap_sums.has_value() ? e.tap_sums->const_data_ptr<int32_t>() : nullptr;
+  p.thresholds = e.thresholds.has_value() ? e.thresholds->const_data_ptr<float>() : nullptr;
+  p.act = static_cast<int>(e.act);
+  p.qn = static_cast<int>(e.qn);
+  p.qp = static_cast<int>(e.qp);
 }
 
 // Output rows: packed uint8 (n, ho, wo, bytes) or channels_last (n, C, ho, wo), C elements apart.
@@ -89,6 +89,14 @@ void set_output(ConvParams& p, const at::Tensor& out, int64_t c_offset) {
 void launch(const Exec& ex, const ConvParams& p) {
   const int status = launch_int_conv(p, ex.stream);
   TORCH_CHECK(status == 0, "q2kernels_int conv: the CUDA kernel launch failed (cudaError_t ", status, ")");
+}
+
+// A checked conv2d(_out) call (conv_args): the kernels' own limits (conv_params), then the launch.
+void run_conv2d(const Exec& ex, const ConvArgs& a) {
+  ConvParams p = conv_params(ex, a.p, a.x, a.weight);
+  set_epilogue(p, a.ep);
+  set_output(p, a.out, a.c_offset);
+  launch(ex, p);
 }
 
 void run_quantize_pack(const Exec& ex, const at::Tensor& x, const at::Tensor& qparams,
@@ -175,14 +183,10 @@ at::Tensor conv2d(const Exec& ex, const at::Tensor& x, const at::Tensor& weight,
                   int64_t in_channels, bool x_signed, bool w_signed, int64_t w_mul, int64_t w_add,
                   c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t act,
                   int64_t qn, int64_t qp, c10::ScalarType out_dtype) {
-  const ConvProblem pr = check_conv2d(x, weight, epilogue, tap_sums, thresholds, in_channels, x_signed, w_signed,
-                                      w_mul, w_add, stride, padding, dilation, act, qn, qp, out_dtype == at::kByte);
-  at::Tensor out = new_output(pr.n, pr.ho, pr.wo, pr.cout, out_dtype, x);
-  ConvParams p = conv_params(ex, pr, x, weight);
-  set_epilogue(p, epilogue, tap_sums, thresholds, act, qn, qp);
-  set_output(p, out, 0);
-  launch(ex, p);
-  return out;
+  ConvArgs a = conv_args(ConvOp::kDense, x, weight, epilogue, tap_sums, thresholds, in_channels, 1, x_signed,
+                         w_signed, w_mul, w_add, stride, padding, dilation, act, qn, qp, out_dtype, nullptr, 0);
+  run_conv2d(ex, a);
+  return std::move(a.out);
 }
 
 void conv2d_out(const Exec& ex, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& epilogue,
@@ -190,15 +194,9 @@ void conv2d_out(const Exec& ex, const at::Tensor& x, const at::Tensor& weight, c
                 int64_t in_channels, bool x_signed, bool w_signed, int64_t w_mul, int64_t w_add,
                 c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t act,
                 int64_t qn, int64_t qp, int64_t c_offset, const at::Tensor& out) {
-  const ConvProblem pr = check_conv2d(x, weight, epilogue, tap_sums, thresholds, in_channels, x_signed, w_signed,
-                                      w_mul, w_add, stride, padding, dilation, act, qn, qp,
-                                      out.scalar_type() == at::kByte);
-  check_output(out, pr.n, pr.ho, pr.wo, pr.cout, c_offset, x);
-  check_conv_out_separate(out, x, weight, epilogue, tap_sums, thresholds);
-  ConvParams p = conv_params(ex, pr, x, weight);
-  set_epilogue(p, epilogue, tap_sums, thresholds, act, qn, qp);
-  set_output(p, out, c_offset);
-  launch(ex, p);
+  run_conv2d(ex, conv_args(ConvOp::kDense, x, weight, epilogue, tap_sums, thresholds, in_channels, 1, x_signed,
+                           w_signed, w_mul, w_add, stride, padding, dilation, act, qn, qp, out.scalar_type(), &out,
+                           c_offset));
 }
 
 at::Tensor quantize_pack(const Exec& ex, const at::Tensor& x, const at::Tensor& qparams,

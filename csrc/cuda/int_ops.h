@@ -22,6 +22,8 @@ at::Tensor conv2d_acc(const Exec& ex, const at::Tensor& x, const at::Tensor& wei
                       bool x_signed, bool w_signed, c10::IntArrayRef stride, c10::IntArrayRef padding,
                       c10::IntArrayRef dilation);
 
+// The dense conv ops with the schema's arguments (register_cuda.cpp; the emulator of the tests):
+// conv_args (../int_conv.h) turns them into one checked ConvArgs, which the launch glue reads.
 at::Tensor conv2d(const Exec& ex, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& epilogue,
                   const c10::optional<at::Tensor>& tap_sums, const c10::optional<at::Tensor>& thresholds,
                   int64_t in_channels, bool x_signed, bool w_signed, int64_t w_mul, int64_t w_add,
