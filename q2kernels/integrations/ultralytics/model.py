@@ -65,7 +65,10 @@ class Q2DetectionModel(DetectionModel):
         if exporter is not None:
             raise RuntimeError(f"{exporter} cannot export a q2kernels fake-quant model ({type(self).__name__}): "
                                f"its quantizers and fusion nodes are training-time autograd functions that no "
-                               f"exporter records; {_DEPLOY}. q2kernels has no ONNX export.")
+                               f"exporter records; {_DEPLOY}. For ONNX: q2kernels.deploy.export_onnx(int_model, "
+                               f"example, path) writes the integer model (exact in onnxruntime); "
+                               f"q2kernels.deploy.onnx_qdq.export_onnx_qdq(model, example, path) writes this "
+                               f"fake-quant model as QuantizeLinear/DequantizeLinear (docs/deploy.md)")
         return super().forward(*args, **kwargs)
 
     def fuse(self, verbose: bool = True, imgsz=640):
