@@ -27,7 +27,7 @@ from q2kernels.deploy import export_onnx, load_int_model
 from q2kernels.deploy.detect_decode import decode
 from q2kernels.deploy.letterbox import letterbox, read_image
 from q2kernels.deploy.nms import nms
-from q2kernels.deploy.onnx_export import node_values, onnx_session
+from q2kernels.deploy.onnx_export import node_values, onnx_session, quantized_float_nodes
 from q2kernels.ops import int_conv as ic
 
 
@@ -65,7 +65,7 @@ def measure(model_path: Path, images: list[Path], batch: int, threads: int) -> d
         export_s = time.perf_counter() - t
         # The same graph with every integer layer's codes as outputs and the float layers' outputs that
         # feed integer layers given as inputs: whether the integer layers alone are exact on real images.
-        forced = tuple(r["name"] for r in _quantize_inputs(model))
+        forced = tuple(quantized_float_nodes(model))
         checked = export_onnx(model, x[:1], Path(tmp) / "codes.onnx", check=False, codes_outputs=True, forced=forced)
         session, codes_session = onnx_session(report.path, threads), onnx_session(checked.path, threads)
         maps_equal = codes_equal = 0
@@ -97,19 +97,6 @@ def measure(model_path: Path, images: list[Path], batch: int, threads: int) -> d
             "largest_box_difference_px": round(max(corners), 4) if corners else 0.0,
             "export_s": round(export_s, 1), "q2kernels_ms_per_image": round(1000 * ours_s / n, 1),
             "onnxruntime_ms_per_image": round(1000 * theirs_s / n, 1)}
-
-
-def _quantize_inputs(model) -> list[dict]:
-    """The node records whose float values a QuantizePack quantizes (not the input image)."""
-    records = model.net.records
-    kinds = {r["name"]: r for r in records}
-    found = []
-    for r in records:
-        if r["op"] == "call_module" and type(model.net.get_submodule(r["target"])).__name__ == "QuantizePack":
-            src = kinds[r["args"]["tuple"][0]["node"]]
-            if src["op"] != "placeholder" and src not in found:
-                found.append(src)
-    return found
 
 
 def main(argv=None) -> int:

@@ -28,8 +28,8 @@ import onnx  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 
 from q2kernels.deploy import convert_to_int, load_int_model, remove_layernorm, save_int_model  # noqa: E402
-from q2kernels.deploy.int_modules import QuantizePack  # noqa: E402
-from q2kernels.deploy.onnx_export import ExportRefused, export_onnx, node_values, run_onnx  # noqa: E402
+from q2kernels.deploy.onnx_export import (ExportRefused, export_onnx, node_values,  # noqa: E402
+                                           quantized_float_nodes, run_onnx)
 from q2kernels.deploy.onnx_graph import GraphBuilder, f32  # noqa: E402
 from q2kernels.deploy.onnx_qdq import export_onnx_qdq  # noqa: E402
 from q2kernels.nn import QConv2d, quantize_model  # noqa: E402
@@ -166,18 +166,6 @@ def _converted(recipe, act="silu", bits=4):
         return convert_to_int(model, x[:1]), x
 
 
-def _quantize_inputs(int_model) -> list[str]:
-    """The nodes whose float values QuantizePack quantizes: the float layers' outputs the integer layers
-    read (export_onnx's `forced` inputs)."""
-    names = []
-    for n in int_model.net.graph.nodes:
-        if n.op == "call_module" and isinstance(int_model.net.get_submodule(n.target), QuantizePack):
-            src = n.args[0]
-            if src.op != "placeholder" and src.name not in names:
-                names.append(src.name)
-    return names
-
-
 def _assert_codes_equal(int_model, report, outputs, x):
     values = node_values(int_model, x)
     theirs = outputs[len(outputs) - len(report.codes_nodes):]
@@ -195,7 +183,7 @@ def _assert_codes_equal(int_model, report, outputs, x):
                                              ("n2uq", "silu", 4), ("lsq", "relu", 3), ("lsq_plus", "relu", 3)])
 def test_integer_layers_are_bit_exact(recipe, act, bits, tmp_path):
     int_model, x = _converted(recipe, act, bits)
-    forced = _quantize_inputs(int_model)
+    forced = quantized_float_nodes(int_model)
     report = export_onnx(int_model, x[:1], tmp_path / "m.onnx", codes_outputs=True, forced=tuple(forced))
     assert report.integer_layers > 20 and report.forced_inputs == forced
     values = node_values(int_model, x)

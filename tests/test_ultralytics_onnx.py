@@ -19,7 +19,7 @@ pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (the opt
 from q2kernels.deploy import convert_to_int  # noqa: E402
 from q2kernels.deploy.detect_decode import decode  # noqa: E402
 from q2kernels.deploy.fixed_fusion import FixedFusion  # noqa: E402
-from q2kernels.deploy.onnx_export import export_onnx, node_values, run_onnx  # noqa: E402
+from q2kernels.deploy.onnx_export import export_onnx, node_values, quantized_float_nodes, run_onnx  # noqa: E402
 from q2kernels.deploy.onnx_qdq import export_onnx_qdq  # noqa: E402
 from q2kernels.deploy.trace import symbolic_trace  # noqa: E402
 from q2kernels.nn import QConv2d, Quantizer  # noqa: E402
@@ -29,7 +29,7 @@ from q2kernels.integrations.ultralytics import IntDetector  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchmarks.exactness_table import float_detectors, settled_detector  # noqa: E402
-from test_onnx_export import _assert_codes_equal, _quantize_inputs  # noqa: E402
+from test_onnx_export import _assert_codes_equal  # noqa: E402
 
 
 @pytest.mark.parametrize("cfg,recipe", [("yolo11n", "lsq"), ("yolo11n", "pact"), ("yolov5s", "lsq_plus")])
@@ -39,7 +39,7 @@ def test_detector_integer_layers_bit_exact_in_onnxruntime(cfg, recipe, tmp_path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         int_model = convert_to_int(model, x[:1])
-    forced = _quantize_inputs(int_model)
+    forced = quantized_float_nodes(int_model)
     report = export_onnx(int_model, x[:1], tmp_path / "m.onnx", codes_outputs=True, forced=tuple(forced))
     assert report.integer_layers > 50
     values = node_values(int_model, x)

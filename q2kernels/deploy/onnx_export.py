@@ -481,6 +481,20 @@ def node_values(int_model: IntModel, x: torch.Tensor) -> dict:
     return {r["name"]: v for r, v in zip(records, values)}
 
 
+def quantized_float_nodes(int_model: IntModel) -> list[str]:
+    """The nodes whose float values a QuantizePack quantizes, other than the graph's input: the float
+    layers' outputs that integer layers read, which `forced` feeds from the model (teacher forcing)."""
+    records, modules, _ = _graph_of(int_model)
+    inputs = {r["name"] for r in records if r["op"] == "placeholder"}
+    names = []
+    for r in records:
+        if r["op"] == "call_module" and isinstance(modules[r["target"]], QuantizePack):
+            src = r["args"]["tuple"][0]
+            if isinstance(src, dict) and src.get("node") not in inputs and src.get("node") not in names:
+                names.append(src["node"])
+    return names
+
+
 def _graph_of(model: IntModel):
     net = model.net
     records = _node_records(net) if isinstance(net, fx.GraphModule) else getattr(net, "records", None)
@@ -523,8 +537,10 @@ def export_onnx(int_model: IntModel, example: torch.Tensor, path: str | os.PathL
         raise ValueError(f"forced: no such nodes {sorted(unknown)}")
     g = GraphBuilder(opset)
     ex = _Exporter(g, modules)
-    ex.ranks = [v.dim() if isinstance(v, torch.Tensor) else None
-                for v in _values(parsed, modules, attributes, example)]
+    # One run of the graph on the example gives each node's rank (a call_method's dims need them), the
+    # outputs to compare with, and the forced nodes' values.
+    values = _values(parsed, modules, attributes, example)
+    ex.ranks = [v.dim() if isinstance(v, torch.Tensor) else None for v in values]
     env = [None] * len(parsed)
     outputs, codes = [], []
     for i, ((op, target, args, kwargs), rec) in enumerate(zip(parsed, records)):
@@ -569,8 +585,7 @@ def export_onnx(int_model: IntModel, example: torch.Tensor, path: str | os.PathL
             outputs = _flat(args[0])
         else:
             ex.refuse(f"{op} nodes are not exported")
-    with torch.no_grad():
-        ours = [t.float().cpu() for t in _flat(int_model(example))]
+    ours = [t.float().cpu() for t in _flat(_fill(parsed[-1][2][0], values))]
     if len(ours) != len(outputs):
         raise ExportRefused(f"export_onnx: the graph has {len(outputs)} outputs, the model returned {len(ours)}")
     for k, (v, t) in enumerate(zip(outputs, ours)):
@@ -592,7 +607,7 @@ def export_onnx(int_model: IntModel, example: torch.Tensor, path: str | os.PathL
                           codes_nodes=[(node, offset, made.channels) for node, offset, made in codes],
                           forced_inputs=ex.forced)
     if check:
-        _compare(report, int_model, ours, example)
+        _compare(report, {r["name"]: v for r, v in zip(records, values)}, ours, example)
     return report
 
 
@@ -618,8 +633,7 @@ def run_onnx(path: str | os.PathLike, *inputs: torch.Tensor) -> list[torch.Tenso
     return [torch.from_numpy(o) for o in session.run(None, feed)]
 
 
-def _compare(report: ExportReport, int_model: IntModel, ours: list[torch.Tensor], example: torch.Tensor) -> None:
-    values = node_values(int_model, example) if report.forced_inputs else {}
+def _compare(report: ExportReport, values: dict, ours: list[torch.Tensor], example: torch.Tensor) -> None:
     theirs = run_onnx(report.path, example, *(values[n] for n in report.forced_inputs))
     theirs = theirs[:len(ours)]
     report.outputs_identical = [a.shape == b.shape and torch.equal(a.view(torch.int32), b.view(torch.int32))
