@@ -136,26 +136,20 @@ def train(model, data, cfg, steps, lr, label, teacher=None, distill=None):
 
 
 @torch.no_grad()
-def onnx_agreement(int_model, data, path: Path, batch=32) -> str:
+def onnx_miou(int_model, data, path: Path, batch=32) -> str:
     """The integer model exported to ONNX (deploy.export_onnx) and run by onnxruntime on the test images:
-    on how many its outputs are bit-identical to q2kernels'. "-" where onnxruntime is not installed."""
+    its mIoU, as `evaluate` measures the integer model's. "-" where onnxruntime is not installed. (Its
+    integer layers are bit-exact; the float stem and output convs run in onnxruntime's own float
+    kernels, so the outputs' last bits differ: docs/deploy.md.)"""
     try:
         import onnxruntime  # noqa: F401
     except ImportError:
         return "-"
     from q2kernels.deploy import export_onnx, run_onnx
-    x = data[0].cpu()
-    int_model = int_model.cpu()
-    export_onnx(int_model, x[:1], path, check=False)
-    same = 0
-    for i in range(0, x.shape[0], batch):
-        xb = x[i:i + batch]
-        with torch.no_grad():
-            ours = int_model(xb)
-        theirs = run_onnx(path, xb)
-        same += sum(all(torch.equal(a[j].view(torch.int32), b[j].view(torch.int32)) for a, b in zip(ours, theirs))
-                    for j in range(xb.shape[0]))
-    return f"{same}/{x.shape[0]}"
+    x, y = data[0].cpu(), data[1]
+    export_onnx(int_model.cpu(), x[:1], path, check=False)
+    preds = [run_onnx(path, x[i:i + batch])[0].argmax(1) for i in range(0, x.shape[0], batch)]
+    return f"{mean_iou(torch.cat(preds), labels_at_stride(y, STRIDES[0])):.3f}"
 
 
 def evaluate(model, data, batch=32):
@@ -326,7 +320,7 @@ def main(smoke: bool = False, steps: int | None = None, out: str = "q2k_demo_out
             row.update(metrics)
         int_model = convert_to_int(deployed.eval(), calib[0][:1].to(device))
         row["integer"] = evaluate(int_model, test_data)
-        row["onnx"] = onnx_agreement(int_model, test_data, out / f"{name.replace('+', '_')}.onnx")
+        row["onnx"] = onnx_miou(int_model, test_data, out / f"{name.replace('+', '_')}.onnx")
         ok &= abs(row["integer"] - row.get("finetuned", row["fake_quant"])) <= INT_METRIC_TOL
         rows.append(row)
 
@@ -344,8 +338,8 @@ def main(smoke: bool = False, steps: int | None = None, out: str = "q2k_demo_out
     print(f"metric: mIoU of the shape classes at stride 8. Q2 runs (Q-GBFusion + Q-ADA) are deployed as\n"
           f"docs/math.md §5: 'LN removed' replaces each LayerNorm by its calibrated affine, 'fine-tuned' is\n"
           f"that model after {cfg.ft_steps} Adam steps at lr {FT_LR:g} on the task loss; integer == the deployed\n"
-          f"fake-quant model (fine-tuned for Q2 runs) within {INT_METRIC_TOL}; ONNX: test images on which\n"
-          f"onnxruntime runs the exported integer model (<run>.onnx) to the same output bits")
+          f"fake-quant model (fine-tuned for Q2 runs) within {INT_METRIC_TOL}; ONNX: the exported integer model\n"
+          f"(<run>.onnx) in onnxruntime")
     q2_rows = [r for r in rows if "finetuned" in r]
     if q2_rows:
         drop = sum(r["fake_quant"] - r["ln_removed"] for r in q2_rows) / len(q2_rows)
