@@ -105,7 +105,8 @@ def _sharded(first: int, name: str, n: int, estimate_s: int) -> tuple:
 # Each stage's estimated time on the H100/H200, from counted work, is in benchmarks/NOTES.md.
 STAGES = (
     Stage(1, "setup", 300, (_install, _build, _doctor, _device_info,
-                            _pytest("-m", "cuda", "tests/test_int_conv_cuda.py", "tests/test_grouped_conv.py"),
+                            _pytest("-m", "cuda", "tests/test_int_conv_cuda.py", "tests/test_grouped_conv.py",
+                                    "tests/test_det_float.py"),
                             _int_mma_s4, _pytest("tests/test_dorefa.py")), 200),
     Stage(2, "triton_at_scale", 300, (_pytest("-m", "cuda", "tests/test_fake_quant.py", "tests/test_n2uq.py",
                                               "tests/test_ada.py", "tests/test_fusion.py"),), 260),

@@ -91,7 +91,7 @@ def test_forced_cuda_build_needs_a_cuda_torch(monkeypatch):
 # Every op of q2kernels._C (csrc/ops.cpp, csrc/grouped_conv_cpu.cpp), written out, and the CPU fast path's
 # (csrc/fast_conv_cpu.cpp), which have no CUDA kernel by design.
 GPU_OPS = {"pack", "unpack", "quantize_pack", "quantize_pack_out", "conv2d_acc", "conv2d", "conv2d_out",
-           "conv2d_grouped", "conv2d_grouped_out"}
+           "conv2d_grouped", "conv2d_grouped_out", "det_conv2d", "det_matmul", "det_softmax", "det_silu"}
 CPU_ONLY_OPS = {"unpack_float", "conv2d_epilogue", "conv2d_epilogue_out"}
 OPS = GPU_OPS | CPU_ONLY_OPS
 
