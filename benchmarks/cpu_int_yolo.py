@@ -13,7 +13,10 @@ then fused by Ultralytics' own fuse() (BatchNorm folded into the convs). Rows, b
 - float fused: the fused DetectionModel's forward (its Detect decode included: a few small ops);
 - integer (old path): the integer model's forward (to the raw Detect maps) with the fast path off
   (ops.int_conv.use_fast_cpu(False): every conv on csrc/int_conv_cpu.cpp, csrc/grouped_conv.h);
-- integer (fast path): the same model with the fast path on (the default).
+- integer (fast path): the same model with the fast path on (the default);
+- integer, deterministic float: that model after deploy.deterministic_float (its stem conv and
+  C2PSA's attention on ops.det_float's fixed-order kernels instead of oneDNN's: what a bit-exact
+  ONNX export costs on the q2kernels side).
 Each case is called once to warm up (the fast path unpacks its weights then, oneDNN builds its
 kernels), then the rows are timed in turns, `reps` rounds, so that a load that comes and goes on a
 shared machine falls on all of them alike; the median and the fastest round are reported. The fast
@@ -42,11 +45,11 @@ import torch  # noqa: E402
 from ultralytics.nn.tasks import DetectionModel  # noqa: E402
 
 from deployable import reestimate_batchnorm, settle  # noqa: E402
-from q2kernels.deploy import IntConv2d, convert_to_int  # noqa: E402
+from q2kernels.deploy import IntConv2d, convert_to_int, deterministic_float  # noqa: E402
 from q2kernels.nn import quantize_model  # noqa: E402
 from q2kernels.ops import int_conv as ic  # noqa: E402
 
-ROWS = ("float fused", "integer (old path)", "integer (fast path)")
+ROWS = ("float fused", "integer (old path)", "integer (fast path)", "integer, deterministic float")
 
 
 def build(recipe: str, bits: int, settle_image: int = 64):
@@ -79,6 +82,7 @@ def _same(a, b) -> bool:
 
 def run(sizes, reps: int, recipe: str, bits: int) -> dict:
     fused, int_model = build(recipe, bits)
+    det_model = deterministic_float(int_model)
     convs = [m for m in int_model.modules() if isinstance(m, IntConv2d)]
     load_before = os.getloadavg()
     results = []
@@ -88,11 +92,12 @@ def run(sizes, reps: int, recipe: str, bits: int) -> dict:
             ROWS[0]: lambda: fused(x),
             ROWS[1]: lambda: _old(int_model, x),
             ROWS[2]: lambda: int_model(x),
+            ROWS[3]: lambda: det_model(x),
         }
         with torch.inference_mode():
             fast_out, old_out = int_model(x), _old(int_model, x)
             assert _same(fast_out, old_out), f"{size}: the fast path's outputs differ from the int32 path's"
-            fused(x)
+            fused(x), det_model(x)
             times = {name: [] for name in cases}
             for _ in range(reps):
                 for name, fn in cases.items():

@@ -10,8 +10,12 @@ through both, letterboxed as load_detector does, and reports per model, over the
   the prediction convs) run in onnxruntime's own float kernels: the raw maps, the decoded detections
   after NMS (bit-identical; else the same count and classes, and the largest box corner difference);
 - each runtime's time per image at the given thread count.
+With --deterministic-float the model's float layers are first made deterministic
+(deploy.deterministic_float): onnxruntime then computes them as q2kernels does, and the maps and
+detections are expected bit-identical on every image.
 
-    python benchmarks/onnx_int_yolo.py --models DIR/int_models/*.q2k --images DIR/dataset/images/val
+    python benchmarks/onnx_int_yolo.py --models DIR/int_models/*.q2k --images DIR/dataset/images/val \
+        [--deterministic-float]
 """
 from __future__ import annotations
 
@@ -23,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from q2kernels.deploy import export_onnx, load_int_model
+from q2kernels.deploy import deterministic_float, export_onnx, load_int_model
 from q2kernels.deploy.detect_decode import decode
 from q2kernels.deploy.letterbox import letterbox, read_image
 from q2kernels.deploy.nms import nms
@@ -55,8 +59,10 @@ def _detections(ours, theirs, head) -> tuple[bool, bool, float]:
     return False, same, float((b1 - b2).abs().max()) if same and len(b1) else float("nan")
 
 
-def measure(model_path: Path, images: list[Path], batch: int, threads: int) -> dict:
+def measure(model_path: Path, images: list[Path], batch: int, threads: int, deterministic: bool) -> dict:
     model = load_int_model(model_path).eval()
+    if deterministic:
+        model = deterministic_float(model)
     head = model.detect_head
     x = torch.stack([letterbox(read_image(p), head.imgsz)[0] for p in images]).float() / 255
     with tempfile.TemporaryDirectory() as tmp:
@@ -89,7 +95,7 @@ def measure(model_path: Path, images: list[Path], batch: int, threads: int) -> d
             codes_equal += sum(_codes_equal(checked, values, codes, j) for j in range(len(xb)))
     n = len(x)
     corners = [d for _, same, d in detections if same and d == d]
-    return {"model": model_path.name, "imgsz": list(head.imgsz), "images": n, "integer_layers": report.integer_layers,
+    return {"model": model_path.name, "deterministic_float": deterministic, "imgsz": list(head.imgsz), "images": n, "integer_layers": report.integer_layers,
             "float_layers": len(report.float_layers), "integer_codes_bit_identical": f"{codes_equal}/{n}",
             "maps_bit_identical": f"{maps_equal}/{n}",
             "detections_bit_identical": f"{sum(d[0] for d in detections)}/{n}",
@@ -106,6 +112,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--threads", type=int, default=1, help="torch and onnxruntime intra-op threads")
     ap.add_argument("--limit", type=int, default=0, help="at most this many images (0: all)")
+    ap.add_argument("--deterministic-float", action="store_true",
+                    help="first replace the float layers by deterministic ones (deploy.deterministic_float)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     images = sorted(p for p in args.images.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
@@ -113,7 +121,7 @@ def main(argv=None) -> int:
     if not images:
         ap.error(f"--images: no png/jpg images in {args.images}")
     for path in args.models:
-        print(json.dumps(measure(path, images, args.batch, args.threads)), flush=True)
+        print(json.dumps(measure(path, images, args.batch, args.threads, args.deterministic_float)), flush=True)
     return 0
 
 

@@ -167,13 +167,20 @@ def _shape_argument(text: str) -> tuple[int, ...]:
     return tuple(int(p) for p in parts)
 
 
-def export_onnx_file(model_path: Path, out: Path, shape: tuple[int, ...] | None, opset: int | None) -> int:
-    """q2k export: load, export with deploy.export_onnx, check in onnxruntime on a random example."""
+def export_onnx_file(model_path: Path, out: Path, shape: tuple[int, ...] | None, opset: int | None,
+                     deterministic: Path | None = None) -> int:
+    """q2k export: load, export with deploy.export_onnx, check in onnxruntime on a random example. With
+    `deterministic`, first deploy.deterministic_float, and write that model there: the ONNX then
+    reproduces it bit for bit."""
     import torch
 
-    from q2kernels.deploy import export_onnx, load_int_model
+    from q2kernels.deploy import deterministic_float, export_onnx, load_int_model, save_int_model
     from q2kernels.deploy.onnx_export import DEFAULT_OPSET
     model = load_int_model(model_path)
+    if deterministic is not None:
+        model = deterministic_float(model)
+        save_int_model(model, deterministic)
+        print(f"q2k export: wrote {deterministic}: the model with deterministic float layers")
     if shape is None:
         if model.detect_head is None:
             print(f"q2k export: {model_path} has no detect head to take the input size from: give --shape N,C,H,W",
@@ -187,6 +194,9 @@ def export_onnx_file(model_path: Path, out: Path, shape: tuple[int, ...] | None,
     same = all(report.outputs_identical)
     print(f"onnxruntime on a random {tuple(shape)} input: outputs "
           f"{'bit-identical' if same else 'differ, largest difference ' + str(max(report.max_abs_diff))}")
+    if report.float_layers:
+        print("the float layers run in onnxruntime's own float kernels, so the outputs can differ in the last "
+              "bits; --deterministic-float OUT.q2k makes them deterministic (docs/deploy.md)")
     return 0
 
 
@@ -241,6 +251,9 @@ def main(argv=None) -> int:
                         help="the example input's shape, which the export is checked on (default: 1,3 and the "
                              "file's detect head imgsz)")
     export.add_argument("--opset", type=int, default=None, help="ONNX opset, 21..26 (default 21)")
+    export.add_argument("--deterministic-float", type=Path, default=None, metavar="OUT.q2k",
+                        help="replace the float layers by deterministic ones (deploy.deterministic_float), write "
+                             "that model to OUT.q2k and export it: onnxruntime then reproduces it bit for bit")
     sub.add_parser("bench", help="run the benchmark suite: benchmarks/run_all.py [--smoke] [--out DIR]")
     args, rest = parser.parse_known_args(argv)
     if rest and args.command != "bench":
@@ -253,7 +266,7 @@ def main(argv=None) -> int:
     if args.command == "build":
         return build(args.prebuilt)
     if args.command == "export":
-        return export_onnx_file(args.model, args.onnx, args.shape, args.opset)
+        return export_onnx_file(args.model, args.onnx, args.shape, args.opset, args.deterministic_float)
     if args.command == "demo" and args.ultralytics:
         return _ultralytics_demo(args)
     if args.command == "demo":

@@ -43,6 +43,11 @@ def test_demo_smoke_runs_end_to_end(tmp_path):
     metrics = line.split()[1:6]
     assert all(0.0 <= float(v) <= 1.0 for v in metrics), line
     assert "Adam steps at lr" in out and "fine-tuning regains" in out
+    if importlib.util.find_spec("onnxruntime") is not None:
+        # The ONNX column: the deterministic integer model in onnxruntime, bit-identical on every image.
+        for run in ("lsq-W4A4", "pact-W3A3", "n2uq-W4A4+Q2"):
+            same, total = next(l for l in out.splitlines() if l.startswith(run + " ")).split()[6].split("/")
+            assert same == total and int(total) > 0, run
     assert "fused kernels vs reference" in out and ": agree" in out
     assert (tmp_path / "loss_curves.png").stat().st_size > 0
     assert (tmp_path / "gradient_balance_n2uq-W4A4+Q2.png").stat().st_size > 0

@@ -17,6 +17,7 @@ ultralytics_offline()
 pytest.importorskip("ultralytics", reason="ultralytics is not installed (the optional [ultralytics] extra)")
 pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (the optional [onnx] extra)")
 from q2kernels.deploy import convert_to_int  # noqa: E402
+from q2kernels.deploy.det_float import deterministic_float, inexact_float_nodes  # noqa: E402
 from q2kernels.deploy.detect_decode import decode  # noqa: E402
 from q2kernels.deploy.fixed_fusion import FixedFusion  # noqa: E402
 from q2kernels.deploy.onnx_export import export_onnx, node_values, quantized_float_nodes, run_onnx  # noqa: E402
@@ -53,6 +54,36 @@ def test_detector_integer_layers_bit_exact_in_onnxruntime(cfg, recipe, tmp_path)
     head = IntDetector(int_model, model).detect_head(64)
     for a, b in zip(decode(maps, head), decode(theirs, head)):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("cfg,recipe", [("yolo11n", "lsq"), ("yolov5s", "lsq_plus")])
+def test_deterministic_detector_is_bit_exact_end_to_end(cfg, recipe, tmp_path):
+    """deterministic_float, then export_onnx with nothing forced: onnxruntime computes every layer (the
+    stem, C2PSA's attention, the prediction convs included) and its raw maps and decoded detections
+    equal q2kernels' bit for bit, on fresh inputs."""
+    model, batch = settled_detector(float_detectors([cfg])[cfg], recipe, 4, 64)
+    x = batch()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        int_model = convert_to_int(model, x[:1])
+    det = deterministic_float(int_model)
+    assert inexact_float_nodes(det) == [] and {"model_0_conv", "model_0_bn", "model_0_act"} <= \
+        set(inexact_float_nodes(int_model))  # the stem, at least
+    report = export_onnx(det, x[:1], tmp_path / "m.onnx")
+    assert report.float_layers == [] and all(report.outputs_identical)
+    head = IntDetector(det, model).detect_head(64)
+    for xi in (batch(), batch()):
+        with torch.no_grad():
+            maps = det(xi)
+        theirs = run_onnx(report.path, xi)
+        for a, b in zip(maps, theirs):
+            assert a.std() > 0 and torch.equal(a.view(torch.int32), b.view(torch.int32))
+        for a, b in zip(decode(maps, head), decode(theirs, head)):
+            assert torch.equal(a, b)
+    # The attention's float ops and the prediction convs were replaced, not dropped.
+    kinds = {r["target"] for r in det.net.records if r["op"] == "call_function"}
+    if cfg == "yolo11n":
+        assert {"q2kernels.ops.det_float.det_matmul", "q2kernels.ops.det_float.det_softmax"} <= kinds
 
 
 def test_detector_qdq_export_matches_the_fake_quant_model(tmp_path):

@@ -12,7 +12,8 @@ _LAZY = {"FixedFusion": "fixed_fusion", "calibrate_fusion": "fusion", "finetune_
          "convert_to_int": "convert", "load_int_model": "serialize", "save_int_model": "serialize",
          "verify_int_model": "verify", "reference_forward": "reference_mode",
          "DetectHead": "detect_head", "load_detector": "detector",
-         "export_onnx": "onnx_export", "run_onnx": "onnx_export"}
+         "export_onnx": "onnx_export", "run_onnx": "onnx_export",
+         "DetConv2d": "det_float", "deterministic_float": "det_float", "inexact_float_nodes": "det_float"}
 
 __all__ = list(_LAZY)
 

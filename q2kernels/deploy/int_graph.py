@@ -33,6 +33,7 @@ from torch import nn
 from torch.func import functional_call
 from torch.fx.node import _get_qualified_name
 
+from ..ops import det_float
 from .int_modules import MAX_CHANNELS, channel_affine, packed_maxpool2d, packed_upsample_nearest, packed_write
 
 # The dtypes an argument may name, by their torch name without "torch.".
@@ -58,7 +59,8 @@ FUNCTIONS = {_get_qualified_name(f): f for f in (
     torch.chunk, torch.split,
     operator.add, operator.sub, operator.mul, operator.truediv, operator.getitem, operator.matmul,
     F.silu, F.relu, F.sigmoid, F.softmax, F.interpolate, F.max_pool2d,
-    packed_upsample_nearest, packed_maxpool2d, packed_write, channel_affine)}
+    packed_upsample_nearest, packed_maxpool2d, packed_write, channel_affine,
+    det_float.det_matmul, det_float.det_softmax, det_float.det_silu)}
 FUNCTIONS[_get_qualified_name(builtins.getattr)] = tensor_attribute
 
 # call_method targets: methods of torch.Tensor (the receiver is checked to be a tensor).

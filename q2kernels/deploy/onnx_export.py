@@ -20,6 +20,9 @@ What each node becomes (one emitter per node kind, in MODULE_EMITTERS and FUNCTI
   runtime's own order, so its result may differ from PyTorch's in the last bits; exact float ops
   (add, concat, max pooling, nearest upsampling, ReLU) do not. ExportReport says which layers are
   float and how far the outputs are from the q2kernels model's on the example.
+- The deterministic float layers of deploy.det_float (DetConv2d, det_matmul, det_softmax, det_silu)
+  become their operations spelled out (deploy.onnx_det_float): exact, so a model made deterministic
+  exports with no float layer in the report and bit-identical outputs.
 A node kind without an emitter (a fake-quant layer the converter kept, an uncalibrated fusion) is
 refused by name: the export never writes a graph that computes something else.
 """
@@ -33,17 +36,18 @@ import os
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import fx, nn
+from torch import nn
 
 from .._validate import check_bool
 from ..ops import int_conv as ic
+from . import onnx_det_float
 from .fixed_fusion import FixedFusion
 from .int_graph import _fill, _Ref, parse_graph
 from .int_model import IntModel
 from .int_modules import (HEAD_CODES, IntConv2d, QuantizePack, channel_affine, packed_maxpool2d,
                           packed_upsample_nearest, packed_write)
 from .onnx_graph import GraphBuilder
-from .serialize import _node_records
+from .serialize import graph_records
 
 DEFAULT_OPSET = 21
 # A layer whose |I| could pass 2^29 is refused: alpha·I must be exact in float64 for the exact fma.
@@ -312,6 +316,7 @@ MODULE_EMITTERS = {
     nn.Upsample: _upsample,
     nn.MaxPool2d: _maxpool,
     FixedFusion: _fixed_fusion,
+    **onnx_det_float.MODULE_EMITTERS,
 }
 
 
@@ -383,6 +388,7 @@ FUNCTION_EMITTERS = {
     F.relu: lambda ex, x: ex.g.op("Relu", [_float(ex, x)]),
     torch.relu: lambda ex, x: ex.g.op("Relu", [_float(ex, x)]),
     torch.sigmoid: lambda ex, x: ex.g.op("Sigmoid", [_float(ex, x)]),
+    **onnx_det_float.FUNCTION_EMITTERS,
 }
 
 
@@ -476,7 +482,7 @@ def _values(parsed, modules, attributes, x) -> list:
 def node_values(int_model: IntModel, x: torch.Tensor) -> dict:
     """{node name: its value} of int_model on x (packed codes as the graph holds them): what `forced`
     inputs of export_onnx are fed with, and what its codes outputs compare with."""
-    records, modules, attributes = _graph_of(int_model)
+    records, modules, attributes = graph_records(int_model)
     values = _values(parse_graph(records, modules, attributes), modules, attributes, x)
     return {r["name"]: v for r, v in zip(records, values)}
 
@@ -484,7 +490,7 @@ def node_values(int_model: IntModel, x: torch.Tensor) -> dict:
 def quantized_float_nodes(int_model: IntModel) -> list[str]:
     """The nodes whose float values a QuantizePack quantizes, other than the graph's input: the float
     layers' outputs that integer layers read, which `forced` feeds from the model (teacher forcing)."""
-    records, modules, _ = _graph_of(int_model)
+    records, modules, _ = graph_records(int_model)
     inputs = {r["name"] for r in records if r["op"] == "placeholder"}
     names = []
     for r in records:
@@ -493,16 +499,6 @@ def quantized_float_nodes(int_model: IntModel) -> list[str]:
             if isinstance(src, dict) and src.get("node") not in inputs and src.get("node") not in names:
                 names.append(src["node"])
     return names
-
-
-def _graph_of(model: IntModel):
-    net = model.net
-    records = _node_records(net) if isinstance(net, fx.GraphModule) else getattr(net, "records", None)
-    if records is None:
-        raise TypeError(f"int_model: expected a converted or loaded integer model, got a {type(net).__name__} net")
-    modules = {name: m for name, m in net.named_modules() if name}
-    attributes = {name: t for name, t in net.named_buffers()}
-    return records, modules, attributes
 
 
 def _flat(v) -> list:
@@ -530,7 +526,7 @@ def export_onnx(int_model: IntModel, example: torch.Tensor, path: str | os.PathL
     check, codes_outputs = check_bool(check, "check"), check_bool(codes_outputs, "codes_outputs")
     if not isinstance(forced, (tuple, list)) or not all(isinstance(n, str) for n in forced):
         raise TypeError(f"forced: expected a tuple of node names, got {forced!r}")
-    records, modules, attributes = _graph_of(int_model)
+    records, modules, attributes = graph_records(int_model)
     parsed = parse_graph(records, modules, attributes)
     unknown = set(forced) - {r["name"] for r in records}
     if unknown:
@@ -569,15 +565,12 @@ def export_onnx(int_model: IntModel, example: torch.Tensor, path: str | os.PathL
             if codes_outputs and isinstance(env[i], (Codes, SharedCodes)):
                 offset, made = (0, env[i]) if isinstance(env[i], Codes) else env[i].pieces[-1]
                 codes.append((rec["name"], offset, made))
-        elif op == "call_function":
-            emit = FUNCTION_EMITTERS.get(target)
+        elif op in ("call_function", "call_method"):
+            emit = (FUNCTION_EMITTERS if op == "call_function" else METHOD_EMITTERS).get(target)
             if emit is None:
-                ex.refuse(f"the function {getattr(target, '__name__', target)} has no ONNX form here")
-            env[i] = emit(ex, *args, **kwargs)
-        elif op == "call_method":
-            emit = METHOD_EMITTERS.get(target)
-            if emit is None:
-                ex.refuse(f"the tensor method {target} has no ONNX form here")
+                what = f"function {getattr(target, '__name__', target)}" if op == "call_function" else \
+                    f"tensor method {target}"
+                ex.refuse(f"the {what} has no ONNX form here")
             first = parsed[i][2][0] if parsed[i][2] else None
             ex.index_of_first_arg = first.index if isinstance(first, _Ref) else None
             env[i] = emit(ex, *args, **kwargs)

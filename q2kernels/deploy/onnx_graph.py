@@ -102,6 +102,29 @@ class GraphBuilder:
         m.ir_version = min(m.ir_version, 10)  # onnxruntime reads IR <= 10 (ONNX 1.16 on)
         return m
 
+    def loop(self, count: str, state: str, body) -> str:
+        """An ONNX Loop of `count` (an int64 scalar) iterations carrying one float32 value from `state`:
+        each iteration's value is body(i, value) (names; body emits its nodes through this builder,
+        reading outer values and constants freely). Sums whose length is a runtime size (a matmul's
+        inner dimension, a softmax's axis) run in order this way."""
+        outer, self.nodes = self.nodes, []
+        i, cond, value = self.name("i"), self.name("cond"), self.name("carried")
+        result = body(i, value)
+        cond_out = self.op("Identity", [cond])
+        nodes, self.nodes = self.nodes, outer
+        info = self.helper.make_tensor_value_info
+        graph = self.helper.make_graph(
+            nodes, self.name("loop_body"),
+            [info(i, self.TensorProto.INT64, []), info(cond, self.TensorProto.BOOL, []),
+             info(value, self.TensorProto.FLOAT, None)],
+            [info(cond_out, self.TensorProto.BOOL, []), info(result, self.TensorProto.FLOAT, None)])
+        return self.op("Loop", [count, "", state], "loop", body=graph)
+
+    def zeros_like_shape(self, shape: str) -> str:
+        """A float32 tensor of +0 of the given shape (an int64 1-d value)."""
+        zero = self.numpy_helper.from_array(np.zeros(1, np.float32), self.name("zero"))
+        return self.op("ConstantOfShape", [shape], "zeros", value=zero)
+
     # Exact float32 arithmetic (module docstring).
     def fma(self, a: str, b: str, c: str) -> str:
         """fma(a, b, c) of float32 values (names), rounded once."""
@@ -127,9 +150,9 @@ class GraphBuilder:
         """csrc/epilogue.h exp_det: Cody-Waite reduction, a degree-7 Taylor polynomial, 2^k; NaN stays
         NaN, x > 88.72 gives inf, x < -87 gives 0."""
         c = lambda s: self.const(f32(s), np.float32)  # noqa: E731 (a float32 literal, as the C++ writes it)
-        in_range = self.op("And", [self.op("Not", [self.op("Greater", [x, c("88.72")])]),
-                                   self.op("Not", [self.op("Less", [x, c("-87.0")])])])
-        xs = self.where(in_range, x, c("0"))  # keeps k's table index in range where the result is unused
+        in_range = self.op("And", [self.op("LessOrEqual", [x, c("88.72")]), self.op("GreaterOrEqual", [x, c("-87.0")])])
+        # 0 where the result is not this branch's (out of range, ±inf, NaN): keeps k's table index in range.
+        xs = self.where(in_range, x, c("0"))
         k = self.op("Round", [self.op("Mul", [xs, c("1.44269502")])])
         r = self.fma(k, c("-0.693145751953125"), xs)
         r = self.fma(k, c("-1.42860677e-06"), r)

@@ -43,6 +43,7 @@ from torch.fx.node import _get_qualified_name
 
 from .._validate import check_bool, check_choice, check_int, check_number
 from ..ops import int_conv as ic
+from .det_float import DetConv2d
 from .detect_head import DetectHead
 from .fixed_fusion import FixedFusion
 from .int_graph import DTYPES, FUNCTIONS, MAX_DEPTH, IntGraph, MalformedGraph, is_module_path, parse_graph
@@ -102,6 +103,7 @@ MODULE_KINDS: dict[str, ModuleKind] = {k.name: k for k in (
     _kind(IntConv2d, IntConv2d.config, "buffers"),
     _kind(QuantizePack, QuantizePack.config, "buffers"),
     _kind(FixedFusion, lambda m: {"channels": m.channels, "fuse": m.fuse}, "buffers"),
+    _kind(DetConv2d, DetConv2d.config, "buffers"),
     _kind(nn.Conv2d, _conv_config, "state"),
     ModuleKind(_NN, "QConv2d", _conv_config, "state"),
     _kind(nn.BatchNorm2d, lambda m: {"num_features": m.num_features, "eps": m.eps, "momentum": m.momentum,
@@ -171,6 +173,17 @@ def _node_records(gm: fx.GraphModule) -> list[dict]:
         nodes.append({"name": n.name, "op": n.op, "target": target, "args": _encode(n.args, n.name),
                       "kwargs": _encode(dict(n.kwargs), n.name)})
     return nodes
+
+
+def graph_records(model: IntModel):
+    """(node records, {path: module}, {path: tensor}) of a converted or loaded model: its graph as data."""
+    net = model.net
+    records = _node_records(net) if isinstance(net, fx.GraphModule) else getattr(net, "records", None)
+    if records is None:
+        raise TypeError(f"int_model: expected a converted or loaded integer model, got a {type(net).__name__} net")
+    modules = {name: m for name, m in net.named_modules() if name}
+    attributes = {name: t for name, t in net.named_buffers()}
+    return records, modules, attributes
 
 
 def save_int_model(model: IntModel, path: str | os.PathLike, detect_head: DetectHead | None = None) -> None:

@@ -65,8 +65,9 @@ class Q2DetectionModel(DetectionModel):
         if exporter is not None:
             raise RuntimeError(f"{exporter} cannot export a q2kernels fake-quant model ({type(self).__name__}): "
                                f"its quantizers and fusion nodes are training-time autograd functions that no "
-                               f"exporter records; {_DEPLOY}. For ONNX: q2kernels.deploy.export_onnx(int_model, "
-                               f"example, path) writes the integer model (exact in onnxruntime); "
+                               f"exporter records; {_DEPLOY}. For ONNX: q2kernels.deploy.export_onnx("
+                               f"deterministic_float(int_model), example, path) writes the integer model, exact "
+                               f"in onnxruntime end to end; "
                                f"q2kernels.deploy.onnx_qdq.export_onnx_qdq(model, example, path) writes this "
                                f"fake-quant model as QuantizeLinear/DequantizeLinear (docs/deploy.md)")
         return super().forward(*args, **kwargs)
