@@ -39,15 +39,15 @@ void check_same_device(const at::Tensor& t, const char* name, const at::Tensor& 
   TORCH_CHECK_VALUE(t.device() == like.device(), name, ": is on ", t.device(), " but x is on ", like.device());
 }
 
+}  // namespace
+
 void check_pair(c10::IntArrayRef v, const char* name, int64_t lo) {
   TORCH_CHECK_VALUE(v.size() == 2, name, ": expected 2 values (height, width), got ", v);
   TORCH_CHECK_VALUE(v[0] >= lo && v[1] >= lo, name, ": expected values >= ", lo, ", got ", v);
   TORCH_CHECK_VALUE(v[0] <= kMaxArg && v[1] <= kMaxArg, name, ": expected values <= ", kMaxArg, ", got ", v);
 }
 
-// The output length of one spatial axis, (in + 2*pad - dil*(taps - 1) - 1) / stride + 1, every
-// step checked (pad, dil and stride are already bounded by kMaxArg; `in` and `taps` come from
-// shapes). dim: "height" or "width".
+// `in` and `taps` come from shapes, so they get checked arithmetic too (int_conv.h).
 int64_t out_length(int64_t in, int64_t taps, int64_t stride, int64_t pad, int64_t dil, const char* dim) {
   int64_t padded = 0, reach = 0;
   const bool overflow = c10::add_overflows(in, 2 * pad, &padded) || c10::mul_overflows(dil, taps - 1, &reach);
@@ -57,6 +57,8 @@ int64_t out_length(int64_t in, int64_t taps, int64_t stride, int64_t pad, int64_
                     dim, " (", reach, " + 1)");
   return (padded - reach - 1) / stride + 1;
 }
+
+namespace {
 
 // A value of the int32 arithmetic of the kernels.
 void check_int32(int64_t v, const char* name) {

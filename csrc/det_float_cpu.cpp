@@ -63,23 +63,6 @@ void check_same_device(const at::Tensor& t, const char* name, const at::Tensor& 
                     like.device());
 }
 
-void check_pair(c10::IntArrayRef v, const char* name, int64_t lo) {
-  TORCH_CHECK_VALUE(v.size() == 2, name, ": expected 2 values (height, width), got ", v);
-  TORCH_CHECK_VALUE(v[0] >= lo && v[1] >= lo && v[0] <= kMaxArg && v[1] <= kMaxArg, name, ": expected values in [",
-                    lo, ", ", kMaxArg, "], got ", v);
-}
-
-// (in + 2*pad - dil*(taps - 1) - 1) / stride + 1, every step checked; dim: "height" or "width".
-int64_t out_length(int64_t in, int64_t taps, int64_t stride, int64_t pad, int64_t dil, const char* dim) {
-  int64_t padded = 0, reach = 0;
-  const bool overflow = c10::add_overflows(in, 2 * pad, &padded) || c10::mul_overflows(dil, taps - 1, &reach);
-  TORCH_CHECK_VALUE(!overflow, "padding, dilation: the padded input ", dim, " (", in, " + 2*", pad,
-                    ") or the dilated kernel ", dim, " (", dil, "*(", taps, " - 1) + 1) overflows int64");
-  TORCH_CHECK_VALUE(padded > reach, "x: the padded input ", dim, " (", padded, ") is smaller than the dilated kernel ",
-                    dim, " (", reach, " + 1)");
-  return (padded - reach - 1) / stride + 1;
-}
-
 // The product of sizes, or an error naming what they are when it exceeds kMaxNumel.
 int64_t checked_numel(c10::IntArrayRef sizes, const char* what) {
   int64_t numel = 1;

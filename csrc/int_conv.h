@@ -21,6 +21,13 @@ constexpr int64_t kMaxArg = 2147483647;
 // channels in [lo, kMaxArg]; name says which argument (or which dimension of one) it is.
 void check_channels(int64_t channels, const char* name, int64_t lo);
 
+// A (height, width) pair of values in [lo, kMaxArg] (stride, padding, dilation).
+void check_pair(c10::IntArrayRef v, const char* name, int64_t lo);
+
+// The output length of one spatial axis, (in + 2*pad - dil*(taps - 1) - 1) / stride + 1, every step
+// checked; pad, dil and stride already bounded by kMaxArg (check_pair). dim: "height" or "width".
+int64_t out_length(int64_t in, int64_t taps, int64_t stride, int64_t pad, int64_t dil, const char* dim);
+
 // One integer conv, validated: packed x (n, h, w, cb), packed weight (cout, kh, kw, cb).
 struct ConvProblem {
   int64_t n, h, w;         // batch, input height, width (x's first three dimensions)
