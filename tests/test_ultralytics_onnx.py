@@ -33,13 +33,18 @@ from benchmarks.exactness_table import float_detectors, settled_detector  # noqa
 from test_onnx_export import _assert_codes_equal  # noqa: E402
 
 
-@pytest.mark.parametrize("cfg,recipe", [("yolo11n", "lsq"), ("yolo11n", "pact"), ("yolov5s", "lsq_plus")])
-def test_detector_integer_layers_bit_exact_in_onnxruntime(cfg, recipe, tmp_path):
+def _converted_detector(cfg: str, recipe: str):
+    """(settled W4A4 detector, its batch(), one (2, 3, 64, 64) batch, the converted integer model)."""
     model, batch = settled_detector(float_detectors([cfg])[cfg], recipe, 4, 64)
     x = batch()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        int_model = convert_to_int(model, x[:1])
+        return model, batch, x, convert_to_int(model, x[:1])
+
+
+@pytest.mark.parametrize("cfg,recipe", [("yolo11n", "lsq"), ("yolo11n", "pact"), ("yolov5s", "lsq_plus")])
+def test_detector_integer_layers_bit_exact_in_onnxruntime(cfg, recipe, tmp_path):
+    model, batch, x, int_model = _converted_detector(cfg, recipe)
     forced = quantized_float_nodes(int_model)
     report = export_onnx(int_model, x[:1], tmp_path / "m.onnx", codes_outputs=True, forced=tuple(forced))
     assert report.integer_layers > 50
@@ -61,11 +66,7 @@ def test_deterministic_detector_is_bit_exact_end_to_end(cfg, recipe, tmp_path):
     """deterministic_float, then export_onnx with nothing forced: onnxruntime computes every layer (the
     stem, C2PSA's attention, the prediction convs included) and its raw maps and decoded detections
     equal q2kernels' bit for bit, on fresh inputs."""
-    model, batch = settled_detector(float_detectors([cfg])[cfg], recipe, 4, 64)
-    x = batch()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        int_model = convert_to_int(model, x[:1])
+    model, batch, x, int_model = _converted_detector(cfg, recipe)
     det = deterministic_float(int_model)
     assert inexact_float_nodes(det) == [] and {"model_0_conv", "model_0_bn", "model_0_act"} <= \
         set(inexact_float_nodes(int_model))  # the stem, at least
