@@ -31,17 +31,12 @@ from torch.fx.node import _get_qualified_name
 
 from .._validate import check_choice, check_int
 from ..ops import det_float as df
-from .int_graph import IntGraph
+from ..ops import int_conv as ic
+from .int_graph import FUNCTIONS, IntGraph
 from .int_model import IntModel
-from .int_modules import MAX_CHANNELS, MAX_GEOMETRY
+from .int_modules import MAX_CHANNELS, _pair
 
-ACTIVATIONS = ("identity", "relu", "silu")
-
-
-def _pair(v, name: str, lo: int) -> tuple[int, int]:
-    if not isinstance(v, (tuple, list)) or len(v) != 2:
-        raise ValueError(f"{name}: expected 2 integers, got {v!r}")
-    return tuple(check_int(x, name, lo, MAX_GEOMETRY) for x in v)
+ACTIVATIONS = tuple(ic.ACTIVATIONS)  # identity, relu, silu
 
 
 def _check_weight(t, name: str, shape: tuple) -> torch.Tensor:
@@ -83,7 +78,7 @@ class DetConv2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return df.det_conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups,
-                             "none" if self.act == "identity" else self.act)
+                             self.act)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
@@ -94,13 +89,13 @@ class DetConv2d(nn.Module):
 # float ops that are exact as they are (IEEE basic operations, data movement): anything else that
 # computes on floats is inexact.
 _SILU = (F.silu,)
-_MATMUL = (operator.matmul, torch.matmul)
+_MATMUL = (operator.matmul,)
 _SOFTMAX = (F.softmax, torch.softmax)
 _ACT_MODULES = {nn.SiLU: "silu", nn.ReLU: "relu"}
 _ACT_FUNCTIONS = {F.silu: "silu", F.relu: "relu", torch.relu: "relu"}
 INEXACT_MODULES = (nn.Conv2d, nn.BatchNorm2d, nn.SiLU, nn.Sigmoid, nn.Hardswish, nn.Upsample)
 INEXACT_FUNCTIONS = frozenset(_get_qualified_name(f) for f in (
-    operator.matmul, torch.matmul, torch.softmax, F.softmax, F.silu, torch.sigmoid, F.sigmoid, F.interpolate))
+    operator.matmul, torch.softmax, F.softmax, F.silu, torch.sigmoid, F.sigmoid, F.interpolate))
 INEXACT_METHODS = frozenset({"softmax", "sigmoid", "sum", "mean"})
 
 
@@ -283,9 +278,6 @@ def deterministic_float(int_model: IntModel) -> IntModel:
     return IntModel(IntGraph(out, called, read), report, int_model.detect_head)
 
 
-_FUNCTIONS_BY_NAME = {_get_qualified_name(f): f for f in (*_SILU, *_MATMUL, *_SOFTMAX, *_ACT_FUNCTIONS)}
-
-
 def _target(r):
-    """A call_function record's function (records hold qualified names)."""
-    return _FUNCTIONS_BY_NAME.get(r["target"])
+    """A call_function record's function (records hold qualified names; int_graph.FUNCTIONS resolves them)."""
+    return FUNCTIONS.get(r["target"])

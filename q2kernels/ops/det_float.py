@@ -22,10 +22,10 @@ import functools
 import torch
 
 from . import int_conv
-from .int_conv import MAX_ARG, _int, _pair
+from .int_conv import MAX_ARG, _int, _out_hw, _pair
 
-# det_conv2d's activations (csrc/epilogue.h Activation); "identity" is "none".
-ACTIVATIONS = {"none": 0, "identity": 0, "relu": 1, "silu": 2}
+# det_conv2d's activations (csrc/epilogue.h Activation); "none" is "identity".
+ACTIVATIONS = {"none": 0, **int_conv.ACTIVATIONS}
 # The largest output the ops allocate (csrc/det_float_cpu.cpp kMaxNumel).
 MAX_NUMEL = 2**61
 
@@ -40,17 +40,7 @@ def load():
     return lib
 
 
-class _LazyOps:
-    """torch.ops.q2kernels_int, loading the library (and the fakes) on first use; under torch.compile it
-    is already loaded and load() is left out of the traced code (as int_conv._LazyOps)."""
-
-    def __getattr__(self, name):
-        if not torch.compiler.is_compiling():
-            load()
-        return getattr(torch.ops.q2kernels_int, name)
-
-
-_ops = _LazyOps()
+_ops = int_conv._LazyOps(load)
 
 
 def det_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride=1, padding=0,
@@ -142,17 +132,7 @@ def _fake_det_conv2d(x, weight, bias, stride, padding, dilation, groups, act):
         if bias.dim() != 1 or bias.shape[0] != cout:
             raise ValueError(f"bias: expected shape ({cout}) (C_out, weight's dimension 0), got {tuple(bias.shape)}")
         _check_device(bias, "bias", x, "x")
-    out = []
-    for dim, i, k, s, p, d in (("height", h, kh, stride[0], padding[0], dilation[0]),
-                               ("width", w, kw, stride[1], padding[1], dilation[1])):
-        padded, reach = i + 2 * p, d * (k - 1)
-        if padded >= 2**63 or reach >= 2**63:
-            raise ValueError(f"padding, dilation: the padded input {dim} ({i} + 2*{p}) or the dilated kernel {dim} "
-                             f"({d}*({k} - 1) + 1) overflows int64")
-        if padded <= reach:
-            raise ValueError(f"x: the padded input {dim} ({padded}) is smaller than the dilated kernel {dim} "
-                             f"({reach} + 1)")
-        out.append((padded - reach - 1) // s + 1)
+    out = _out_hw(h, w, kh, kw, stride, padding, dilation)
     shape = (n, cout, *out)
     _check_numel(shape, "x, weight, stride, padding, dilation")
     return x.new_empty(shape)

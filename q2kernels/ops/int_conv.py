@@ -67,17 +67,20 @@ def load():
 
 
 class _LazyOps:
-    """torch.ops.q2kernels_int, loading the library on first use: importing q2kernels compiles nothing.
-    Under torch.compile the library is already loaded (building an integer model runs these ops), and
-    load() is left out of the traced code."""
+    """torch.ops.q2kernels_int, calling `load` (the library and a module's fakes) on first use: importing
+    q2kernels compiles nothing. Under torch.compile the library is already loaded (building an integer
+    model runs these ops), and load() is left out of the traced code."""
+
+    def __init__(self, load):
+        self._load = load
 
     def __getattr__(self, name):
         if not torch.compiler.is_compiling():
-            load()
+            self._load()
         return getattr(torch.ops.q2kernels_int, name)
 
 
-_ops = _LazyOps()
+_ops = _LazyOps(load)
 
 
 def padded_channels(c: int) -> int:
@@ -107,6 +110,9 @@ def _out_hw(h, w, kh, kw, stride, padding, dilation):
         if not (1 <= s <= MAX_ARG and 0 <= p <= MAX_ARG and 1 <= d <= MAX_ARG):
             raise ValueError(f"stride, padding, dilation: expected values in [1 (0 for padding), {MAX_ARG}], "
                              f"got {list(stride)}, {list(padding)}, {list(dilation)}")
+        if i + 2 * p >= 2**63 or d * (k - 1) >= 2**63:  # checks.cpp out_length's overflow check
+            raise ValueError(f"padding, dilation: the padded input {dim} ({i} + 2*{p}) or the dilated kernel {dim} "
+                             f"({d}*({k} - 1) + 1) overflows int64")
         if i + 2 * p <= d * (k - 1):
             raise ValueError(f"x: the padded input {dim} ({i + 2 * p}) is smaller than the dilated kernel {dim} "
                              f"({d * (k - 1)} + 1)")
