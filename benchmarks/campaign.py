@@ -19,6 +19,10 @@ benchmarks/results), meant to be committed unedited as benchmarks/results/<devic
   extra.tar.gz    the rest (per-benchmark json/md, the plot), from a scratch folder outside DIR.
 campaign.json and tables.md are rewritten after every stage; a stage cut off by its limit keeps the
 rows it printed ("measured: {...}" lines of its log) as rows with "partial": true.
+Triton's cache: the one carried in the prebuilt folder ($Q2K_PREBUILT, else prebuilt/;
+benchmarks/triton_cache.py builds it here) is unpacked and used by every stage where its fingerprint
+is the device's, and every stage records the Triton kernels it compiled ("triton_compiled": a launch
+the cache held compiles none), so the first device call measures whether it is hit.
 A stage that passed in that folder is not run again (resumable) unless --force. --dry-run is the CPU
 proof of the driver: the same stages, commands and files at smoke sizes through the Triton
 interpreter (pip only resolves the install), which CI runs (tests/test_campaign*.py).
@@ -41,6 +45,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from benchmarks import triton_cache  # noqa: E402
 PY = sys.executable
 RESULTS = ROOT / "benchmarks" / "results"
 FILES = ("campaign.json", "campaign.log", "tables.md", "extra.tar.gz")
@@ -203,8 +209,8 @@ def _salvage(log_text: str, bench: str, tag_: dict) -> list[dict]:
 class Record:
     """The folder a call writes: FILES and nothing else; its scratch work lives outside it."""
 
-    def __init__(self, folder: Path, env: dict):
-        self.folder, self.env = folder, env
+    def __init__(self, folder: Path, env: dict, triton_cache_dir: Path):
+        self.folder, self.env, self.triton_cache_dir = folder, env, triton_cache_dir
         folder.mkdir(parents=True, exist_ok=True)
         self.scratch = Path(tempfile.mkdtemp(prefix="q2k-campaign-"))
         old = load(folder) or {}
@@ -229,8 +235,14 @@ class Record:
         _, offset = self._new_rows(0)
         with open(self.log, "a") as log:
             log_start = log.tell()
+        kernels_before = triton_cache.entries(self.triton_cache_dir)
         record = run_stage(stage, self.log, self.scratch, dry, limit_s, env)
         record["device"], record["commit"] = self.env["device"], self.env["commit"]
+        # The Triton kernels this stage compiled (none for a launch the carried cache held).
+        record["triton_compiled"] = triton_cache.compiled_since(self.triton_cache_dir, kernels_before)
+        with open(self.log, "a") as log:
+            log.write(f"== stage {stage.number} {stage.name}: triton: "
+                      f"{triton_cache.describe_compiled(record['triton_compiled'])}\n")
         self.stages.append(record)
         rows, _ = self._new_rows(offset)
         if not rows and stage.bench and record["result"] != "passed":
@@ -342,18 +354,25 @@ def main(argv=None) -> int:
     else:
         chosen = stages_named(args.stages)
     env = environment(args.dry_run)
+    # Triton's cache for every stage: the one carried in the prebuilt folder where it fits this device.
+    arch = int(env["capability"][3:]) if "capability" in env else None
+    cache_dir, env["triton_cache"] = triton_cache.install(Path(os.environ.get("Q2K_PREBUILT") or ROOT / "prebuilt"),
+                                                         arch)
     name, results, n = tag(env), args.results.resolve(), 1
     # A second call on the same commit (its first call's folder copied into the results, not yet
     # committed) gets a folder of its own: <device>-<commit>_2, ...
     while args.out.resolve() != results and (results / name).exists():
         n += 1
         name = f"{tag(env)}_{n}"
-    record = Record(args.out.resolve() / name, env)
-    proc_env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT))
+    record = Record(args.out.resolve() / name, env, cache_dir)
+    proc_env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT), TRITON_CACHE_DIR=str(cache_dir))
     if args.dry_run:
         proc_env["TRITON_INTERPRET"] = "1"
     print(f"campaign on {env['device']} at {env['commit']}: "
           f"{', '.join(f'{s.number} {s.name}' for s in chosen) or 'nothing pending fits the budget'}", flush=True)
+    with open(record.log, "a") as log:
+        log.write(f"== {triton_cache.describe_install(cache_dir, env['triton_cache'])}\n")
+    print(triton_cache.describe_install(cache_dir, env["triton_cache"]), flush=True)
     done = record.passed()
     failures = 0
     start = time.monotonic()

@@ -17,7 +17,9 @@
 # device's torch (benchmarks/NOTES.md, "The plan for a drawn device"), and the device call carries the
 # folder (run's carry: ["prebuilt"]). Every process that needs q2kernels._C then loads it instead of
 # compiling, and says in the log, in one line, that it loaded it or why it built instead (a missing
-# folder too: Q2K_PREBUILT is set).
+# folder too: Q2K_PREBUILT is set). The same folder carries Triton's kernel cache, compiled here for
+# sm_90 with the device's Python and Triton (`python benchmarks/triton_cache.py build`): the log says
+# whether it fits the device, and every stage's record counts the Triton kernels it still compiled.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export Q2K_PREBUILT="${Q2K_PREBUILT:-$PWD/prebuilt}"

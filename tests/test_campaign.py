@@ -16,8 +16,8 @@ sys.path.insert(0, str(ROOT))
 from benchmarks import campaign, run_all  # noqa: E402
 
 
-def _campaign(*args, timeout=3000):
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+def _campaign(*args, timeout=3000, **env_vars):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), **env_vars)
     return subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
@@ -33,12 +33,13 @@ def _status(out):
 
 def test_dry_run_of_stages_writes_its_four_files_and_resumes(tmp_path):
     # The whole campaign's dry run, call by call, is tests/test_campaign_next.py; here two stages.
-    r = _campaign("--dry-run", "--out", str(tmp_path), "1", "n2uq")
+    out, triton_dir = tmp_path / "out", tmp_path / "triton-cache"
+    r = _campaign("--dry-run", "--out", str(out), "1", "n2uq", TRITON_CACHE_DIR=str(triton_dir))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    folder = _folder(tmp_path)
+    folder = _folder(out)
     assert sorted(p.name for p in folder.iterdir()) == sorted(campaign.FILES)
-    assert [p for p in tmp_path.iterdir()] == [folder]
-    status = _status(tmp_path)
+    assert [p for p in out.iterdir()] == [folder]
+    status = _status(out)
     assert [s["stage"] for s in status] == ["setup", "n2uq"]
     assert all(s["result"] == "passed" and s["dry_run"] for s in status)
     log = (folder / "campaign.log").read_text()
@@ -49,6 +50,12 @@ def test_dry_run_of_stages_writes_its_four_files_and_resumes(tmp_path):
     assert "CUDA_HOME:" in log and "q2kernels._C built" in log and "Q2K_INT_MMA=s4" in log
     assert all(f"tests/{t}.py" in log for t in ("test_grouped_conv", "test_dorefa", "test_det_float"))
     data = json.loads((folder / "campaign.json").read_text())
+    # The Triton cache: never used without a GPU (benchmarks/triton_cache.py, tests/test_triton_cache.py);
+    # every stage records what it compiled, nothing under the interpreter.
+    assert not data["env"]["triton_cache"]["used"] and "== triton cache: " in log
+    assert f"kernels compile into {triton_dir}" in log
+    assert all(s["triton_compiled"] == {"q2kernels": {}, "inductor": 0} for s in status)
+    assert log.count(": triton: 0 q2kernels specialisations compiled, 0 torch.compile kernels") == 2
     assert data["env"]["device"] and folder.name == campaign.tag(data["env"])
     (device,) = data["device_info"]
     assert device["device"] == data["env"]["device"] and "copy_gbs" in device
@@ -56,10 +63,10 @@ def test_dry_run_of_stages_writes_its_four_files_and_resumes(tmp_path):
     assert all(r["device"] == data["env"]["device"] for r in data["benchmarks"]["n2uq"])
     assert "## n2uq" in (folder / "tables.md").read_text()
 
-    again = _campaign("--dry-run", "--out", str(tmp_path), "1", "n2uq")
+    again = _campaign("--dry-run", "--out", str(out), "1", "n2uq", TRITON_CACHE_DIR=str(triton_dir))
     assert again.returncode == 0, again.stderr[-3000:]
     assert "stage 1 setup: passed before" in again.stdout and "stage 11 n2uq: passed before" in again.stdout
-    assert len(_status(tmp_path)) == 2
+    assert len(_status(out)) == 2
     assert sorted(p.name for p in folder.iterdir()) == sorted(campaign.FILES)
 
 
