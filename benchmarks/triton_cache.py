@@ -78,10 +78,18 @@ def _sha256_file(path: Path) -> str:
 # ---- the cache's entries ---------------------------------------------------------------------------
 
 def entries(cache_dir: Path) -> set[str]:
-    """The compiled kernels in a Triton cache: one group file (<hash>/__grp__<kernel>.json) each."""
+    """The compiled kernels in a Triton cache, one group file (<hash>/__grp__<kernel>.json) each, and
+    the host-side launchers Triton builds with the C compiler at a kernel's first launch, one per
+    argument signature (<hash>/__triton_launcher.<ext>): not carried (they link the device's libcuda),
+    counted so that the device shows what they cost."""
     if not cache_dir.is_dir():
         return set()
-    return {p.relative_to(cache_dir).as_posix() for p in cache_dir.glob("*/__grp__*.json")}
+    return {p.relative_to(cache_dir).as_posix() for pattern in ("*/__grp__*.json", "*/__triton_launcher.*")
+            for p in cache_dir.glob(pattern)}
+
+
+def _is_launcher(entry: str) -> bool:
+    return "/__triton_launcher." in entry
 
 
 def kernel_name(entry: str) -> str:
@@ -89,19 +97,20 @@ def kernel_name(entry: str) -> str:
 
 
 def compiled_since(cache_dir: Path, before: set[str]) -> dict:
-    """The kernels compiled since `before` (entries(cache_dir) then): q2kernels' by name and count,
-    torch.compile's (inductor names its kernels triton_*) as one count."""
-    names = Counter(kernel_name(e) for e in entries(cache_dir) - before)
+    """What was compiled since `before` (entries(cache_dir) then): q2kernels' kernels by name and count,
+    torch.compile's (inductor names its kernels triton_*) as one count, and the launchers built."""
+    new = entries(cache_dir) - before
+    names = Counter(kernel_name(e) for e in new if not _is_launcher(e))
     inductor = sum(n for k, n in names.items() if k.startswith("triton_"))
     return {"q2kernels": dict(sorted((k, n) for k, n in names.items() if not k.startswith("triton_"))),
-            "inductor": inductor}
+            "inductor": inductor, "launchers": sum(map(_is_launcher, new))}
 
 
 def describe_compiled(compiled: dict) -> str:
     ours = compiled["q2kernels"]
     return (f"{sum(ours.values())} q2kernels specialisations compiled"
             + (f" ({', '.join(f'{k} x{n}' for k, n in ours.items())})" if ours else "")
-            + f", {compiled['inductor']} torch.compile kernels")
+            + f", {compiled['inductor']} torch.compile kernels, {compiled['launchers']} launchers")
 
 
 # ---- build (here) ----------------------------------------------------------------------------------
@@ -129,7 +138,7 @@ def build(out: Path, cache_dir: Path = DEFAULT_DIR,
 def pack(cache_dir: Path, out: Path) -> dict:
     """Writes out/TAR (the cache's entries, paths relative to it) and out/MANIFEST; returns the manifest."""
     cache_dir = cache_dir.resolve()
-    found = sorted(entries(cache_dir))
+    found = sorted(e for e in entries(cache_dir) if not _is_launcher(e))
     if not found:
         raise SystemExit(f"triton_cache: no compiled kernels in {cache_dir}")
     out.mkdir(parents=True, exist_ok=True)
@@ -146,7 +155,7 @@ def pack(cache_dir: Path, out: Path) -> dict:
                          "device call can carry beside the tree")
     os.replace(tmp, out / TAR)
     manifest = {"format": 1, "cache_dir": str(cache_dir), "target": f"cuda:sm_{ARCH}", **fingerprint(ARCH),
-                "specialisations": len(found), "bytes": size,
+                "specialisations": len(found), "bytes": size, "sha256": _sha256_file(out / TAR),
                 "kernels": dict(sorted(Counter(kernel_name(e) for e in found).items()))}
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
     return manifest
@@ -165,7 +174,7 @@ def install(folder: Path, arch: int | None) -> tuple[Path, dict]:
         return fallback, {"used": False, "why": f"no carried Triton cache ({manifest_path} is missing)"}
     try:
         manifest = json.loads(manifest_path.read_text())
-        carried, cache_dir = int(manifest["specialisations"]), Path(manifest["cache_dir"])
+        carried, cache_dir, sha256 = int(manifest["specialisations"]), Path(manifest["cache_dir"]), manifest["sha256"]
         if not cache_dir.is_absolute() or manifest.get("target") != f"cuda:sm_{ARCH}":
             raise ValueError("cache_dir must be absolute and target cuda:sm_90")
     except (ValueError, KeyError, TypeError) as e:
@@ -175,16 +184,21 @@ def install(folder: Path, arch: int | None) -> tuple[Path, dict]:
         return fallback, dict(info, why="no GPU in this process (a dry run compiles nothing)")
     if arch != ARCH:
         return fallback, dict(info, why=f"built for sm_{ARCH}, this GPU is sm_{arch}")
-    here = fingerprint(arch)
+    try:
+        here = fingerprint(arch)
+    except Exception as e:  # noqa: BLE001 - an optional speed-up must never stop the campaign's stages
+        return fallback, dict(info, why=f"could not read this process's fingerprint ({type(e).__name__}: {e})")
     for field in FINGERPRINT:
         if manifest.get(field) != here[field]:
             return fallback, dict(info, why=f"{field} differs: built with {manifest.get(field)!r}, here "
                                             f"{here[field]!r}")
     try:
+        if _sha256_file(folder / TAR) != sha256:
+            raise ValueError("its sha256 is not the manifest's (cut short or replaced)")
         cache_dir.mkdir(parents=True, exist_ok=True)
         with tarfile.open(folder / TAR) as tar:
             tar.extractall(cache_dir, filter="data")
-    except (OSError, tarfile.TarError) as e:
+    except Exception as e:  # noqa: BLE001 - as above: a bad tarball (missing, truncated, hostile) is not used
         return fallback, dict(info, why=f"could not unpack {folder / TAR} into {cache_dir}: {e}")
     return cache_dir, dict(info, used=True, why=f"fingerprint matches; unpacked into {cache_dir}")
 

@@ -54,8 +54,8 @@ def test_dry_run_of_stages_writes_its_four_files_and_resumes(tmp_path):
     # every stage records what it compiled, nothing under the interpreter.
     assert not data["env"]["triton_cache"]["used"] and "== triton cache: " in log
     assert f"kernels compile into {triton_dir}" in log
-    assert all(s["triton_compiled"] == {"q2kernels": {}, "inductor": 0} for s in status)
-    assert log.count(": triton: 0 q2kernels specialisations compiled, 0 torch.compile kernels") == 2
+    assert all(s["triton_compiled"] == {"q2kernels": {}, "inductor": 0, "launchers": 0} for s in status)
+    assert log.count(": triton: 0 q2kernels specialisations compiled, 0 torch.compile kernels, 0 launchers") == 2
     assert data["env"]["device"] and folder.name == campaign.tag(data["env"])
     (device,) = data["device_info"]
     assert device["device"] == data["env"]["device"] and "copy_gbs" in device

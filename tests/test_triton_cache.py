@@ -65,6 +65,7 @@ def test_the_manifest_says_what_the_cache_holds_and_what_built_it(built):
     assert manifest["cache_dir"] == str(cache_dir.resolve()) and manifest["target"] == "cuda:sm_90"
     assert manifest["specialisations"] == 2 and manifest["kernels"] == {"_carried_kernel": 2}
     assert manifest["bytes"] == (out / triton_cache.TAR).stat().st_size
+    assert manifest["sha256"] == triton_cache._sha256_file(out / triton_cache.TAR)
     here = triton_cache.fingerprint(90)
     assert {k: manifest[k] for k in triton_cache.FINGERPRINT} == here
     assert here["backend"].endswith("-90") and len(here["triton_key"]) == 64
@@ -86,12 +87,12 @@ def test_the_carried_cache_is_hit_where_it_is_unpacked_and_misses_are_counted(bu
     before = triton_cache.entries(used_dir)
     assert len(before) == 2
     _compile(used_dir, f"{tmp / 'workload.py'}:drive")
-    assert triton_cache.compiled_since(used_dir, before) == {"q2kernels": {}, "inductor": 0}
+    assert triton_cache.compiled_since(used_dir, before) == {"q2kernels": {}, "inductor": 0, "launchers": 0}
     _compile(used_dir, f"{tmp / 'workload.py'}:drive_more")
     compiled = triton_cache.compiled_since(used_dir, before)
-    assert compiled == {"q2kernels": {"_carried_kernel": 1}, "inductor": 0}
+    assert compiled == {"q2kernels": {"_carried_kernel": 1}, "inductor": 0, "launchers": 0}
     assert triton_cache.describe_compiled(compiled) == \
-        "1 q2kernels specialisations compiled (_carried_kernel x1), 0 torch.compile kernels"
+        "1 q2kernels specialisations compiled (_carried_kernel x1), 0 torch.compile kernels, 0 launchers"
 
 
 def _copy(out: Path, dest: Path, **changes) -> Path:
@@ -131,6 +132,18 @@ def test_install_says_why_it_does_not_use_a_cache(built, tmp_path, monkeypatch):
         assert not info["used"] and "is not a manifest of this script" in info["why"], (bad, info)
 
 
+def test_a_fingerprint_that_cannot_be_read_leaves_the_cache_unused_not_the_campaign_stopped(built, monkeypatch):
+    _, _, out, _ = built
+
+    def broken(arch):
+        raise ImportError("cannot import name 'get_cache_invalidating_env_vars'")
+
+    monkeypatch.setattr(triton_cache, "fingerprint", broken)
+    used_dir, info = triton_cache.install(out, 90)
+    assert not info["used"] and info["why"] == ("could not read this process's fingerprint (ImportError: cannot "
+                                                "import name 'get_cache_invalidating_env_vars')")
+
+
 def test_a_tarball_reaching_outside_its_folder_is_refused(built, tmp_path):
     _, _, out, _ = built
     target = tmp_path / "unpack-here"
@@ -141,8 +154,23 @@ def test_a_tarball_reaching_outside_its_folder_is_refused(built, tmp_path):
         member.size = len(data)
         tar.addfile(member, io.BytesIO(data))
     used_dir, info = triton_cache.install(folder, 90)
-    assert not info["used"] and "could not unpack" in info["why"], info
+    assert not info["used"] and "its sha256 is not the manifest's" in info["why"], info
+    # A manifest that vouches for the hostile tarball: the unpacking refuses the member.
+    _copy(folder, tmp_path / "q", sha256=triton_cache._sha256_file(folder / triton_cache.TAR))
+    used_dir, info = triton_cache.install(tmp_path / "q", 90)
+    assert not info["used"] and "could not unpack" in info["why"] and "outside" in info["why"], info
     assert not (tmp_path / "escaped.json").exists()
+
+
+def test_a_tarball_cut_short_or_missing_is_not_used(built, tmp_path):
+    _, _, out, _ = built
+    folder = _copy(out, tmp_path / "p")
+    whole = (out / triton_cache.TAR).read_bytes()
+    (folder / triton_cache.TAR).write_bytes(whole[: len(whole) // 2])
+    used_dir, info = triton_cache.install(folder, 90)
+    assert not info["used"] and "its sha256 is not the manifest's (cut short or replaced)" in info["why"], info
+    (folder / triton_cache.TAR).unlink()
+    assert "could not unpack" in triton_cache.install(folder, 90)[1]["why"]
 
 
 def test_build_refuses_a_cache_dir_in_use_and_a_tarball_too_big_to_carry(built, tmp_path, monkeypatch):
@@ -156,3 +184,16 @@ def test_build_refuses_a_cache_dir_in_use_and_a_tarball_too_big_to_carry(built, 
     with pytest.raises(SystemExit, match="over the .* MiB a device call can carry"):
         triton_cache.pack(cache_dir, tmp_path / "o2")
     assert not (tmp_path / "o2" / triton_cache.TAR).exists()
+
+
+def test_what_a_stage_compiled_is_told_apart_by_kind(tmp_path):
+    files = ["A/__grp___fake_quant_fwd_kernel.json", "B/__grp___fake_quant_fwd_kernel.json",
+             "C/__grp__triton_poi_fused_add_0.json", "D/__triton_launcher.cpython-312-x86_64-linux-gnu.so",
+             "E/cuda_utils.cpython-312-x86_64-linux-gnu.so", "F/_fake_quant_fwd_kernel.cubin"]
+    before = {"A/__grp___fake_quant_fwd_kernel.json"}
+    for f in files:
+        (tmp_path / f).parent.mkdir(exist_ok=True)
+        (tmp_path / f).write_text("")
+    assert triton_cache.compiled_since(tmp_path, before) == {
+        "q2kernels": {"_fake_quant_fwd_kernel": 1}, "inductor": 1, "launchers": 1}
+    assert triton_cache.compiled_since(tmp_path / "absent", set()) == {"q2kernels": {}, "inductor": 0, "launchers": 0}
