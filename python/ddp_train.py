@@ -66,6 +66,11 @@ def main(argv=None):
         gates = model.fuse.gates().tolist()
         print(f"{world} ranks, {steps} steps: loss {loss.item():.3f}, gates {gates}; "
               f"{len(state) - len(mismatched)}/{len(state)} tensors bitwise equal across ranks")
+    # Tear down in order: DDP first (its reducer holds the group and its last asynchronous work), then
+    # the group, once every rank is done with it, so that no rank's gloo threads outlive it into
+    # interpreter shutdown (one CI run saw rank 1 abort there, after all of the above had passed).
+    del ddp, opt
+    dist.barrier()
     dist.destroy_process_group()
     if nonfinite:
         raise SystemExit(f"rank {rank}: training diverged, non-finite values in {nonfinite}")
