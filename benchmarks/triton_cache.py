@@ -177,7 +177,7 @@ def install(folder: Path, arch: int | None) -> tuple[Path, dict]:
         carried, cache_dir, sha256 = int(manifest["specialisations"]), Path(manifest["cache_dir"]), manifest["sha256"]
         if not cache_dir.is_absolute() or manifest.get("target") != f"cuda:sm_{ARCH}":
             raise ValueError("cache_dir must be absolute and target cuda:sm_90")
-    except (ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError, KeyError, TypeError) as e:
         return fallback, {"used": False, "why": f"{manifest_path} is not a manifest of this script: {e}"}
     info = {"used": False, "carried": carried}
     if arch is None:
