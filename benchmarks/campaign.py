@@ -370,9 +370,10 @@ def main(argv=None) -> int:
         proc_env["TRITON_INTERPRET"] = "1"
     print(f"campaign on {env['device']} at {env['commit']}: "
           f"{', '.join(f'{s.number} {s.name}' for s in chosen) or 'nothing pending fits the budget'}", flush=True)
+    cache_line = triton_cache.describe_install(cache_dir, env["triton_cache"])
     with open(record.log, "a") as log:
-        log.write(f"== {triton_cache.describe_install(cache_dir, env['triton_cache'])}\n")
-    print(triton_cache.describe_install(cache_dir, env["triton_cache"]), flush=True)
+        log.write(f"== {cache_line}\n")
+    print(cache_line, flush=True)
     done = record.passed()
     failures = 0
     start = time.monotonic()
